@@ -1,0 +1,99 @@
+"""The one in-memory dataset shape every reader returns, and the splits made from it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnnlab.errors import CnnlabError
+
+
+@dataclass
+class Split:
+    images: np.ndarray   # uint8 (N, H, W, C)
+    labels: np.ndarray   # int64 (N,)
+
+    def __post_init__(self):
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}")
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> "Split":
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass
+class Dataset:
+    """Images as uint8 NHWC arrays, integer labels indexing ``class_names``."""
+    name: str
+    class_names: list[str]
+    train: Split
+    test: Split
+    val: Split | None = None
+    skipped: int = 0     # unreadable files left out (``--bad-images skip``)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of every image."""
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+
+def stratified_indices(labels: np.ndarray, count: int | float, rng: np.random.Generator) -> np.ndarray:
+    """A sorted index of ``count`` items (a fraction when < 1) keeping class proportions.
+
+    Each class gets its share rounded down, then the largest remainders take what is left,
+    so the total is exact and every class present keeps at least its proportional share.
+    """
+    n = len(labels)
+    want = int(round(count * n)) if isinstance(count, float) and count < 1 else int(count)
+    want = max(0, min(want, n))
+    classes, counts = np.unique(labels, return_counts=True)
+    share = counts * want / n
+    take = np.floor(share).astype(int)
+    for i in np.argsort(-(share - take), kind="stable")[: want - take.sum()]:
+        take[i] += 1
+    picked = []
+    for c, k in zip(classes, take):
+        members = np.flatnonzero(labels == c)
+        picked.append(rng.permutation(members)[:k])
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def prepare_splits(ds: Dataset, *, val_split: float, train_size: int | None,
+                   test_size: int | None, seed: int) -> Dataset:
+    """Carve the validation hold-out and the optional subsets, reproducibly from ``seed``.
+
+    The validation set is ``val/`` when the source has one, else a stratified hold-out from
+    train. The test split is only ever subset, never looked at.
+    """
+    if not 0.0 <= val_split < 1.0:
+        raise CnnlabError(f"--val-split must be in [0, 1), got {val_split}")
+    rng = np.random.default_rng(seed)
+    train, val = ds.train, ds.val
+    if train_size is not None:
+        if train_size < 1:
+            raise CnnlabError(f"--train-size must be a positive number of images, got {train_size}")
+        # The subset covers train + hold-out so `--train-size 1000 --val-split 0.1` trains on 900.
+        train = train.subset(stratified_indices(train.labels, train_size, rng))
+    if val is None and val_split > 0:
+        held = stratified_indices(train.labels, float(val_split), rng)
+        keep = np.setdiff1d(np.arange(len(train)), held)
+        val, train = train.subset(held), train.subset(keep)
+    test = ds.test
+    if test_size is not None:
+        if test_size < 1:
+            raise CnnlabError(f"--test-size must be a positive number of images, got {test_size}")
+        test = test.subset(stratified_indices(test.labels, test_size, rng))
+    if len(train) == 0:
+        raise CnnlabError("no training images left after the validation split: lower --val-split "
+                          "or raise --train-size")
+    return Dataset(ds.name, ds.class_names, train, test, val, ds.skipped)

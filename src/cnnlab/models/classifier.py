@@ -1,0 +1,29 @@
+"""The trained artefact: a zoo network behind its input normalisation.
+
+``Classifier`` takes float images in [0, 1], (N, C, H, W), normalises them with the
+training set's per-channel mean and std (stored as buffers, so they travel with the
+weights), and returns logits. Predict, evaluate, export and serve all use it as is.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cnnlab.models.registry import create_model
+
+
+class Classifier(nn.Module):
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def build_classifier(arch: str, num_classes: int, in_channels: int, input_size: int,
+                     mean: list[float], std: list[float]) -> Classifier:
+    return Classifier(create_model(arch, num_classes=num_classes, in_channels=in_channels,
+                                   input_size=input_size), mean, std)

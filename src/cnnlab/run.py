@@ -1,0 +1,177 @@
+"""The run folder: everything a later command needs, readable on any machine.
+
+    <run>/config.json        {"config": resolved Config, "environment": versions, device, threads}
+    <run>/model.safetensors  Classifier weights (network + normalisation buffers), never a pickle
+    <run>/model.json         architecture, classes, input shape, normalisation: how to rebuild it
+    <run>/history.json/.csv  per-epoch lists: loss, accuracy, val_loss, val_accuracy, lr, seconds
+    <run>/metrics.json       final test figures, per-class accuracy
+    <run>/plots/*.png, <run>/report.html, <run>/checkpoints/
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import platform
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from cnnlab import __version__
+from cnnlab.config import Config, merge
+from cnnlab.errors import CnnlabError
+from cnnlab.fileio import read_json, write_bytes, write_json, write_text
+from cnnlab.models.classifier import Classifier, build_classifier
+
+HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+RUNS_ROOT = Path("runs")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def run_path(*, out: str | Path | None, name: str | None, default_name: str) -> Path:
+    """Where a new run goes: ``--out PATH``, else ``runs/NAME``; names stay inside runs/."""
+    if out is not None and name is not None:
+        raise CnnlabError("give either --out PATH or --name NAME, not both")
+    if out is not None:
+        return Path(out)
+    name = name or default_name
+    if not _SAFE_NAME.match(name) or ".." in name:
+        raise CnnlabError(f"run name {name!r} is not allowed: use letters, digits, '.', '_' and '-' "
+                          f"only (no path separators or '..'), or give a path with --out")
+    return RUNS_ROOT / name
+
+
+def default_run_name(cfg: Config) -> str:
+    data = Path(cfg.data).name if cfg.data else "data"
+    return f"{cfg.model}-{re.sub(r'[^A-Za-z0-9._-]', '_', data)}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def claim_run_folder(path: Path) -> Path:
+    """Create ``path`` for a new run; refuse to reuse one that already holds files."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CnnlabError(f"run folder {path} already exists: choose another --name/--out, "
+                          f"remove it, or continue it with --resume {path}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    return {
+        "cnnlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": np.__version__, "platform": platform.platform(), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "started": datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def save_config(run: Path, cfg: Config, env: dict[str, Any]) -> None:
+    write_json(run / "config.json", {"config": cfg.to_dict(), "environment": env})
+
+
+def model_card(cfg: Config, class_names: list[str], image_shape: tuple[int, int, int],
+               mean: list[float], std: list[float]) -> dict[str, Any]:
+    h, w, c = image_shape
+    return {"arch": cfg.model, "num_classes": len(class_names), "in_channels": c,
+            "input_size": [h, w], "class_names": list(class_names), "mean": mean, "std": std,
+            "input": "float32 (N, C, H, W) RGB or grey scaled to [0, 1]; normalisation is inside the model",
+            "cnnlab": __version__}
+
+
+def save_model(run: Path, model: Classifier, card: dict[str, Any]) -> None:
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    write_bytes(run / "model.safetensors", save(state, metadata={"arch": card["arch"]}))
+    write_json(run / "model.json", card)
+
+
+def empty_history() -> dict[str, list]:
+    return {k: [] for k in HISTORY_KEYS}
+
+
+def save_history(run: Path, history: dict[str, list]) -> None:
+    write_json(run / "history.json", history)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["epoch", *HISTORY_KEYS])
+    for i in range(len(history["loss"])):
+        writer.writerow([i + 1, *("" if history[k][i] is None else history[k][i] for k in HISTORY_KEYS)])
+    write_text(run / "history.csv", buf.getvalue())
+
+
+@dataclass
+class Run:
+    """A finished (or checkpointed) run folder, loaded back."""
+    path: Path
+    config: Config
+    card: dict[str, Any]
+    history: dict[str, list]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    _models: dict[str, Classifier] = field(default_factory=dict, repr=False)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.card["class_names"]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        h, w = self.card["input_size"]
+        return h, w
+
+    @property
+    def in_channels(self) -> int:
+        return self.card["in_channels"]
+
+    def model(self, device: str | torch.device = "cpu") -> Classifier:
+        key = str(device)
+        if key not in self._models:
+            self._models[key] = load_model(self.path, self.card).to(device).eval()
+        return self._models[key]
+
+    def predict(self, inputs: Sequence[str | Path] | np.ndarray, top_k: int = 5,
+                device: str | torch.device = "cpu", batch_size: int = 256) -> list[dict[str, Any]]:
+        """Top-k predictions for image files or a uint8 (N, H, W, C) array (any size/mode for files)."""
+        from cnnlab.predict import predict  # local: predict imports this module
+        return predict(self, inputs, top_k=top_k, device=device, batch_size=batch_size)
+
+
+def load_model(run: Path, card: dict[str, Any]) -> Classifier:
+    model = build_classifier(card["arch"], card["num_classes"], card["in_channels"],
+                             card["input_size"][0], card["mean"], card["std"])
+    weights = Path(run) / "model.safetensors"
+    try:
+        state = load_file(weights)
+    except FileNotFoundError:
+        raise CnnlabError(f"{weights} is missing: the run did not finish saving its model") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CnnlabError(f"{weights} is not a valid safetensors file ({e}); cnnlab only loads "
+                          f"safetensors weights, never pickles") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CnnlabError(f"{weights} does not match model.json's architecture "
+                          f"{card['arch']!r}: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not (path / "model.json").is_file():
+        hint = "" if path.exists() else " (no such folder)"
+        raise CnnlabError(f"{path} is not a cnnlab run folder{hint}: expected {path}/model.json, "
+                          f"written by `cnnlab train`")
+    try:
+        card = read_json(path / "model.json")
+        cfg_doc = read_json(path / "config.json")
+        history = read_json(path / "history.json") if (path / "history.json").exists() else {}
+        metrics = read_json(path / "metrics.json") if (path / "metrics.json").exists() else {}
+    except (OSError, ValueError) as e:
+        raise CnnlabError(f"cannot read run folder {path}: {e}") from None
+    cfg = merge(Config(), cfg_doc.get("config", {}), source=f"{path}/config.json")
+    return Run(path, cfg, card, history, metrics)

@@ -1,0 +1,97 @@
+"""Whole-dataset, in-memory batches, augmented on the training device.
+
+The dataset lives on the device as one uint8 tensor; each epoch draws a permutation and
+yields float batches in [0, 1]. Every random choice is drawn from a generator seeded by
+(seed, epoch) for the order and (seed, epoch, step) for augmentation, so batch ``k`` of
+epoch ``e`` is the same whether the run was interrupted or not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from cnnlab.data.dataset import Split
+from cnnlab.train import augment
+
+
+def derive_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from integer keys (counter-based randomness)."""
+    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+@dataclass
+class Augmentation:
+    flip: str = "none"         # none | random | alternating
+    translate: int = 0
+    cutout: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.flip != "none" or self.translate > 0 or self.cutout > 0
+
+
+def to_nchw(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (N, H, W, C) array -> uint8 (N, C, H, W) tensor on ``device``."""
+    t = torch.as_tensor(images)
+    return t.permute(0, 3, 1, 2).contiguous().to(device)
+
+
+class BatchStream:
+    """Training batches over one split, reproducible from (seed, epoch, step)."""
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device, *, seed: int,
+                 aug: Augmentation | None = None, drop_last: bool = False,
+                 channels_last: bool = False):
+        self.images = to_nchw(split.images, device)               # uint8 (N, C, H, W)
+        self.labels = torch.as_tensor(split.labels).to(device)    # int64 (N,)
+        self.batch_size, self.device, self.seed = batch_size, device, seed
+        self.aug = aug or Augmentation()
+        self.drop_last, self.channels_last = drop_last, channels_last
+        # Alternating flip needs one fixed random bit per image for the whole run.
+        g = torch.Generator().manual_seed(derive_seed(seed, 0xF11F))
+        self.base_flip = (torch.rand(len(self.labels), generator=g) < 0.5).to(device)
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0x0D))
+        return torch.randperm(len(self.labels), generator=g).to(self.device)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (images float (B, C, H, W) in [0, 1], labels) from batch ``start_step`` on."""
+        order = self.order(epoch)
+        for step in range(start_step, len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            yield self.augmented(idx, epoch, step), self.labels[idx]
+
+    def augmented(self, idx: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        x = self.images[idx].float().div_(255.0)
+        aug = self.aug
+        if aug.active:
+            g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, epoch, step, 0xA6))
+            if aug.flip == "random":
+                x = augment.random_flip(x, g)
+            elif aug.flip == "alternating":
+                x = augment.alternating_flip(x, self.base_flip[idx], epoch)
+            x = augment.random_translate(x, aug.translate, g)
+            x = augment.cutout(x, aug.cutout, g)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def eval_batches(split: Split, batch_size: int, device: torch.device,
+                 channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed-order float batches for evaluation (uint8 kept on the host until needed)."""
+    images = torch.as_tensor(split.images)
+    labels = torch.as_tensor(split.labels)
+    for i in range(0, len(labels), batch_size):
+        x = images[i:i + batch_size].to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        yield x, labels[i:i + batch_size].to(device)

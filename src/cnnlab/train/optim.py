@@ -1,0 +1,94 @@
+"""Optimizers and learning-rate schedules, chosen by the config.
+
+The learning rate is a pure function of the step (``Schedule.lr(step)``), set on the
+optimizer before every step: nothing to save for resume but the step counter.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cnnlab.config import Config
+
+
+@dataclass
+class Schedule:
+    base_lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    kind: str = "constant"          # constant | linear | cosine
+    final_fraction: float = 0.0
+
+    def multiplier(self, step: int) -> float:
+        """Warm-up from 0 to 1 over ``warmup_steps``, then decay to ``final_fraction``."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        span = max(1, self.total_steps - self.warmup_steps)
+        t = min(1.0, (step - self.warmup_steps) / span)
+        f = self.final_fraction
+        if self.kind == "linear":
+            return 1.0 - (1.0 - f) * t
+        return f + (1.0 - f) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    def lr(self, step: int) -> float:
+        return self.base_lr * self.multiplier(step)
+
+
+def effective_lr(cfg: Config) -> float:
+    """``lr_per_1024`` states the rate per 1024 examples (linear scaling with batch size)."""
+    return cfg.lr * cfg.batch_size / 1024 if cfg.lr_per_1024 else cfg.lr
+
+
+def build_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
+    total = max(1, round(cfg.epochs * steps_per_epoch))
+    return Schedule(effective_lr(cfg), total, round(cfg.warmup * steps_per_epoch),
+                    cfg.schedule, cfg.final_lr_fraction)
+
+
+def _is_bias_like(name: str, p: nn.Parameter) -> bool:
+    return p.ndim <= 1  # biases and normalisation scales/shifts
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """Two groups: weights, and bias-like parameters that learn ``bias_lr_scale`` times faster.
+
+    For the SGD family, weight decay is decoupled from the gradient (applied by
+    ``decay_weights`` as a shrink that follows the schedule, not the learning rate), so the
+    learning rate can change without changing the regularisation.
+    """
+    weights, biases = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (biases if _is_bias_like(name, p) else weights).append(p)
+    groups = [{"params": weights, "lr_scale": 1.0, "decay_scale": 1.0},
+              {"params": biases, "lr_scale": cfg.bias_lr_scale, "decay_scale": 1.0}]
+    groups = [g for g in groups if g["params"]]
+    lr = effective_lr(cfg)
+    if cfg.optimizer == "adam":
+        # eps as Keras's Adam, so the lesson's settings mean the same thing here.
+        return torch.optim.Adam(groups, lr=lr, eps=1e-7, weight_decay=cfg.weight_decay, foreach=True)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, eps=1e-7, weight_decay=cfg.weight_decay, foreach=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov",
+                           weight_decay=0.0, foreach=True)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+
+
+def decay_weights(optimizer: torch.optim.Optimizer, cfg: Config, multiplier: float) -> None:
+    """Decoupled weight decay for SGD/Nesterov: p <- p * (1 - wd * schedule multiplier)."""
+    if cfg.weight_decay == 0 or cfg.optimizer not in ("sgd", "nesterov"):
+        return
+    wd = cfg.weight_decay * (cfg.batch_size / 1024 if cfg.lr_per_1024 else 1.0)
+    for g in optimizer.param_groups:
+        params = [p for p in g["params"]]
+        if params:
+            torch._foreach_mul_(params, 1.0 - wd * multiplier * g["decay_scale"])

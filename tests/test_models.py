@@ -1,0 +1,167 @@
+"""The model zoo: every registered model honours the interface; parameter counts match the
+figures in the papers and docstrings; the registry and the summaries behave."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+from cnnlab.errors import CnnlabError
+from cnnlab.models import create_model, list_models, model_info, register_model
+from cnnlab.models.summary import (count_flops, count_parameters, format_summary, layer_table,
+                                   zoo_table)
+
+NUM_CLASSES = 7          # not 10, so a hard-coded class count would show
+BATCH = 2                # batch norm needs more than one value per channel in train mode
+SMALL_SIZE_MAX = 64      # sizes up to this get forward + backward; larger ones forward only
+
+ALL_MODELS = ("tutorial", "lenet5", "alexnet", "vgg11", "vgg13", "vgg16", "vgg19",
+              "resnet20", "resnet56", "resnet18", "resnet34", "resnet50", "googlenet")
+
+CASES = [(name, size, c) for name in list_models() for size in model_info(name).input_sizes
+         for c in (1, 3)]
+
+
+@pytest.mark.parametrize("name,size,in_channels", CASES,
+                         ids=[f"{n}-{s}px-{c}ch" for n, s, c in CASES])
+def test_every_model_honours_the_interface(name, size, in_channels):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=NUM_CLASSES, in_channels=in_channels, input_size=size)
+    x = torch.randn(BATCH, in_channels, size, size)
+    if size > SMALL_SIZE_MAX:   # ImageNet-sized: forward only, to keep the suite fast
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+        assert out.shape == (BATCH, NUM_CLASSES)
+        assert torch.isfinite(out).all()
+        return
+    model.train()
+    out = model(x)
+    assert out.shape == (BATCH, NUM_CLASSES)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{name}: {pname} received no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"
+
+
+def test_every_model_is_registered_and_supports_the_small_sizes():
+    assert set(ALL_MODELS) <= set(list_models())
+    for name in ALL_MODELS:
+        assert {28, 32} <= set(model_info(name).input_sizes), name
+    for name in ("tutorial", "lenet5", "resnet20", "resnet56"):
+        assert 224 not in model_info(name).input_sizes, name
+    for name in set(ALL_MODELS) - {"tutorial", "lenet5", "resnet20", "resnet56"}:
+        assert 224 in model_info(name).input_sizes, name
+
+
+# (name, input size, exact parameters for 3 channels and 10 classes, module stating it)
+EXACT_COUNTS = [
+    ("tutorial", 32, 122_570, "cnnlab.models.tutorial"),
+    ("lenet5", 32, 62_006, "cnnlab.models.lenet"),
+    ("lenet5", 28, 62_006, "cnnlab.models.lenet"),
+    ("alexnet", 32, 3_240_778, "cnnlab.models.alexnet"),
+    ("alexnet", 224, 57_044_810, "cnnlab.models.alexnet"),
+    ("vgg16", 32, 14_728_266, "cnnlab.models.vgg"),
+    ("resnet20", 32, 269_722, "cnnlab.models.resnet"),
+    ("resnet56", 32, 853_018, "cnnlab.models.resnet"),
+    ("resnet18", 32, 11_173_962, "cnnlab.models.resnet"),
+    ("resnet18", 224, 11_181_642, "cnnlab.models.resnet"),
+]
+
+
+@pytest.mark.parametrize("name,size,expected,module", EXACT_COUNTS)
+def test_parameter_counts_are_exact_and_documented(name, size, expected, module):
+    model = create_model(name, num_classes=10, in_channels=3, input_size=size)
+    assert count_parameters(model) == expected
+    assert f"{expected:,}" in importlib.import_module(module).__doc__
+
+
+def test_cifar_resnets_match_the_paper():
+    # Table 6 of He et al. (2015): 0.27M and 0.85M.
+    assert 260_000 <= count_parameters(create_model("resnet20")) <= 280_000
+    assert 840_000 <= count_parameters(create_model("resnet56")) <= 860_000
+
+
+def test_reference_counts_with_1000_classes():
+    # torchvision's published figures for the ImageNet networks.
+    assert count_parameters(create_model("alexnet", num_classes=1000, input_size=224)) == 61_100_840
+    assert count_parameters(create_model("resnet18", num_classes=1000, input_size=224)) == 11_689_512
+    assert count_parameters(create_model("resnet50", num_classes=1000, input_size=224)) == 25_557_032
+
+
+def test_small_stems_keep_the_feature_map_size():
+    # ResNet-18 at 32 px reaches its last stage at 4x4; with the ImageNet stem, 224 -> 7x7.
+    shapes = {r["layer"]: r["output_shape"] for r in layer_table(create_model("resnet18"), (3, 32, 32))}
+    assert shapes["stages.3.1.relu_out"] == (512, 4, 4)
+    big = create_model("resnet18", input_size=224)
+    shapes = {r["layer"]: r["output_shape"] for r in layer_table(big, (3, 224, 224))}
+    assert shapes["stages.3.1.relu_out"] == (512, 7, 7)
+
+
+def test_duplicate_registration_is_refused():
+    before = list_models()
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("resnet18", family="x", year=2000, paper="x")(lambda **kw: nn.Identity())
+    assert list_models() == before
+
+
+def test_unknown_model_suggests_a_close_match():
+    with pytest.raises(CnnlabError) as e:
+        create_model("resnet2")
+    suggestion = str(e.value).split("(known:")[0]
+    assert "did you mean" in suggestion and "resnet20" in suggestion
+
+
+def test_too_small_input_is_a_clear_error():
+    with pytest.raises(CnnlabError, match="lenet5.*8x8"):
+        create_model("lenet5", input_size=8)
+
+
+def test_layer_table_of_the_tutorial():
+    model = create_model("tutorial")
+    rows = layer_table(model, (3, 32, 32))
+    shapes = [r["output_shape"] for r in rows]
+    assert shapes[:9] == [(32, 30, 30), (32, 30, 30), (32, 15, 15), (64, 13, 13), (64, 13, 13),
+                          (64, 6, 6), (64, 4, 4), (64, 4, 4), (1024,)]
+    assert shapes[-1] == (10,)
+    assert rows[0] == {"layer": "0", "type": "Conv2d", "output_shape": (32, 30, 30),
+                       "parameters": 896}
+    assert sum(r["parameters"] for r in rows) == count_parameters(model) == 122_570
+    assert model.training  # mode restored
+
+
+def test_layer_table_sums_to_the_total_for_every_family():
+    for name in ("lenet5", "resnet20", "googlenet"):
+        model = create_model(name)
+        assert sum(r["parameters"] for r in layer_table(model, (3, 32, 32))) == count_parameters(model)
+
+
+def test_count_flops_matches_hand_computation():
+    conv = nn.Conv2d(3, 8, 3, padding=1)            # out (8, 10, 10), 3*3*3 MACs per element
+    assert count_flops(conv, (3, 10, 10)) == 2 * 8 * 10 * 10 * 3 * 3 * 3
+    grouped = nn.Conv2d(4, 8, 3, groups=2)          # out (8, 4, 4), 2*3*3 MACs per element
+    assert count_flops(grouped, (4, 6, 6)) == 2 * 8 * 4 * 4 * 2 * 3 * 3
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(20, 5))
+    assert count_flops(linear, (20,)) == 2 * 20 * 5
+    # Tutorial: three convs and two Dense layers.
+    macs = (32 * 30 * 30 * 27 + 64 * 13 * 13 * 288 + 64 * 4 * 4 * 576 + 1024 * 64 + 64 * 10)
+    assert count_flops(create_model("tutorial"), (3, 32, 32)) == 2 * macs
+
+
+def test_format_summary_is_a_keras_like_table():
+    text = format_summary(create_model("tutorial"), "tutorial", (3, 32, 32))
+    assert "Layer (type)" in text and "Output Shape" in text and "Param #" in text
+    assert "(None, 32, 30, 30)" in text
+    assert "Total params: 122,570" in text and "Trainable params: 122,570" in text
+    assert "MFLOPs per image: 9.10" in text
+
+
+def test_zoo_table_covers_every_model_and_marks_misfits():
+    rows = {r["name"]: r for r in zoo_table(input_size=16, in_channels=1, num_classes=10)}
+    assert set(rows) == set(list_models())
+    assert rows["tutorial"]["parameters"] is None and rows["tutorial"]["mflops"] is None
+    assert rows["lenet5"]["parameters"] > 0 and rows["lenet5"]["mflops"] > 0
+    assert rows["resnet18"]["year"] == 2015 and "He" in rows["resnet18"]["paper"]
