@@ -53,13 +53,11 @@ def default_run_name(cfg: Config) -> str:
     return f"{cfg.model}-{re.sub(r'[^A-Za-z0-9._-]', '_', data)}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def claim_run_folder(path: Path) -> Path:
-    """Create ``path`` for a new run; refuse to reuse one that already holds files."""
+def check_new_run_folder(path: Path) -> None:
+    """Refuse a run folder that already holds files: a run is never overwritten silently."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise CnnlabError(f"run folder {path} already exists: choose another --name/--out, "
                           f"remove it, or continue it with --resume {path}")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def environment(device: torch.device) -> dict[str, Any]:

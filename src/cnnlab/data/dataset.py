@@ -77,22 +77,24 @@ def prepare_splits(ds: Dataset, *, val_split: float, train_size: int | None,
     """
     if not 0.0 <= val_split < 1.0:
         raise CnnlabError(f"--val-split must be in [0, 1), got {val_split}")
-    rng = np.random.default_rng(seed)
+    # One generator per purpose, so the test subset does not depend on the train options.
+    def rng(purpose: int) -> np.random.Generator:
+        return np.random.default_rng([seed, purpose])
     train, val = ds.train, ds.val
     if train_size is not None:
         if train_size < 1:
             raise CnnlabError(f"--train-size must be a positive number of images, got {train_size}")
         # The subset covers train + hold-out so `--train-size 1000 --val-split 0.1` trains on 900.
-        train = train.subset(stratified_indices(train.labels, train_size, rng))
+        train = train.subset(stratified_indices(train.labels, train_size, rng(1)))
     if val is None and val_split > 0:
-        held = stratified_indices(train.labels, float(val_split), rng)
+        held = stratified_indices(train.labels, float(val_split), rng(2))
         keep = np.setdiff1d(np.arange(len(train)), held)
         val, train = train.subset(held), train.subset(keep)
     test = ds.test
     if test_size is not None:
         if test_size < 1:
             raise CnnlabError(f"--test-size must be a positive number of images, got {test_size}")
-        test = test.subset(stratified_indices(test.labels, test_size, rng))
+        test = test.subset(stratified_indices(test.labels, test_size, rng(3)))
     if len(train) == 0:
         raise CnnlabError("no training images left after the validation split: lower --val-split "
                           "or raise --train-size")

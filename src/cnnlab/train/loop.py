@@ -29,7 +29,7 @@ from cnnlab.data.sources import load_dataset
 from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.fileio import write_bytes, write_json
 from cnnlab.models.classifier import Classifier, build_classifier
-from cnnlab.run import (Run, claim_run_folder, default_run_name, empty_history, environment,
+from cnnlab.run import (Run, check_new_run_folder, default_run_name, empty_history, environment,
                         load_run, model_card, run_path, save_config, save_history, save_model)
 from cnnlab.train import checkpoint as ckpt
 from cnnlab.train.batches import Augmentation, BatchStream, derive_seed, eval_batches
@@ -357,13 +357,9 @@ def fit(config: Config | None = None, *, out: str | Path | None = None, name: st
     from cnnlab.models.registry import model_info
     model_info(cfg.model)
     path = run_path(out=out, name=name, default_name=default_run_name(cfg))
-    if path.exists() and any(path.iterdir()) if path.is_dir() else path.exists():
-        claim_run_folder(path)  # raises with the explanation
-    try:
-        trainer = Trainer(cfg, data, path, device, progress)
-    except CnnlabError:
-        raise
-    claim_run_folder(path)
+    check_new_run_folder(path)
+    trainer = Trainer(cfg, data, path, device, progress)
+    path.mkdir(parents=True, exist_ok=True)
     save_config(path, cfg, environment(device))
     if progress:
         _print_header(cfg, data, trainer, path, device)

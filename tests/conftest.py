@@ -1,0 +1,43 @@
+"""Shared fixtures: small real datasets cut from ../shared/data, and an isolated data cache."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+CIFAR_FOLDER = SHARED / "cifar10"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own $CNNLAB_DATA, so nothing leaks into the user's cache."""
+    monkeypatch.setenv("CNNLAB_DATA", str(tmp_path_factory.mktemp("cnnlab-data")))
+
+
+def _copy_subset(dest: Path, per_class: dict[str, int], classes: list[str] | None = None) -> Path:
+    if not CIFAR_FOLDER.is_dir():
+        pytest.skip(f"{CIFAR_FOLDER} is not present")
+    for split, n in per_class.items():
+        for cls in classes or sorted(os.listdir(CIFAR_FOLDER / split)):
+            src = CIFAR_FOLDER / split / cls
+            (dest / split / cls).mkdir(parents=True, exist_ok=True)
+            for name in sorted(os.listdir(src))[:n]:
+                shutil.copy2(src / name, dest / split / cls / name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory) -> Path:
+    """A real CIFAR-10 image folder: 30 train and 10 test JPEGs per class."""
+    return _copy_subset(tmp_path_factory.mktemp("tiny-cifar"), {"train": 30, "test": 10})
+
+
+@pytest.fixture
+def make_subset(tmp_path):
+    """Build a custom subset: ``make_subset({"train": 5, "test": 2}, classes=[...])``."""
+    def make(per_class: dict[str, int], classes: list[str] | None = None, name: str = "subset") -> Path:
+        return _copy_subset(tmp_path / name, per_class, classes)
+    return make
