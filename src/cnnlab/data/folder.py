@@ -14,18 +14,19 @@ import os
 import shutil
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from cnnlab.data.dataset import Dataset, Split
-from cnnlab.data.images import GREY_MODES, is_image_file, is_image_name, load_image
+from cnnlab.data.images import GREY_MODES, IMAGE_SUFFIXES, is_image_name
 from cnnlab.errors import CnnlabError
 
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: symlinks leaving the root refused; check results cached
 _CHUNK = 512            # files per worker task
 _PARALLEL_FROM = 2_000  # below this many files a pool costs more than it saves
 
@@ -34,7 +35,7 @@ _PARALLEL_FROM = 2_000  # below this many files a pool costs more than it saves
 class FolderListing:
     root: Path
     class_names: list[str]
-    files: dict[str, list[tuple[Path, int]]]   # split -> [(path, label)]
+    files: dict[str, list[tuple[str, int]]]    # split -> [(path, label)]; str: 60,000 Paths cost 0.2 s
     stamp: str                                  # names, sizes and mtimes: changes when any file does
 
 
@@ -42,8 +43,46 @@ def _visible_dirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def list_folder(root: str | Path) -> FolderListing:
-    """Find splits, classes and image files, refusing layouts that cannot be trained on."""
+# (kind, severity, path relative to the root, message): how list_folder reports what it finds.
+Report = Callable[[str, str, str, str], None]
+# Root-level folder names people use for a split, with the name cnnlab expects.
+_SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "dev": "val", "testing": "test"}
+
+
+def _visible(d: Path | str, rel: str, root_real: str, found: Report) -> list[os.DirEntry]:
+    """Entries of ``d`` (``rel`` from the root), sorted by name. Hidden entries and symlinks
+    that are broken or leave the root are reported instead of returned."""
+    out = []
+    for e in sorted(os.scandir(d), key=lambda e: e.name):
+        if e.name.startswith("."):
+            found("hidden", "warning", _rel(rel, e), f"hidden {'folder' if e.is_dir() else 'file'}: ignored")
+        elif e.is_symlink() and not _inside(e.path, root_real):
+            target = os.path.realpath(e.path)
+            found("symlink", "error", _rel(rel, e), f"broken symlink (to {target}): refused" if not os.path.exists(target)
+                  else f"symlink to {target}, outside the dataset folder: refused")
+        else:
+            out.append(e)
+    return out
+
+
+def _rel(rel: str, e: os.DirEntry) -> str:
+    return f"{rel}/{e.name}" if rel else e.name
+
+
+def _inside(path: str, root_real: str) -> bool:
+    """Whether ``path`` exists and, symlinks followed, lies inside ``root_real``."""
+    target = os.path.realpath(path)
+    return os.path.exists(target) and os.path.commonpath([target, root_real]) == root_real
+
+
+def list_folder(root: str | Path, *, report: Report | None = None) -> FolderListing:
+    """Find splits, classes and image files, refusing layouts that cannot be trained on.
+
+    Without ``report`` the first problem that blocks training raises ``CnnlabError``. With
+    it, every finding goes to ``report(kind, severity, path, message)`` and the walk goes on
+    (the data checker); a root that is missing or not a folder raises either way. Hidden
+    entries, other file types and symlinks that leave the root are never listed.
+    """
     root = Path(root).expanduser()
     if not root.exists():
         raise CnnlabError(f"data folder {root} does not exist: give a path to a folder with "
@@ -51,46 +90,77 @@ def list_folder(root: str | Path) -> FolderListing:
                           f"(cifar10, cifar100, mnist, fashion-mnist)")
     if not root.is_dir():
         raise CnnlabError(f"{root} is a file, not a folder: expected {root}/train/<class>/<image>")
-    present = {s for s in SPLITS if (root / s).is_dir()}
-    missing = [s for s in ("train", "test") if s not in present]
+    root_real = os.path.realpath(root)
+
+    def found(kind: str, severity: str, rel: str, message: str) -> None:
+        if report is not None:
+            report(kind, severity, rel, message)
+        elif severity == "error":
+            raise CnnlabError(message if rel == "." else f"{root / rel}: {message}")
+
+    split_dirs: dict[str, Path] = {}
+    for e in _visible(root, "", root_real, found):
+        if e.is_dir() and e.name in SPLITS:
+            split_dirs[e.name] = Path(e.path)
+        elif e.is_dir():
+            alias = _SPLIT_ALIASES.get(e.name.lower())
+            found("ignored", "warning", e.name, "not a split folder (train, val, test): ignored"
+                  + (f"; rename it to {alias}/ if it is one" if alias else ""))
+        elif is_image_name(e.name):
+            found("ignored", "warning", e.name, "image outside train/, val/ and test/: ignored")
+    present = [s for s in SPLITS if s in split_dirs]
+    missing = [s for s in ("train", "test") if s not in split_dirs]
     if missing:
-        found = ", ".join(p.name + "/" for p in _visible_dirs(root)) or "no subfolders"
-        raise CnnlabError(f"{root} has no {' or '.join(m + '/' for m in missing)} folder: expected "
-                          f"{root}/train/<class>/<image> and {root}/test/<class>/<image>; found {found}")
+        found_dirs = ", ".join(p.name + "/" for p in _visible_dirs(root)) or "no subfolders"
+        found("layout", "error", ".", f"{root} has no {' or '.join(m + '/' for m in missing)} folder: "
+              f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image>; found {found_dirs}")
     classes: dict[str, list[str]] = {}
-    for split in SPLITS:
-        if split not in present:
-            continue
-        d = root / split
-        names = [p.name for p in _visible_dirs(d)]
+    for split in present:
+        d = split_dirs[split]
+        names, loose = [], 0
+        for e in _visible(d, split, root_real, found):
+            if e.is_dir():
+                names.append(e.name)
+            else:
+                loose += is_image_name(e.name)
+                found("ignored", "warning", _rel(split, e), "not in a class folder: ignored")
         if not names:
-            loose = sum(1 for p in d.iterdir() if p.is_file() and is_image_file(p))
-            raise CnnlabError(f"no class folders under {d}: expected {d}/<class>/<image>; found "
-                              f"{loose} loose image file{'s' if loose != 1 else ''}")
+            found("layout", "error", ".", f"no class folders under {d}: expected {d}/<class>/<image>; "
+                  f"found {loose} loose image file{'s' if loose != 1 else ''}")
+            continue
         classes[split] = names
-    train_set = set(classes["train"])
+    reference = classes.get("train") or next(iter(classes.values()), [])
     for split, names in classes.items():
-        if set(names) != train_set:
-            extra, lacking = sorted(set(names) - train_set), sorted(train_set - set(names))
+        if set(names) != set(reference):
+            extra, lacking = sorted(set(names) - set(reference)), sorted(set(reference) - set(names))
             parts = ([f"only in {split}/: {', '.join(extra)}"] if extra else []) + \
                     ([f"missing from {split}/: {', '.join(lacking)}"] if lacking else [])
-            raise CnnlabError(f"train/ and {split}/ have different classes ({'; '.join(parts)}): "
-                              f"every split needs the same class folders")
-    class_names = classes["train"]
-    files: dict[str, list[tuple[Path, int]]] = {}
+            found("layout", "error", ".", f"train/ and {split}/ have different classes ({'; '.join(parts)}): "
+                  f"every split needs the same class folders")
+    # Only reached with differing classes when reporting: label by the union, so all are checked.
+    class_names = sorted(set().union(*map(set, classes.values())))
+    files: dict[str, list[tuple[str, int]]] = {}
     stamp = []
-    for split in classes:
+    for split, names in classes.items():
         entries = []
-        for label, name in enumerate(class_names):
-            cdir = root / split / name
+        for name in names:
+            label, cdir, found_files = class_names.index(name), split_dirs[split] / name, []
             # scandir + plain strings: listing 60,000 files must stay well under a second.
-            found = sorted((e.name, e.stat()) for e in os.scandir(cdir)
-                           if e.is_file() and is_image_name(e.name))
-            if not found:
-                raise CnnlabError(f"class folder {cdir} holds no images: add images or remove it "
-                                  f"from every split")
-            entries.extend((cdir / f, label) for f, _ in found)
-            stamp.extend(f"{split}/{name}/{f}|{st.st_size}|{st.st_mtime_ns}" for f, st in found)
+            for e in _visible(cdir, f"{split}/{name}", root_real, found):
+                if e.is_dir():
+                    found("ignored", "warning", f"{split}/{name}/{e.name}", "folder inside a class folder: "
+                          "ignored (images must sit directly in the class folder)")
+                elif is_image_name(e.name):
+                    found_files.append((e.path, e.name, e.stat()))
+                else:
+                    found("unsupported", "warning", f"{split}/{name}/{e.name}", f"{os.path.splitext(e.name)[1] or 'no extension'}"
+                          f" is not an image type cnnlab reads: ignored (reads "
+                          f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+            if not found_files:
+                found("empty-class", "error", f"{split}/{name}", "class folder holds no images: add "
+                      "images or remove it from every split")
+            entries.extend((path, label) for path, _, _ in found_files)
+            stamp.extend(f"{split}/{name}/{f}|{st.st_size}|{st.st_mtime_ns}" for _, f, st in found_files)
         files[split] = entries
     return FolderListing(root, class_names, files, "\n".join(stamp))
 
@@ -112,18 +182,6 @@ def _headers(paths: list[Path]) -> list[tuple[tuple[int, int], str] | str]:
     return out
 
 
-def _decode(args: tuple[list[Path], tuple[int, int], int]) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    paths, size, channels = args
-    batch = np.zeros((len(paths), size[1], size[0], channels), dtype=np.uint8)
-    bad = []
-    for i, p in enumerate(paths):
-        try:
-            batch[i] = load_image(p, size, channels)
-        except CnnlabError as e:
-            bad.append((i, str(e)))
-    return batch, bad
-
-
 def _map_chunks(fn, paths: list[Path], *extra):
     chunks = [paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
     tasks = [(c, *extra) if extra else c for c in chunks]
@@ -135,57 +193,57 @@ def _map_chunks(fn, paths: list[Path], *extra):
 
 def load_image_folder(root: str | Path, *, image_size: int | None = None,
                       cache_dir: Path | None = None, bad_images: str = "error") -> Dataset:
-    """Decode an image folder into a ``Dataset`` (from the cache when nothing changed).
+    """Check and decode an image folder into a ``Dataset`` (from the cache when nothing changed).
 
-    ``bad_images``: "error" stops with the list of unreadable files; "skip" leaves them out.
+    The check is ``cnnlab data check``'s own (``cnnlab.data.check``), made in the same pass as
+    the decoding. ``bad_images``: "error" stops with the list of every problem that blocks
+    training; "skip" leaves out the unusable files (unreadable, over the pixel limit, symlinks
+    leaving the folder) and counts them in ``Dataset.skipped``. Layout problems (missing
+    splits, differing or empty classes) stop it either way.
     """
-    listing = list_folder(root)
+    from cnnlab.data import check   # check.py builds on this module
+    listing, report = check.scan_folder(root)
+    # Layout errors stop before anything is decoded; unusable files are listed after decoding.
+    check.enforce(report, "skip")
+    scanned = len(report.problems)   # the walk's findings are redone on every load, never cached
     cache_file = None
     if cache_dir is not None:
         cache_file = Path(cache_dir) / f"folder-{_fingerprint(listing, image_size)}-{bad_images}"
         if cache_file.exists():
             try:
-                return _read_cache(cache_file, listing)
+                ds = _read_cache(cache_file, listing)
+                cached = json.loads((cache_file / "meta.json").read_text())["problems"]
             except (OSError, ValueError, KeyError):
                 pass  # a damaged cache is rebuilt below
+            else:
+                report.problems += [check.Problem(**p) for p in cached]
+                check.enforce(report, bad_images)
+                ds.skipped = len(report.skippable)
+                return ds
     all_paths = [p for split in listing.files for p, _ in listing.files[split]]
     headers = [h for chunk in _map_chunks(_headers, all_paths) for h in chunk]
-    good = [h for h in headers if not isinstance(h, str)]
-    if not good:
-        raise CnnlabError(f"none of the {len(all_paths)} files under {listing.root} could be read as images")
+    good = [h for h in headers if not isinstance(h, str)] or [((1, 1), "RGB")]   # all bad: reported below
     if image_size is not None:
         size = (image_size, image_size)
     else:
         size = Counter(s for s, _ in good).most_common(1)[0][0]
     channels = 1 if all(m in GREY_MODES for _, m in good) else 3
-    results = _map_chunks(_decode, all_paths, size, channels)
-    images = np.concatenate([r[0] for r in results])
-    bad: list[tuple[Path, str]] = []
-    offset = 0
-    for (batch, failures) in results:
-        bad.extend((all_paths[offset + i], why) for i, why in failures)
-        offset += len(batch)
-    if bad and bad_images != "skip":
-        shown = "; ".join(why for _, why in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise CnnlabError(f"{len(bad)} unreadable image{'s' if len(bad) > 1 else ''} in {listing.root}: "
-                          f"{shown}. Fix or remove them, run `cnnlab data check {listing.root}`, "
-                          f"or pass --bad-images skip")
-    bad_set = {p for p, _ in bad}
+    images, usable = check.inspect_files(listing, report, decode=(size, channels))
+    check.enforce(report, bad_images)
     splits, offset = {}, 0
     for split, entries in listing.files.items():
-        keep = np.array([p not in bad_set for p, _ in entries], dtype=bool)
-        imgs = images[offset:offset + len(entries)][keep]
+        keep = usable[offset:offset + len(entries)]
         labels = np.array([label for _, label in entries], dtype=np.int64)[keep]
-        splits[split] = Split(imgs, labels)
+        splits[split] = Split(images[offset:offset + len(entries)][keep], labels)
         offset += len(entries)
     ds = Dataset(listing.root.name, listing.class_names, splits["train"], splits["test"],
-                 splits.get("val"), skipped=len(bad))
+                 splits.get("val"), skipped=len(report.skippable))
     if cache_file is not None:
-        _write_cache(cache_file, ds)
+        _write_cache(cache_file, ds, problems=[asdict(p) for p in report.problems[scanned:]])
     return ds
 
 
-def _write_cache(path: Path, ds: Dataset) -> None:
+def _write_cache(path: Path, ds: Dataset, problems: list[dict] | None = None) -> None:
     """One .npy per array in a folder, renamed into place whole: loads in a fraction of a second."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -194,7 +252,8 @@ def _write_cache(path: Path, ds: Dataset) -> None:
         if part is not None:
             np.save(tmp / f"{split}_images.npy", part.images)
             np.save(tmp / f"{split}_labels.npy", part.labels)
-    (tmp / "meta.json").write_text(json.dumps({"class_names": ds.class_names, "skipped": ds.skipped}))
+    (tmp / "meta.json").write_text(json.dumps({"class_names": ds.class_names, "skipped": ds.skipped,
+                                               "problems": problems or []}))   # the check's, per file
     try:
         os.replace(tmp, path)
     except OSError:  # another process cached the same folder first

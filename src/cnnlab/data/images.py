@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cnnlab.errors import CnnlabError
 
@@ -20,10 +21,21 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 # Refuse images above this many pixels (decompression bombs). Pillow only warns below ~179M.
 MAX_PIXELS = 40_000_000
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+EXIF_ORIENTATION = 0x0112  # TIFF/EXIF tag 274: 1 = upright, 2-8 = mirrored and/or rotated
+
+
+class ImageError(CnnlabError):
+    """An image that cannot be used. ``kind``: missing-file, empty-file, not-image, damaged
+    or too-large; ``reason`` is the message without the file name (the data checker's)."""
+
+    def __init__(self, name: str, kind: str, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.kind, self.reason = kind, reason
 
 
 def is_image_name(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+    dot = name.rfind(".")   # not os.path.splitext: this runs once per file of every listing
+    return dot > 0 and not name.startswith(".") and name[dot:].lower() in IMAGE_SUFFIXES
 
 
 def is_image_file(path: Path) -> bool:
@@ -49,39 +61,78 @@ def _to_8bit_grey(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
-def normalize_mode(img: Image.Image) -> Image.Image:
-    """Return an 8-bit 'L' or 'RGB' image that looks like what a person sees."""
+def normalize_mode(img: Image.Image, notes: list[str] | None = None) -> Image.Image:
+    """Return an 8-bit 'L' or 'RGB' image that looks like what a person sees.
+
+    Each conversion that changes what is stored is described in ``notes`` when given (the
+    data checker reports them), so the report and the loader cannot disagree.
+    """
+    note = notes.append if notes is not None else (lambda _: None)
+    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    if orientation in range(2, 9):
+        note(f"turned upright (EXIF orientation {orientation})")
     img = ImageOps.exif_transpose(img) or img
+    if getattr(img, "is_animated", False):
+        note("animated: only the first frame is used")
     if img.mode == "P":
+        note("palette expanded to RGB")
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        if img.getchannel(img.mode[-1]).getextrema()[0] < 255:
+            note(f"{img.mode}: transparency composited on white")
         img = _flatten_alpha(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        depth = {"F": "floating-point", "I": "32-bit"}.get(img.mode, "16-bit")
+        note(f"{depth} greyscale ({img.mode}) scaled to 8 bits")
         img = _to_8bit_grey(img)
     if img.mode == "1":
         img = img.convert("L")
     if img.mode not in ("L", "RGB"):
+        note(f"{img.mode} to RGB")
         img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV: Pillow converts these correctly
     return img
 
 
-def open_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open, fully decode and mode-normalise an image; raise CnnlabError if it cannot be."""
-    name = "uploaded image" if isinstance(source, bytes) else str(source)
+def _too_large(name: str, w: int, h: int, limit: int) -> ImageError:
+    return ImageError(name, "too-large", f"{w}x{h} = {w * h:,} pixels is over the limit of {limit:,} "
+                                         f"(a possible decompression bomb); resize it first")
+
+
+def open_image(source: str | Path | bytes, *, max_pixels: int | None = None,
+               notes: list[str] | None = None, name: str | None = None) -> Image.Image:
+    """Open, fully decode and mode-normalise an image; raise ``ImageError`` if it cannot be.
+
+    ``max_pixels`` defaults to ``MAX_PIXELS`` as it is at call time; ``notes`` collects the
+    conversions made (see ``normalize_mode``); ``name`` is used in messages.
+    """
+    name = name or ("uploaded image" if isinstance(source, bytes) else str(source))
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
     try:
+        if (len(source) if isinstance(source, bytes) else os.path.getsize(source)) == 0:
+            raise ImageError(name, "empty-file", "not a readable image: empty file (0 bytes)")
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             w, h = img.size
-            if w * h > max_pixels:
-                raise CnnlabError(f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of "
-                                  f"{max_pixels:,} (a possible decompression bomb); resize it first")
-            img.load()
-            return normalize_mode(img)
-    except CnnlabError:
+            if w * h > limit:
+                raise _too_large(name, w, h, limit)
+            try:
+                img.load()
+                return normalize_mode(img, notes)
+            except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
+                # The header was fine, the pixel data is not: cut short or corrupt.
+                raise ImageError(name, "damaged", f"not a readable image: damaged or truncated pixel data ({e})") from None
+    except ImageError:
         raise
     except FileNotFoundError:
-        raise CnnlabError(f"{name}: no such file") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise CnnlabError(f"{name}: not a readable image ({e})") from None
+        raise ImageError(name, "missing-file", "no such file") from None
+    except Image.DecompressionBombError as e:
+        # Pillow refuses at open above 2 x Image.MAX_IMAGE_PIXELS, before our check can run.
+        raise ImageError(name, "too-large", f"over the limit of {limit:,} pixels (a possible "
+                                            f"decompression bomb: {e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(name, "not-image", "not a readable image: no image format recognised in its "
+                                            "bytes (a text or HTML file named like an image?)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
+        raise ImageError(name, "damaged", f"not a readable image: damaged or truncated header ({e})") from None
 
 
 def to_array(img: Image.Image, size: tuple[int, int] | None, channels: int) -> np.ndarray:
@@ -94,5 +145,5 @@ def to_array(img: Image.Image, size: tuple[int, int] | None, channels: int) -> n
 
 
 def load_image(source: str | Path | bytes, size: tuple[int, int] | None = None,
-               channels: int = 3, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+               channels: int = 3, *, max_pixels: int | None = None) -> np.ndarray:
     return to_array(open_image(source, max_pixels=max_pixels), size, channels)

@@ -30,6 +30,7 @@ RISE_TOLERANCE = 0.05        # val loss this fraction above its minimum counts a
 DIVERGE_RISE = 0.25          # train loss this fraction above its minimum counts as diverging
 STUCK_TOLERANCE = 0.05       # within 5 % of ln(classes) counts as the uniform-guess loss
 STUCK_MOVE = 0.03            # ... and moving less than 3 % from first to last epoch
+STUCK_ACCURACY = 1.5         # ... with train accuracy at most 1.5x chance (1 / classes)
 IMPROVING_PER_EPOCH = 0.01   # a loss still falling more than 1 % per epoch at the end
 PLATEAU_ACCURACY = 0.8       # below this train accuracy a plateau means underfitting
 UNDERFIT_GAP = 0.05          # ... when validation accuracy is this close to train accuracy
@@ -85,11 +86,12 @@ def read_curves(history: Mapping[str, Sequence], num_classes: int | None = None)
                         f"the learning rate is too high (try --lr ten times smaller, or a decaying "
                         f"--schedule cosine).")]
     # --- stuck at the uniform-guess loss -------------------------------------------------
-    if num_classes and num_classes > 1 and n >= 2:
+    if num_classes and num_classes > 1 and n >= 3:      # two epochs of a small run can look flat
         chance = math.log(num_classes)
         near = abs(loss[-1] - chance) <= STUCK_TOLERANCE * chance
         flat = abs(loss[0] - loss[-1]) <= STUCK_MOVE * max(loss[0], 1e-12)
-        if near and flat:
+        guessing = not np.isfinite(acc[-1]) or acc[-1] <= STUCK_ACCURACY / num_classes
+        if near and flat and guessing:
             return [Finding("stuck", "bad",
                             f"Not learning: the training loss stayed at {loss[-1]:.3f}, close to "
                             f"ln({num_classes}) = {chance:.3f}, the loss of guessing every class equally. "

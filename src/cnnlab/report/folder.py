@@ -50,9 +50,6 @@ class RunRecord:
         values = self.history.get(key) or []
         return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
 
-    def has(self, key: str) -> bool:
-        return bool(np.isfinite(self.series(key)).any())
-
     @property
     def train_seconds(self) -> float | None:
         seconds = self.metrics.get("train_seconds")

@@ -1,0 +1,509 @@
+"""``tune``: an Optuna study whose every trial is a normal ``fit`` run, scored on validation.
+
+The tune folder (``--out``, default ``runs/tune-<study>``):
+
+    study.db               the study, when no --storage is given (SQLite: one machine)
+    tune.json              which study and storage this folder belongs to
+    trials/trial-NNNN/     each trial's run folder, as `cnnlab train` leaves it; only the best
+                           trial's stays whole: the others, once finished, keep config.json,
+                           history, metrics.json and model.json, and lose their weights,
+                           checkpoint, plots and report (2-3 MB each on CIFAR, down to ~20 kB)
+    trials.csv             one row per trial of the whole study (every worker's)
+    best.yaml              the best trial's config: `cnnlab train --config best.yaml`
+    plots/                 history.png, importances.png, parallel.png, lr_slice.png
+
+Trials are scored on the validation split: the accuracy of the model the run keeps
+(``keep: last`` the last epoch's, ``keep: best`` the best epoch's), reported after every
+epoch so the pruner can stop a bad trial early. ``fit`` still measures its test split at
+the end of each run (metrics.json); the tuner never reads it.
+
+Many workers: give every worker the same ``--storage postgresql://user:pw@host/db`` and
+``--study NAME`` (each machine its own ``--out``). ``--trials N`` is the number of trials
+*this* command runs, as in Optuna, so k workers run k x N; running the command again
+continues the study. A running trial writes a heartbeat every ``HEARTBEAT_SECONDS``; one
+silent for ``GRACE_SECONDS`` (its worker was killed) is marked FAIL by the next worker to
+start a trial, and re-queued once with the same parameters. Each trial's run folder lives
+on the machine that ran it (``host`` and ``run`` in trials.csv).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import random
+import re
+import shutil
+import socket
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
+
+from cnnlab.config import FIELDS, Config, merge
+from cnnlab.errors import CnnlabError, TrainingInterrupted
+from cnnlab.fileio import read_json, write_json, write_text
+from cnnlab.run import RUNS_ROOT
+from cnnlab.tune.space import SearchSpace, default_space, load_space, parse_space
+
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
+HEARTBEAT_SECONDS = 30       # a running trial's worker writes a heartbeat this often
+GRACE_SECONDS = 120          # ... and is declared dead after this long without one
+STALE_RETRIES = 1            # a dead worker's trial is re-run once with the same parameters
+MEDIAN_STARTUP_TRIALS = 5    # the median pruner compares against at least this many trials
+STORAGE_ATTEMPTS = 4         # workers starting together may race to create the tables
+RUN_SPECIFIC = ("device", "threads")     # best.yaml leaves the hardware to the machine that trains
+# What a trial other than the best loses once finished: 2-3 MB of weights, checkpoint, test
+# logits, plots and report, down to ~20 kB (config, history, metrics, model card).
+STRIPPED_FILES = ("model.safetensors", "evaluation.npz", "report.html")
+STRIPPED_DIRS = ("checkpoints", "plots")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def _trial_errors() -> tuple[type[BaseException], ...]:
+    """What fails one trial but not the study: bad values, NaN loss, a batch too big for the GPU."""
+    import torch
+    return (CnnlabError, torch.OutOfMemoryError)
+
+
+@dataclass
+class TuneResult:
+    out: Path
+    study_name: str
+    storage: str                 # the URL with any password hidden
+    states: dict[str, int]       # trials of the whole study by state
+    ran: int                     # trials this call ran
+    best: dict[str, Any] | None  # number, value, params, config, run; None while nothing completed
+
+    @property
+    def trials(self) -> int:
+        return sum(self.states.values())
+
+
+# ----------------------------------------------------------------------------- pieces
+def default_study_name(cfg: Config) -> str:
+    data = re.sub(r"[^A-Za-z0-9._-]", "_", Path(cfg.data).name or "data")
+    return f"{cfg.model}-{data}"
+
+
+def hide_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL sqlalchemy can parse: open_storage says so
+        return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def database_url(url: str) -> str:
+    """``postgresql://`` with the driver that is installed (SQLAlchemy 2.1 assumes psycopg 3;
+    cnnlab ships psycopg2-binary); other URLs unchanged."""
+    import importlib.util
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        for module in ("psycopg2", "psycopg"):
+            if importlib.util.find_spec(module) is not None:
+                return f"postgresql+{module}://{rest}"
+    return url
+
+
+@contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Our own line per trial replaces Optuna's log; its experimental-API warnings are noise here."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats; a dead worker's trial is failed and retried once."""
+    import sqlalchemy.exc
+    engine_kwargs: dict[str, Any] = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite")
+                                     else {"pool_pre_ping": True})
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(
+                database_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=STALE_RETRIES))
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Two workers creating the tables of an empty database at once: one wins, retry.
+            if attempt == STORAGE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 + random.random())
+        except ImportError:  # Optuna's word for a missing database driver
+            raise CnnlabError(f"--storage {hide_password(url)} needs a database driver that is not "
+                              f"installed (PostgreSQL: pip install psycopg2-binary; MySQL: pip install "
+                              f"pymysql and write mysql+pymysql://...)") from None
+        except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as e:
+            raise CnnlabError(f"--storage {hide_password(url)!r} is not a database URL ({e}); expected e.g. "
+                              f"postgresql://user:password@host:5432/dbname or sqlite:///study.db") from None
+        except sqlalchemy.exc.OperationalError as e:
+            reason = str(e.orig).strip().splitlines()[0] if e.orig else str(e).splitlines()[0]
+            raise CnnlabError(f"cannot open study storage {hide_password(url)}: {reason}") from None
+    raise AssertionError("unreachable")
+
+
+def make_sampler(name: str, space: SearchSpace, seed: int | None) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    raise CnnlabError(f"--sampler must be one of {', '.join(SAMPLERS)}; got {name!r}")
+
+
+def make_pruner(name: str, max_epochs: float) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, math.ceil(max_epochs)))
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise CnnlabError(f"--pruner must be one of {', '.join(PRUNERS)}; got {name!r}")
+
+
+def _claim_folder(out: Path, study_name: str, storage_label: str) -> None:
+    """One tune folder, one study: trial folders are named by trial number."""
+    meta = {"study": study_name, "storage": storage_label}
+    path = out / "tune.json"
+    if path.exists():
+        old = read_json(path)
+        if (old.get("study"), old.get("storage")) != (study_name, storage_label):
+            raise CnnlabError(f"{out} holds study {old.get('study')!r} ({old.get('storage')}); give study "
+                              f"{study_name!r} ({storage_label}) another --out")
+        return
+    write_json(path, meta)
+
+
+def _check_validation(cfg: Config) -> int:
+    """The number of validation images; none is an error (trials are never scored on test)."""
+    from cnnlab.models.registry import model_info
+    from cnnlab.train.loop import load_data
+    model_info(cfg.model)
+    data = load_data(cfg)
+    n = 0 if data.val is None else len(data.val)
+    if n == 0:
+        raise CnnlabError(f"tune scores trials on a validation split, and {cfg.data} has none with "
+                          f"val_split {cfg.val_split:g}: give --val-split 0.1 (a stratified hold-out of "
+                          f"train) or add a val/<class>/<image> folder")
+    return n
+
+
+# ----------------------------------------------------------------------------- tune
+def tune(base: Config, *, trials: int | None = None, timeout: float | None = None,
+         space: SearchSpace | dict | str | Path | None = None, fixed: dict[str, Any] | None = None,
+         study_name: str | None = None, storage: str | None = None, sampler: str = "tpe",
+         pruner: str = "median", out: str | Path | None = None, progress: bool = True) -> TuneResult:
+    """Run ``trials`` trials (or until ``timeout`` seconds) of a study, then write its outputs.
+
+    ``base`` gives every key the space does not search; ``space`` is a SearchSpace, a space
+    file or its mapping (None: the default); ``fixed`` (command-line flags) takes keys out of it. ``storage`` None means an SQLite file in the tune folder.
+    """
+    if trials is not None and trials < 1:
+        raise CnnlabError(f"--trials must be a positive number, got {trials}")
+    if timeout is not None and not timeout > 0:
+        raise CnnlabError(f"--timeout must be a positive number of seconds, got {timeout}")
+    if trials is None and timeout is None and sampler != "grid":
+        raise CnnlabError("say how long to search: --trials N and/or --timeout SECONDS")
+    if sampler not in SAMPLERS:
+        raise CnnlabError(f"--sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+    if pruner not in PRUNERS:
+        raise CnnlabError(f"--pruner must be one of {', '.join(PRUNERS)}; got {pruner!r}")
+    if isinstance(space, dict):
+        space = parse_space(space, base=base, source="space")
+    elif not isinstance(space, SearchSpace):
+        space = default_space(base) if space is None else load_space(space, base)
+    space = space.fixing(fixed or {})
+    if not space.searched:
+        raise CnnlabError(f"nothing left to search: every key of the {space.source} is fixed "
+                          f"({', '.join(space.describe() + [f'{k}={v}' for k, v in space.removed.items()])})")
+    grid = space.grid() if sampler == "grid" else None   # refuses continuous ranges before any work
+    n_val = _check_validation(base)
+
+    study_name = study_name or default_study_name(base)
+    out = Path(out) if out is not None else RUNS_ROOT / f"tune-{study_name}"
+    out.mkdir(parents=True, exist_ok=True)
+    url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    label = hide_password(storage) if storage else "study.db"
+    if (out / "tune.json").exists():
+        _claim_folder(out, study_name, label)   # refuse another study's folder before touching storage
+
+    with _quiet_optuna():
+        rdb = open_storage(url)
+        _claim_folder(out, study_name, label)
+        try:
+            before = len(rdb.get_all_trials(rdb.get_study_id_from_name(study_name), deepcopy=False))
+        except KeyError:
+            before = 0
+        # One process: reproducible from --seed (offset so a re-run does not replay its start).
+        # Many workers: unseeded, or workers started together would all try the same values.
+        seed = None if storage else base.seed * 100_003 + before
+        study = optuna.create_study(
+            study_name=study_name, storage=rdb, direction="maximize", load_if_exists=True,
+            sampler=make_sampler(sampler, space, seed),
+            pruner=make_pruner(pruner, space.max_value("epochs", base.epochs)))
+
+    if progress:
+        print(f"tune: study {study_name!r} in {label} ({before} trial(s) so far) -> {out}", flush=True)
+        print(f"  searching {'; '.join(space.describe())}", flush=True)
+        if space.removed:
+            print(f"  fixed by the command line: {', '.join(f'{k}={v}' for k, v in space.removed.items())}",
+                  flush=True)
+        print(f"  scoring: validation accuracy on {n_val:,} images; sampler {sampler}, pruner {pruner}",
+              flush=True)
+
+    bar = tqdm(total=trials if trials is not None else (math.prod(map(len, grid.values())) if grid else None),
+               desc="tune", unit="trial", file=sys.stderr, dynamic_ncols=True, disable=not progress)
+    ran = [0]
+    objective = _Objective(base, space, out, grid is not None)
+
+    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        ran[0] += 1
+        bar.update(1)
+        _keep_best_weights(study, out)
+        _write_tables(study, out, space)
+        if progress:
+            tqdm.write(_trial_line(study, trial, space), file=sys.stdout)
+
+    try:
+        with _quiet_optuna():
+            study.optimize(objective, n_trials=trials, timeout=timeout, catch=_trial_errors(),
+                           callbacks=[after_trial])
+    finally:
+        bar.close()
+        with _quiet_optuna():
+            _keep_best_weights(study, out)
+            _write_tables(study, out, space)
+            plots = write_plots(study, out / "plots")
+        _report_best(study, out)
+    result = _result(study, out, label, ran[0])
+    if progress:
+        _print_summary(result, plots)
+    return result
+
+
+class _Objective:
+    """One trial: suggest, train through ``fit``, report each epoch, score on validation."""
+
+    def __init__(self, base: Config, space: SearchSpace, out: Path, grid: bool):
+        self.base, self.space, self.out, self.grid = base, space, out, grid
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        from cnnlab.train.loop import fit
+        run_dir = self.out / "trials" / f"trial-{trial.number:04d}"
+        trial.set_user_attr("run", str(run_dir))
+        trial.set_user_attr("host", socket.gethostname())
+        try:
+            cfg = merge(self.base, self.space.suggest(trial, grid=self.grid), source=f"trial {trial.number}")
+            trial.set_user_attr("config", cfg.to_dict())
+            last_epoch = math.ceil(cfg.epochs)
+            pruned_at: list[int] = []
+
+            def on_epoch(epoch: int, history: dict[str, list]) -> bool:
+                acc = history["val_accuracy"][-1]
+                if acc is None or not math.isfinite(acc):
+                    raise CnnlabError(f"no validation accuracy after epoch {epoch}")
+                trial.report(acc, epoch)
+                # After the last epoch there is nothing left to save by stopping.
+                if epoch < last_epoch and trial.should_prune():
+                    pruned_at.append(epoch)
+                    return True
+                return False
+
+            run = fit(cfg, out=run_dir, progress=False, on_epoch=on_epoch, report=False)
+            history = run.history
+            trial.set_user_attr("epochs_run", len(history.get("loss", [])))
+            if pruned_at:
+                trial.set_user_attr("note", f"pruned after epoch {pruned_at[0]}")
+                raise optuna.TrialPruned(f"pruned after epoch {pruned_at[0]}")
+            key = "best_val_accuracy" if cfg.keep == "best" else "final_val_accuracy"
+            score = run.metrics.get(key)
+            if score is None or not math.isfinite(score):
+                raise CnnlabError(f"the run finished without a validation accuracy ({key}: {score})")
+            return float(score)
+        except _trial_errors() as e:
+            trial.set_user_attr("note", f"{type(e).__name__}: {e}"[:1000])
+            raise
+        except TrainingInterrupted as e:   # stops the study too: the CLI says how to continue
+            trial.set_user_attr("note", f"interrupted (exit status {e.exit_code})")
+            raise
+
+
+# ----------------------------------------------------------------------------- outputs
+def _best(study: optuna.Study) -> FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no completed trial yet
+        return None
+
+
+def _keep_best_weights(study: optuna.Study, out: Path) -> None:
+    """Strip every finished trial's folder but the best's (``STRIPPED_FILES``, ``STRIPPED_DIRS``)."""
+    best = _best(study)
+    for t in study.get_trials(deepcopy=False, states=FINISHED):
+        if best is not None and t.number == best.number:
+            continue
+        run = out / "trials" / f"trial-{t.number:04d}"
+        if not run.is_dir():
+            continue  # another machine's trial, or one that failed before training
+        for name in STRIPPED_FILES:
+            (run / name).unlink(missing_ok=True)
+        for name in STRIPPED_DIRS:
+            shutil.rmtree(run / name, ignore_errors=True)
+
+
+def _report_best(study: optuna.Study, out: Path) -> None:
+    """Trials train without plots; the best one, when it ran here, gets them as `cnnlab train` would."""
+    from cnnlab.report import write_report
+    best = _best(study)
+    run = None if best is None else out / "trials" / f"trial-{best.number:04d}"
+    if run is not None and (run / "model.safetensors").is_file() and not (run / "report.html").exists():
+        write_report(run)
+
+
+def _searched_keys(study_trials: list[FrozenTrial]) -> list[str]:
+    keys: dict[str, None] = {}
+    for t in study_trials:
+        for name in t.params:
+            keys[name[4:] if name.startswith("use_") and name[4:] in FIELDS else name] = None
+    return list(keys)
+
+
+def _trial_values(t: FrozenTrial, keys: list[str]) -> dict[str, Any]:
+    """The config value each searched key had (weight_decay 0 when its switch said no)."""
+    cfg = t.user_attrs.get("config") or {}
+    return {k: cfg.get(k, t.params.get(k)) for k in keys}
+
+
+def _write_tables(study: optuna.Study, out: Path, space: SearchSpace) -> None:
+    trials = study.get_trials(deepcopy=False)
+    keys = _searched_keys(trials) or space.searched
+    retried = {t.system_attrs["failed_trial"]: t.number for t in trials if "failed_trial" in t.system_attrs}
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["number", "state", "val_accuracy", *keys, "epochs_run", "seconds", "started", "host", "run", "note"])
+    for t in trials:
+        seconds = t.duration.total_seconds() if t.duration else None
+        w.writerow([t.number, t.state.name, "" if t.value is None else t.value,
+                    *("" if v is None else v for v in _trial_values(t, keys).values()),
+                    t.user_attrs.get("epochs_run", ""), "" if seconds is None else f"{seconds:.1f}",
+                    t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else "",
+                    t.user_attrs.get("host", ""), t.user_attrs.get("run", ""), _note(t, retried)])
+    write_text(out / "trials.csv", buf.getvalue())
+    best = _best(study)
+    if best is not None and best.user_attrs.get("config"):
+        write_text(out / "best.yaml", best_yaml(study, best))
+
+
+def _note(t: FrozenTrial, retried: dict[int, int]) -> str:
+    note = t.user_attrs.get("note", "")
+    if t.state == TrialState.FAIL and not note:
+        note = "stopped without a result: its worker was killed or lost (no heartbeat)"
+    if t.number in retried:
+        note += f"; retried as trial {retried[t.number]}"
+    if "failed_trial" in t.system_attrs:
+        note = f"retry of trial {t.system_attrs['failed_trial']}" + (f"; {note}" if note else "")
+    return note
+
+
+def best_yaml(study: optuna.Study, best: FrozenTrial) -> str:
+    cfg = {k: v for k, v in best.user_attrs["config"].items() if k not in RUN_SPECIFIC}
+    header = (f"# cnnlab tune: the best of {len(study.trials)} trial(s) of study {study.study_name!r}:\n"
+              f"# trial {best.number}, validation accuracy {best.value:.4f}, run folder "
+              f"{best.user_attrs.get('run')} on {best.user_attrs.get('host')}.\n"
+              f"# Train it with `cnnlab train --config best.yaml`; flags override any key\n"
+              f"# (e.g. a larger --train-size, or --epochs). Device and threads are left to that machine.\n")
+    return header + yaml.safe_dump(cfg, sort_keys=False)
+
+
+def write_plots(study: optuna.Study, folder: Path) -> dict[str, str]:
+    """Optuna's matplotlib plots; returns {file: "written" or why it was skipped}."""
+    from optuna.visualization import matplotlib as ovm
+
+    from cnnlab.report.plots import save_figure
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    params = {p for t in complete for p in t.params}
+    plans = {
+        "history.png": (1, lambda: ovm.plot_optimization_history(study, target_name="validation accuracy")),
+        "importances.png": (2, lambda: ovm.plot_param_importances(study)),
+        "parallel.png": (2, lambda: ovm.plot_parallel_coordinate(study, target_name="validation accuracy")),
+        "lr_slice.png": (1, lambda: ovm.plot_slice(study, params=["lr"], target_name="validation accuracy")),
+    }
+    status: dict[str, str] = {}
+    for name, (need, draw) in plans.items():
+        if len(complete) < need:
+            status[name] = f"skipped: needs {need} completed trial(s), have {len(complete)}"
+            continue
+        if name == "lr_slice.png" and "lr" not in params:
+            status[name] = "skipped: lr is not searched"
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)   # "importances may be inaccurate" etc.
+                ax = draw()
+        except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. importances of a constant
+            status[name] = f"skipped: {e}"
+            continue
+        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        save_figure(fig, folder / name)
+        status[name] = "written"
+    return status
+
+
+def _trial_line(study: optuna.Study, t: FrozenTrial, space: SearchSpace) -> str:
+    values = _trial_values(t, [k for k in space.searched])
+    shown = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+    seconds = t.duration.total_seconds() if t.duration else 0.0
+    if t.state == TrialState.COMPLETE:
+        best = _best(study)
+        outcome = f"val_accuracy {t.value:.4f}"
+        if best is not None:
+            outcome += "  (new best)" if best.number == t.number else f"  (best {best.value:.4f}, trial {best.number})"
+    else:
+        outcome = t.user_attrs.get("note", "")
+    return f"trial {t.number:>4}  {t.state.name:<8}  {outcome}  |  {shown}  |  {seconds:.0f}s"
+
+
+def _result(study: optuna.Study, out: Path, label: str, ran: int) -> TuneResult:
+    states: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    best = _best(study)
+    info = None if best is None else {
+        "number": best.number, "value": best.value, "params": dict(best.params),
+        "config": best.user_attrs.get("config"), "run": best.user_attrs.get("run"),
+        "host": best.user_attrs.get("host")}
+    return TuneResult(out, study.study_name, label, states, ran, info)
+
+
+def _print_summary(result: TuneResult, plots: dict[str, str]) -> None:
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(result.states.items()))
+    print(f"study {result.study_name!r}: {result.trials} trial(s) ({counts}); this run added {result.ran}",
+          flush=True)
+    if result.best is None:
+        print("no trial completed yet: no best.yaml (see trials.csv for the reasons)", flush=True)
+    else:
+        b = result.best
+        print(f"best: trial {b['number']}, validation accuracy {b['value']:.4f}, run {b['run']} on {b['host']}",
+              flush=True)
+        print(f"  train it: cnnlab train --config {result.out / 'best.yaml'}", flush=True)
+    skipped = {k: v for k, v in plots.items() if v != "written"}
+    for name, why in skipped.items():
+        print(f"  plot {name} {why}", flush=True)
+    print(f"wrote {result.out / 'trials.csv'}, plots in {result.out / 'plots'}", flush=True)

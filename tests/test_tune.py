@@ -1,0 +1,223 @@
+"""`cnnlab tune` and `cnnlab lr-find` on a tiny CIFAR-10 subset: SQLite studies, a failing
+trial, a real PostgreSQL server shared by two worker processes, and the range test."""
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+optuna = pytest.importorskip("optuna")
+
+from cnnlab.cli import main  # noqa: E402
+from cnnlab.config import resolve  # noqa: E402
+from cnnlab.errors import CnnlabError  # noqa: E402
+from cnnlab.tune import parse_space, tune  # noqa: E402
+from cnnlab.tune.study import database_url  # noqa: E402
+
+# 200 images: 160 to train, 40 to score on; one thread each so workers can run side by side.
+TINY = ["--model", "tutorial", "--train-size", "200", "--val-split", "0.2", "--threads", "1"]
+
+
+def _study(out: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------- space files
+@pytest.mark.parametrize("doc, message", [
+    ({"learning_rate": [1e-3]}, "unknown parameter 'learning_rate'"),
+    ({"lr": {"low": 1e-2, "high": 1e-3}}, "low must be below high"),
+    ({"lr": {"low": 0, "high": 1e-1, "log": True}}, "log range needs low > 0"),
+    ({"label_smoothing": {"low": 0.0, "high": 2.0}}, "label_smoothing must be between 0 and 1"),
+    ({"batch_size": {"low": 16.5, "high": 64}}, "whole number"),
+    ({"optimizer": {"low": 1, "high": 2}}, "cannot have a range"),
+    ({"optimizer": ["adam", "rmsprop"]}, "optimizer must be one of"),
+    ({"lr": {"low": "small", "high": 1}}, "low must be a number"),
+    ({"lr": {"min": 1e-4, "high": 1}}, "unknown range key"),
+    ({"val_split": [0.1, 0.2]}, "cannot be searched"),
+    ([1, 2], "must be a mapping"),
+])
+def test_space_file_errors_name_the_problem(doc, message):
+    with pytest.raises(CnnlabError, match=message):
+        parse_space(doc, source="space file s.yaml")
+
+
+def test_space_file_forms_and_flags_fixing_keys(tmp_path):
+    (tmp_path / "space.yaml").write_text(
+        "lr: {low: 1.0e-4, high: 1.0e-1, log: true}\nepochs: {low: 1, high: 3, type: int}\n"
+        "weight-decay: {low: 1.0e-6, high: 1.0e-2, log: true, zero: true}\nbatch_size: [32, 64]\n"
+        "optimizer: {choices: [adam, nesterov]}\nmomentum: 0.95\ntranslate: {low: 0, high: 4, step: 2}\n")
+    from cnnlab.tune import load_space
+    space = load_space(tmp_path / "space.yaml")
+    assert space.searched == ["lr", "epochs", "weight_decay", "batch_size", "optimizer", "translate"]
+    assert space.params["momentum"].value == 0.95
+    assert space.params["translate"].grid_values() == [0, 2, 4]
+    assert space.params["weight_decay"].describe().endswith("log or 0")
+    with pytest.raises(CnnlabError, match="grid sampler needs a finite set of values for lr"):
+        space.grid()
+    fixed = space.fixing({"epochs": 2.0})
+    assert "epochs" not in fixed.searched and fixed.removed == {"epochs": 2.0}
+
+
+def test_tune_refuses_to_score_without_a_validation_split(tiny_cifar, tmp_path):
+    cfg = resolve(overrides={"data": str(tiny_cifar), "model": "tutorial", "val_split": 0.0})
+    with pytest.raises(CnnlabError, match="--val-split 0.1"):
+        tune(cfg, trials=1, out=tmp_path / "t", progress=False)
+    assert not (tmp_path / "t" / "study.db").exists()
+
+
+# ----------------------------------------------------------------------------- SQLite studies
+def test_sqlite_study_best_yaml_and_rerun_continues(tiny_cifar, tmp_path, capsys):
+    out = tmp_path / "tune"
+    # The default space, with epochs fixed by the flag.
+    args = ["tune", "--data", str(tiny_cifar), *TINY, "--epochs", "2", "--trials", "4", "--out", str(out),
+            "--study", "tiny"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "fixed by the command line: epochs=2.0" in printed and "trial    3" in printed
+
+    study = _study(out, "tiny")
+    assert len(study.trials) == 4
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
+    assert {"lr", "batch_size", "optimizer", "label_smoothing", "use_weight_decay"} <= set(study.trials[0].params)
+    rows = _rows(out / "trials.csv")
+    assert [r["number"] for r in rows] == ["0", "1", "2", "3"]
+
+    best = study.best_trial
+    cfg = resolve(config_file=out / "best.yaml")
+    assert cfg.lr == pytest.approx(best.params["lr"]) and cfg.batch_size == best.params["batch_size"]
+    assert cfg.epochs == 2 and cfg.model == "tutorial" and cfg.train_size == 200 and cfg.threads is None
+    # Only the best trial keeps its weights.
+    kept = sorted(p.parent.name for p in (out / "trials").glob("*/model.safetensors"))
+    assert kept == [f"trial-{best.number:04d}"]
+    assert (out / "plots" / "history.png").is_file() and (out / "plots" / "lr_slice.png").is_file()
+
+    # The same command again continues the same study.
+    assert main([*args[:-4], "--trials", "2", *args[-4:]]) == 0
+    study = _study(out, "tiny")
+    assert [t.number for t in study.trials] == [0, 1, 2, 3, 4, 5]
+    assert len(_rows(out / "trials.csv")) == 6
+    with pytest.raises(CnnlabError, match="holds study 'tiny'"):
+        tune(resolve(overrides={"data": str(tiny_cifar)}), trials=1, study_name="other", out=out, progress=False)
+
+
+def test_absurd_learning_rate_fails_its_trial_and_the_study_goes_on(tiny_cifar, tmp_path):
+    out = tmp_path / "tune"
+    cfg = resolve(overrides={"data": str(tiny_cifar), "model": "tutorial", "train_size": 200,
+                             "val_split": 0.2, "threads": 1, "epochs": 1})
+    out.mkdir()
+    study = optuna.create_study(study_name="absurd", storage=f"sqlite:///{out / 'study.db'}",
+                                direction="maximize")
+    study.enqueue_trial({"lr": 1e6})     # first: a rate no network survives
+    study.enqueue_trial({"lr": 1e-3})
+    space = parse_space({"lr": [1e6, 1e-3], "batch_size": 64})
+    result = tune(cfg, trials=2, space=space, study_name="absurd", out=out, progress=False)
+
+    first, second = _study(out, "absurd").trials
+    assert first.state == optuna.trial.TrialState.FAIL and "NonFiniteLoss" in first.user_attrs["note"]
+    assert second.state == optuna.trial.TrialState.COMPLETE
+    assert result.best["number"] == 1 and result.states == {"FAIL": 1, "COMPLETE": 1}
+    assert resolve(config_file=out / "best.yaml").lr == 1e-3
+    assert _rows(out / "trials.csv")[0]["note"].startswith("NonFiniteLoss")
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL cluster on a loopback port, for this test session only."""
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        pytest.skip("PostgreSQL server binaries are not installed (/usr/lib/postgresql/*/bin/initdb): "
+                    "apt-get install postgresql, as scripts/setup.sh --test does")
+    pytest.importorskip("psycopg2", reason="pip install psycopg2-binary to reach PostgreSQL")
+    bindir = Path(bins[-1]).parent
+    prefix: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="cnnlab-pg-"))
+    if os.geteuid() == 0:  # the server refuses to run as root
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    data, port = folder / "data", _free_port()
+
+    def run(*cmd):
+        return subprocess.run([*prefix, *map(str, cmd)], check=True, capture_output=True, text=True, cwd=folder)
+
+    try:
+        run(bindir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        run(bindir / "pg_ctl", "-D", data, "-l", folder / "server.log", "-w", "-t", "60", "-o",
+            f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={folder} -c fsync=off",
+            "start")
+    except subprocess.CalledProcessError as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.fail(f"could not start PostgreSQL: {e.stderr or e.stdout}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, cwd=folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_workers_share_one_postgres_study(tiny_cifar, tmp_path, postgres_url):
+    def worker(i: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "cnnlab", "tune", "--data", str(tiny_cifar), *TINY, "--epochs", "1",
+               "--trials", "2", "--storage", postgres_url, "--study", "shared", "--out", str(tmp_path / f"w{i}")]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    workers = [worker(0), worker(1)]   # started together: they also race to create the tables
+    logs = [w.communicate(timeout=240)[0] for w in workers]
+    for w, log in zip(workers, logs):
+        assert w.returncode == 0, log
+
+    trials = optuna.load_study(study_name="shared", storage=database_url(postgres_url)).trials
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    runs = [Path(t.user_attrs["run"]) for t in trials]
+    assert len(set(runs)) == 4 and all(r.is_dir() for r in runs)
+    # Each worker ran its own two trials, and each trial ran in exactly one place.
+    for i in (0, 1):
+        assert len(list((tmp_path / f"w{i}" / "trials").iterdir())) == 2
+    assert "in postgresql://postgres@127.0.0.1" in logs[0]
+    assert yaml.safe_load((tmp_path / "w0" / "tune.json").read_text())["study"] == "shared"
+
+
+# ----------------------------------------------------------------------------- lr-find
+def test_lr_find_writes_plot_and_suggestion(tiny_cifar, tmp_path, capsys):
+    import json
+    out = tmp_path / "lrf"
+    assert main(["lr-find", "--data", str(tiny_cifar), *TINY, "--steps", "40", "--start", "1e-5",
+                 "--end", "1", "--out", str(out)]) == 0
+    doc = json.loads((out / "lr_find.json").read_text())
+    assert (out / "lr_find.png").stat().st_size > 10_000
+    assert 1e-5 <= doc["suggested_lr"] <= 1 and doc["min_loss_lr_div_10"] == pytest.approx(doc["min_loss_lr"] / 10)
+    assert len(doc["lrs"]) == doc["steps_run"] >= 10
+    assert doc["lrs"][1] / doc["lrs"][0] == pytest.approx(doc["lrs"][-1] / doc["lrs"][-2])   # exponential
+    assert "suggested lr" in capsys.readouterr().out
+
+
+def test_lr_find_refuses_a_backwards_range(tiny_cifar, tmp_path):
+    assert main(["lr-find", "--data", str(tiny_cifar), "--start", "1", "--end", "1e-3",
+                 "--out", str(tmp_path / "x")]) == 2
