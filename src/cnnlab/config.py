@@ -59,9 +59,9 @@ class Config:
     ema: float = 0.0                      # decay of an exponential moving average of weights (0: off)
     ema_every: int = 5                    # steps between EMA updates
     ema_start: float = 0.0                # fraction of training before EMA starts
+    ema_ramp: bool = False                # decay grows as ema * progress**3: averages only late in training
     lookahead: bool = False               # reset the live weights to the average at each EMA update
     whiten: bool = False                  # initialise the first conv from patch whitening (models that have it)
-    whiten_freeze: float = 0.0            # epochs the whitening layer stays frozen
     tta: Literal["none", "flip", "flip_translate"] = "none"
     # --- speed ------------------------------------------------------------------------
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
@@ -143,7 +143,7 @@ def validate(cfg: Config) -> Config:
             bad(key, "between 0 and 1")
     if not 0 <= cfg.ema < 1:
         bad("ema", "in [0, 1): a decay such as 0.99, or 0 for none")
-    for key in ("weight_decay", "warmup", "whiten_freeze", "translate", "cutout", "checkpoint_every"):
+    for key in ("weight_decay", "warmup", "translate", "cutout", "checkpoint_every"):
         if getattr(cfg, key) < 0:
             bad(key, "zero or more")
     if cfg.ema_every < 1:

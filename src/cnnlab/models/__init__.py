@@ -1,6 +1,5 @@
 """The model zoo. Each family lives in its own module and registers itself on import."""
 from cnnlab.models.registry import ModelInfo, create_model, list_models, model_info, register_model
-from cnnlab.models import tutorial  # noqa: F401  (registers)
-from cnnlab.models import lenet, alexnet, vgg, resnet, googlenet  # noqa: F401  (register)
+from cnnlab.models import alexnet, googlenet, lenet, resnet, speednet, tutorial, vgg  # noqa: F401  (register)
 
 __all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]

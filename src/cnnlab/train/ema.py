@@ -1,8 +1,10 @@
 """Exponential moving average of the weights, with an optional lookahead.
 
-Every ``every`` steps: ``avg <- avg + (1 - decay**every) * (live - avg)`` for parameters
-(buffers such as BatchNorm statistics are copied). With ``lookahead`` the live weights are
-then reset to the average, which is what makes the trick help at high learning rates.
+Every ``every`` steps: ``avg <- avg + (1 - d**every) * (live - avg)`` for parameters
+(buffers such as BatchNorm statistics are copied), where ``d`` is ``decay``, or with ``ramp``
+``decay * progress**3`` so the average only reaches back in time late in training. With
+``lookahead`` the live weights are then reset to the average, which is what makes the
+trick help at high learning rates.
 """
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ from torch import nn
 
 
 class WeightAverage:
-    def __init__(self, model: nn.Module, decay: float, every: int = 1, lookahead: bool = False):
-        self.decay, self.every, self.lookahead = decay, every, lookahead
+    def __init__(self, model: nn.Module, decay: float, every: int = 1, lookahead: bool = False,
+                 ramp_steps: int = 0):
+        self.decay, self.every, self.lookahead, self.ramp_steps = decay, every, lookahead, ramp_steps
         self.params = [p for p in model.parameters()]
         self.buffers = [b for b in model.buffers()]
         self.avg_params = [p.detach().clone().float() for p in self.params]
@@ -23,7 +26,8 @@ class WeightAverage:
         """Call after optimizer step ``step`` (0-based); acts on every ``every``-th."""
         if (step + 1) % self.every:
             return
-        rate = 1.0 - self.decay ** self.every   # the same total pull as ``every`` single updates
+        decay = self.decay * ((step + 1) / self.ramp_steps) ** 3 if self.ramp_steps else self.decay
+        rate = 1.0 - decay ** self.every   # the same total pull as ``every`` single updates
         live = [p.detach().float() for p in self.params]
         torch._foreach_lerp_(self.avg_params, live, rate)
         for a, b in zip(self.avg_buffers, self.buffers):

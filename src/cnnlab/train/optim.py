@@ -85,12 +85,12 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr * g["lr_scale"]
 
 
+@torch.no_grad()
 def decay_weights(optimizer: torch.optim.Optimizer, cfg: Config, multiplier: float) -> None:
     """Decoupled weight decay for SGD/Nesterov: p <- p * (1 - wd * schedule multiplier)."""
     if cfg.weight_decay == 0 or cfg.optimizer not in ("sgd", "nesterov"):
         return
     wd = cfg.weight_decay * (cfg.batch_size / 1024 if cfg.lr_per_1024 else 1.0)
     for g in optimizer.param_groups:
-        params = [p for p in g["params"]]
-        if params:
-            torch._foreach_mul_(params, 1.0 - wd * multiplier * g["decay_scale"])
+        if g["params"]:
+            torch._foreach_mul_(g["params"], 1.0 - wd * multiplier * g["decay_scale"])

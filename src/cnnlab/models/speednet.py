@@ -1,0 +1,105 @@
+"""SpeedNet: a small, wide-enough CNN for fast CIFAR-scale training (the recipes' network).
+
+Built on the ideas behind the GPU speed records for CIFAR-10 (Page 2018, "How to train your
+ResNet"; Jordan 2024, "94% on CIFAR-10 in 3.29 seconds on a single GPU", arXiv:2404.00498):
+
+- a 2x2 patch convolution first, initialised from the whitening transform of image patches
+  (eigenvectors of their covariance, and their negatives) and kept frozen;
+- three blocks of conv3x3 - maxpool2 - BatchNorm - GELU - conv3x3 - BatchNorm - GELU, so the
+  spatial size halves early (where the CPU time goes) while the width grows;
+- global max pooling and a linear head whose logits are scaled down (``logit_scale``);
+- convolutions initialised as partial identities (dirac), BatchNorm scales frozen at 1.
+
+Depth and widths are data (``SPEEDNET_WIDTHS``); nothing here is specific to 32x32 inputs
+beyond needing at least 16 pixels.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cnnlab.models.registry import register_model
+
+# name -> widths of the three blocks
+SPEEDNET_WIDTHS = {
+    "speednet_xs": (32, 64, 128),
+    "speednet_s": (64, 128, 128),
+    "speednet": (64, 256, 256),
+    "speednet_l": (128, 384, 512),
+}
+PAPER = "Jordan 2024, 94% on CIFAR-10 in 3.29 Seconds on a Single GPU (after Page 2018)"
+
+
+class FrozenScaleBatchNorm(nn.BatchNorm2d):
+    """BatchNorm with its scale fixed at 1: only the shift learns (as in the speed records)."""
+
+    def __init__(self, channels: int, momentum: float = 0.4, eps: float = 1e-12):
+        super().__init__(channels, momentum=momentum, eps=eps)
+        self.weight.requires_grad_(False)
+
+
+class ConvBlock(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.MaxPool2d(2),
+            FrozenScaleBatchNorm(cout), nn.GELU(),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            FrozenScaleBatchNorm(cout), nn.GELU(),
+        )
+        for conv in (self[0], self[4]):
+            _dirac_init(conv)
+
+
+def _dirac_init(conv: nn.Conv2d) -> None:
+    """Identity on the first min(in, out) channels, default init elsewhere: trains faster."""
+    w = conv.weight.data
+    n = min(w.shape[0], w.shape[1])
+    torch.nn.init.dirac_(w[:n])
+
+
+class SpeedNet(nn.Module):
+    def __init__(self, widths: tuple[int, int, int], num_classes: int, in_channels: int,
+                 patch: int = 2, logit_scale: float = 1 / 9):
+        super().__init__()
+        whiten_width = 2 * in_channels * patch * patch
+        self.whiten = nn.Conv2d(in_channels, whiten_width, patch, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)   # set by init_whitening, then frozen
+        self.act = nn.GELU()
+        chans = (whiten_width, *widths)
+        self.blocks = nn.Sequential(*(ConvBlock(a, b) for a, b in zip(chans[:-1], chans[1:])))
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.head = nn.Linear(widths[-1], num_classes, bias=False)
+        self.logit_scale = logit_scale
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the patch conv to whiten ``images`` (N, C, H, W, normalised): its output
+        channels are decorrelated with unit variance, in +/- pairs so GELU keeps both signs."""
+        k = self.whiten.kernel_size[0]
+        patches = images.float().unfold(2, k, 1).unfold(3, k, 1)            # (N, C, H', W', k, k)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1] * k * k)
+        patches = patches - patches.mean(0)
+        cov = patches.T @ patches / len(patches)
+        eigvals, eigvecs = torch.linalg.eigh(cov.double())
+        w = (eigvecs.T / torch.sqrt(eigvals + eps)[:, None]).float()       # rows: whitening filters
+        w = w.reshape(-1, images.shape[1], k, k)
+        self.whiten.weight.copy_(torch.cat([w, -w]).to(self.whiten.weight))
+        self.whiten.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.whiten(x))
+        x = self.blocks(x)
+        return self.head(self.pool(x).flatten(1)) * self.logit_scale
+
+
+def _factory(widths):
+    def make(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
+        if input_size < 16:
+            raise ValueError("SpeedNet needs inputs of at least 16x16 pixels")
+        return SpeedNet(widths, num_classes, in_channels)
+    return make
+
+
+for _name, _widths in SPEEDNET_WIDTHS.items():
+    register_model(_name, family="SpeedNet", year=2024, paper=PAPER, input_sizes=(28, 32))(_factory(_widths))
