@@ -29,22 +29,20 @@ def alternating_flip(x: torch.Tensor, base_flip: torch.Tensor, epoch: int) -> to
 def random_translate(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
     """Shift each image by up to ``pad`` pixels in each direction, filling by reflection.
 
-    Implemented as reflect-pad then a crop per distinct offset: (2*pad+1)^2 grouped slices
-    instead of a Python loop over images.
+    One gather for the whole batch: output pixel (i, j) of image n reads padded pixel
+    (i + dy[n], j + dx[n]).
     """
     if pad == 0:
         return x
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=gen.device).to(x.device)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=gen.device).to(x.device)
-    out = torch.empty_like(x)
-    for oy in range(2 * pad + 1):
-        for ox in range(2 * pad + 1):
-            idx = torch.nonzero((dy == oy) & (dx == ox)).squeeze(1)
-            if idx.numel():
-                out[idx] = padded[idx, :, oy:oy + h, ox:ox + w]
-    return out
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=gen.device).to(x.device)
+    rows = (torch.arange(h, device=x.device)[None, :] + dy[:, None])[:, None, :, None]   # (N, 1, H, 1)
+    cols = (torch.arange(w, device=x.device)[None, :] + dx[:, None])[:, None, None, :]   # (N, 1, 1, W)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
 
 
 def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
