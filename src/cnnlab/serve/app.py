@@ -1,0 +1,287 @@
+"""A small web app around a trained run: a page to try images, and a JSON API.
+
+    GET  /          the page (static/index.html + app.js + style.css, nothing from the network)
+    GET  /health    {"status": "ok", "model": {...}, "max_upload_bytes": ..., "max_pixels": ...}
+    POST /predict   multipart field ``file``; query ``k`` (default 5) -> {"top": [...], ...}
+
+Upload rules (../shared/notes/reliability.md: FastAPI has no per-file cap of its own):
+
+    413  request body over ``max_bytes``: refused from its Content-Length header before any
+         of the body is read; a chunked body without a length is counted as it streams and
+         refused as soon as it passes the limit. The limit covers the whole multipart body.
+    413  an image whose header declares more than ``max_pixels`` pixels (a decompression
+         bomb): refused before its pixels are decoded. 413 rather than 422 because the
+         content, once decoded, is what is too large.
+    415  bytes in which Pillow recognises no image format (text, PDF, HTML named .jpg, ...)
+    422  an image format that is recognised but whose data is truncated or corrupt, an empty
+         file, or a missing ``file`` field
+
+Errors are JSON ``{"detail": "message"}``. Inference runs in a worker thread so the server
+keeps answering /health while a large image is decoded.
+"""
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+import sys
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
+
+from cnnlab.data.images import MAX_PIXELS, open_image, to_array
+from cnnlab.errors import CnnlabError
+from cnnlab.predict import logits_for, top_classes
+from cnnlab.run import load_run
+from cnnlab.train.hardware import available_cores
+
+# Default upload limit in bytes (10 MB): above any photo a phone takes, far below memory trouble.
+DEFAULT_MAX_BYTES = 10_000_000
+DEFAULT_TOP_K = 5
+MAX_TOP_K = 1000
+STATIC = "static"
+# The page loads only its own files; images are previewed from blob: URLs.
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
+                               "script-src 'self'; connect-src 'self'; frame-ancestors 'none'; "
+                               "base-uri 'none'; form-action 'self'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+# ImageError.kind (cnnlab.data.images) -> HTTP status
+STATUS_FOR_KIND = {"not-image": 415, "too-large": 413, "damaged": 422, "empty-file": 422}
+MESSAGES = {
+    415: "{name} is not an image file ({reason}). Upload a JPEG, PNG, GIF, BMP, TIFF or WebP image.",
+    413: "{name} is refused as a possible decompression bomb: {reason}.",
+    422: "{name} could not be decoded ({reason}); it may be truncated or corrupt.",
+}
+
+
+# ----------------------------------------------------------------------------- upload limit
+class UploadTooLarge(HTTPException):
+    """Raised from ``receive`` when a streamed body passes the limit. An HTTPException, so
+    FastAPI's body parsing passes it on as a 413 instead of turning it into a 400."""
+
+    def __init__(self, detail: str):
+        super().__init__(413, detail, headers={"connection": "close"})
+
+
+class UploadLimit:
+    """ASGI middleware: 413 for request bodies over ``max_bytes``.
+
+    A declared Content-Length over the limit is answered at once, without reading the body;
+    otherwise ``receive`` counts the bytes and raises once the limit is passed, and the
+    413 is sent if no response has started yet.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                await _send_json(send, 400, f"Content-Length {declared[:40]!r} is not a number")
+                return
+            if length > self.max_bytes:
+                await _send_json(send, 413, self._message(f"declares {length:,} bytes"))
+                return
+        received = 0
+        started = False
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise UploadTooLarge(self._message(f"sent more than {self.max_bytes:,} bytes"))
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except UploadTooLarge as e:
+            if started:
+                raise
+            await _send_json(send, 413, e.detail)
+
+    def _message(self, what: str) -> str:
+        return (f"upload too large: the request {what}, the limit is {self.max_bytes:,} bytes "
+                f"({self.max_bytes / 1e6:g} MB); resize or compress the image, or start the "
+                f"server with a larger --max-upload-mb")
+
+
+class SecurityHeaders:
+    """ASGI middleware: add ``SECURITY_HEADERS`` to every response that lacks them."""
+
+    def __init__(self, app):
+        self.app = app
+        self.extra = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  *((k, v) for k, v in self.extra if k not in present)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+async def _send_json(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ----------------------------------------------------------------------------- inference
+def _error_kind(error: CnnlabError, data: bytes, max_pixels: int) -> str:
+    """What was wrong with an upload open_image refused (when the error does not say)."""
+    kind = getattr(error, "kind", None)
+    if kind:
+        return kind
+    if not data:
+        return "empty-file"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except UnidentifiedImageError:
+        return "not-image"
+    except Image.DecompressionBombError:
+        return "too-large"
+    except Exception:  # noqa: BLE001  any other failure to read the header: damaged
+        return "damaged"
+    return "too-large" if w * h > max_pixels else "damaged"
+
+
+class Predictor:
+    """The run's model on the CPU, and what the page and /health show about it."""
+
+    def __init__(self, run_path: str | Path, max_pixels: int):
+        self.run = load_run(run_path)
+        self.model = self.run.model("cpu")      # load now: a broken run fails at start, not per request
+        self.max_pixels = max_pixels
+        # A decoded upload can take max_pixels x 4 bytes: decode a few at a time, not one per
+        # request thread (the thread pool has 40), so a burst of large images cannot exhaust memory.
+        self._slots = threading.BoundedSemaphore(max(1, available_cores()))
+
+    def info(self) -> dict[str, Any]:
+        run, card = self.run, self.run.card
+        test = (self.run.metrics or {}).get("test_accuracy")
+        return {"run": self.run.path.name, "arch": card.get("arch"), "num_classes": len(run.class_names),
+                "class_names": run.class_names, "input_size": list(run.input_size),
+                "in_channels": run.in_channels, "test_accuracy": test}
+
+    def classify(self, data: bytes, k: int, filename: str | None) -> dict[str, Any]:
+        with self._slots:
+            return self._classify(data, k, filename)
+
+    def _classify(self, data: bytes, k: int, filename: str | None) -> dict[str, Any]:
+        name = filename or "uploaded image"
+        t0 = time.perf_counter()
+        try:
+            img = open_image(data, max_pixels=self.max_pixels)
+        except CnnlabError as e:
+            kind = _error_kind(e, data, self.max_pixels)
+            status = STATUS_FOR_KIND.get(kind, 422)
+            reason = getattr(e, "reason", None) or str(e).removeprefix("uploaded image: ")
+            raise HTTPException(status, MESSAGES.get(status, MESSAGES[422]).format(name=name, reason=reason)) from None
+        h, w = self.run.input_size
+        x = to_array(img, (w, h), self.run.in_channels)[None]          # (1, H, W, C) uint8
+        top = top_classes(self.run.class_names, logits_for(self.run, x), k)[0]
+        return {"file": filename, "width": img.width, "height": img.height, "top": top,
+                "seconds": round(time.perf_counter() - t0, 4)}
+
+
+# ----------------------------------------------------------------------------- app
+def _static_dir() -> Path:
+    return Path(str(resources.files("cnnlab.serve") / STATIC))
+
+
+def create_app(run_path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, *, max_pixels: int = MAX_PIXELS):
+    """The FastAPI app for ``run_path``; ``max_bytes`` caps each request body."""
+    if max_bytes < 1:
+        raise CnnlabError(f"the upload limit must be at least 1 byte, got {max_bytes}")
+    predictor = Predictor(run_path, max_pixels)
+    static = _static_dir()
+    page = (static / "index.html").read_text(encoding="utf-8")
+
+    app = FastAPI(title="cnnlab", summary=f"image classifier: {predictor.run.path.name}",
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.predictor, app.state.max_bytes = predictor, max_bytes
+
+    # Pure ASGI middlewares (BaseHTTPMiddleware would wrap the limit's error in an
+    # ExceptionGroup, which FastAPI turns into a 400). The last added is the outermost.
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(UploadLimit, max_bytes=max_bytes)
+    app.mount("/static", StaticFiles(directory=static), name="static")
+
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
+    def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "model": predictor.info(), "max_upload_bytes": max_bytes,
+                "max_pixels": max_pixels}
+
+    @app.post("/predict")
+    async def predict(file: UploadFile = File(..., description="the image"),
+                      k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="classes to return")):
+        data = await file.read()
+        if not data:
+            raise HTTPException(422, f"{file.filename or 'upload'}: empty file (0 bytes)")
+        return await run_in_threadpool(predictor.classify, data, k, file.filename)
+
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(run_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
+          max_bytes: int = DEFAULT_MAX_BYTES, log_level: str = "info") -> None:
+    """Run the app under uvicorn until interrupted."""
+    import uvicorn
+    if not 0 <= port <= 65535:
+        raise CnnlabError(f"--port must be between 0 and 65535, got {port}")
+    app = create_app(run_path, max_bytes)
+    if not is_loopback(host):
+        print(f"cnnlab: warning: listening on {host}, reachable from other machines; the server has "
+              f"no authentication (use the default 127.0.0.1 to keep it local)", file=sys.stderr)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"cnnlab: serving {run_path} at http://{shown}:{port}/ (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False,
+                timeout_keep_alive=5)

@@ -1,0 +1,405 @@
+"""Issue 9: predict on folders, ONNX export checked against PyTorch, the web app on a real server.
+
+One tiny tutorial model is trained once (2 epochs on 300 CIFAR-10 images) and shared; the
+server tests start ``python -m cnnlab serve`` on a free loopback port, as a user would.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnlab.cli import main
+from cnnlab.config import Config
+from cnnlab.data.images import load_image
+from cnnlab.errors import CnnlabError
+from cnnlab.models import list_models
+from cnnlab.models.classifier import build_classifier
+from cnnlab.predict import predict_files
+from cnnlab.run import environment, load_run, model_card, save_config, save_model
+
+from conftest import CIFAR_FOLDER
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+export = pytest.importorskip("cnnlab.export")
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SERVER_START_S = 90          # importing torch + FastAPI on a busy 2-core machine
+UPLOAD_LIMIT_MB = 1
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def trained_run(tiny_cifar, tmp_path_factory):
+    from cnnlab.train.loop import fit
+    tmp = tmp_path_factory.mktemp("issue9")
+    with pytest.MonkeyPatch.context() as mp:       # keep the folder cache out of the user's
+        mp.setenv("CNNLAB_DATA", str(tmp / "cache"))
+        fit(Config(data=str(tiny_cifar), epochs=2, device="cpu", seed=0), out=tmp / "run", progress=False)
+    return load_run(tmp / "run")
+
+
+def _cifar_test_images(per_class: int) -> tuple[list[Path], list[str]]:
+    if not (CIFAR_FOLDER / "test").is_dir():
+        pytest.skip(f"{CIFAR_FOLDER} is not present")
+    paths, labels = [], []
+    for cls in sorted(os.listdir(CIFAR_FOLDER / "test")):
+        for name in sorted(os.listdir(CIFAR_FOLDER / "test" / cls))[:per_class]:
+            paths.append(CIFAR_FOLDER / "test" / cls / name)
+            labels.append(cls)
+    return paths, labels
+
+
+def _fake_run(folder: Path, arch: str, classes: int = 5, channels: int = 3, size: int = 32) -> Path:
+    """A run folder holding an untrained model: enough for export and predict."""
+    torch.manual_seed(0)
+    mean, std = [0.45] * channels, [0.25] * channels
+    cfg = Config(model=arch)
+    model = build_classifier(arch, classes, channels, size, mean, std).eval()
+    save_config(folder, cfg, environment(torch.device("cpu")))
+    save_model(folder, model, model_card(cfg, [f"class{i}" for i in range(classes)], (size, size, channels), mean, std))
+    return folder
+
+
+# ----------------------------------------------------------------------------- export
+def test_onnx_matches_pytorch_on_200_real_cifar_images(trained_run, tmp_path):
+    out = tmp_path / "onnx" / "model.onnx"
+    result = export.export_onnx(trained_run, out)
+    assert result.real_images > 0                      # the export's own check used real images
+    assert os.listdir(out.parent) == ["model.onnx"]    # one file: no external data, no temp left
+
+    proto = onnx.load(str(out), load_external_data=False)
+    assert [i.name for i in proto.graph.input] == ["image"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 32, 32]
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    meta = export.read_metadata(out)
+    assert meta["class_names"] == trained_run.class_names and meta["input_size"] == [32, 32]
+
+    paths, _ = _cifar_test_images(per_class=20)
+    assert len(paths) == 200
+    x = np.stack([load_image(p, (32, 32), 3) for p in paths]).transpose(0, 3, 1, 2).astype(np.float32) / 255
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"image": x})[0]
+    with torch.no_grad():
+        ref = trained_run.model("cpu")(torch.from_numpy(x)).numpy()
+    assert got.shape == (200, 10)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+def test_export_cli_writes_run_model_onnx(trained_run, capsys):
+    assert main(["export", str(trained_run.path), "--format", "onnx"]) == 0
+    assert "ONNX Runtime matches PyTorch" in capsys.readouterr().out
+    assert (trained_run.path / "model.onnx").is_file()
+    assert not [p for p in os.listdir(trained_run.path) if p.endswith(".tmp")]
+
+
+def test_export_fails_when_onnx_runtime_disagrees(trained_run, tmp_path, monkeypatch):
+    """A graph that does not compute what PyTorch computes is refused and nothing is written."""
+    real = export.onnx_graph
+
+    def wrong_graph(model, in_channels, input_size, exporter="auto"):
+        other = build_classifier("tutorial", 10, 3, 32, [0.5] * 3, [0.25] * 3).eval()
+        return real(other, in_channels, input_size, exporter)
+
+    monkeypatch.setattr(export, "onnx_graph", wrong_graph)
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(CnnlabError, match="disagree|different classes"):
+        export.export_onnx(trained_run, out)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def one_thread():
+    """Tracing and tiny batches gain nothing from threads; on a busy machine they lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_every_zoo_model_exports(arch, tmp_path, one_thread):
+    run = _fake_run(tmp_path / "run", arch)
+    result = export.export_onnx(run)       # raises if ONNX Runtime disagrees with PyTorch
+    assert result.path == run / "model.onnx" and export.read_metadata(result.path)["arch"] == arch
+
+
+def test_grey_input_and_the_dynamo_exporter(tmp_path, one_thread):
+    run = _fake_run(tmp_path / "run", "tutorial", classes=3, channels=1, size=28)
+    result = export.export_onnx(run, exporter="dynamo")
+    assert result.exporter == "dynamo"
+    session = export.onnx_session(result.path)
+    shape = session.get_inputs()[0].shape
+    assert shape[1:] == [1, 28, 28] and session.run(None, {"image": np.zeros((7, 1, 28, 28), np.float32)})[0].shape == (7, 3)
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((3, 3), (2, 2)), ((7, 5), (3, 2)), ((6, 6), (4, 1))])
+def test_fixed_adaptive_pool_equals_pytorch(in_hw, out_hw):
+    x = torch.randn(2, 4, *in_hw)
+    fixed = export.FixedAdaptiveAvgPool2d(in_hw, out_hw)(x)
+    torch.testing.assert_close(fixed, torch.nn.AdaptiveAvgPool2d(out_hw)(x))
+
+
+def test_export_refuses_a_bad_out_path(trained_run, tmp_path):
+    with pytest.raises(CnnlabError, match="ending in .onnx"):
+        export.export_onnx(trained_run, tmp_path / "model.txt")
+
+
+# ----------------------------------------------------------------------------- predict
+@pytest.fixture
+def photo_folder(tmp_path):
+    """3 CIFAR JPEGs, a subfolder with a big RGBA PNG and a 16-bit grey PNG, and things to skip."""
+    paths, _ = _cifar_test_images(per_class=1)
+    root = tmp_path / "photos"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    for p in paths[:3]:
+        shutil.copy(p, root / f"{p.parent.name}.jpg")
+    rgba = np.zeros((300, 400, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 128
+    Image.fromarray(rgba, "RGBA").save(root / "sub" / "big_rgba.png")
+    Image.fromarray(np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)).save(
+        root / "sub" / "deeper" / "grey16.png")
+    good = paths[0].read_bytes()
+    (root / "sub" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (root / "text.jpg").write_text("not a picture")
+    (root / "notes.txt").write_text("ignored: not an image name")
+    shutil.copy(paths[0], root / ".hidden" / "skipped.jpg")
+    shutil.copy(paths[0], root / ".dotfile.jpg")
+    return root
+
+
+def test_predict_folder_recursive_skips_and_reports_bad_files(trained_run, photo_folder, capsys):
+    assert main(["predict", str(trained_run.path), str(photo_folder), "--json", "--top-k", "2",
+                 "--batch-size", "2"]) == 0
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    files = {Path(r["file"]).relative_to(photo_folder).as_posix(): r for r in results}
+    assert sorted(files) == ["airplane.jpg", "automobile.jpg", "bird.jpg", "sub/big_rgba.png",
+                             "sub/deeper/grey16.png", "sub/truncated.jpg", "text.jpg"]
+    errors = {f for f, r in files.items() if "error" in r}
+    assert errors == {"sub/truncated.jpg", "text.jpg"}
+    assert all(len(r["top"]) == 2 for f, r in files.items() if f not in errors)
+    assert "skipped" in captured.err and "truncated.jpg" in captured.err and "text.jpg" in captured.err
+
+    # Batching does not change the answers.
+    one_batch = {r["file"]: r for r in predict_files(trained_run, [photo_folder], top_k=2, batch_size=64)}
+    for name, r in one_batch.items():
+        if "top" in r:
+            got = next(x for x in results if x["file"] == name)["top"]
+            assert [t["class"] for t in got] == [t["class"] for t in r["top"]]
+            assert got[0]["probability"] == pytest.approx(r["top"][0]["probability"], abs=1e-5)
+
+
+def test_predict_csv_and_all_bad_inputs(trained_run, photo_folder, tmp_path, capsys):
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(trained_run.path), str(photo_folder / "airplane.jpg"),
+                 str(photo_folder / "text.jpg"), "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [Path(r["file"]).name for r in rows] == ["airplane.jpg", "text.jpg"]
+    assert rows[0]["class_1"] in trained_run.class_names and not rows[0]["error"]
+    assert rows[1]["error"] and not rows[1]["class_1"]
+    capsys.readouterr()
+    assert main(["predict", str(trained_run.path), str(photo_folder / "text.jpg"), str(tmp_path / "nope")]) == 2
+    assert "no image could be classified" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(trained_run.path), str(tmp_path / "empty")]) == 2
+    assert "no image files found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- server
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> tuple[int, bytes, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def _post_file(url: str, data: bytes, filename: str = "image.jpg", content_type: str = "image/jpeg",
+               field: str = "file") -> tuple[int, dict]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: {content_type}\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _raw_status(port: int, request: bytes, body_chunks=()) -> tuple[int, bytes]:
+    """Send a hand-made request, then body chunks until the server answers; return its reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        for chunk in body_chunks:
+            if select.select([s], [], [], 0)[0]:
+                break                   # the server has answered: stop sending
+            try:
+                s.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        reply = b""
+        try:
+            while part := s.recv(65536):
+                reply += part
+        except ConnectionResetError:
+            pass                        # closed with our unread upload in its buffer
+    assert reply.startswith(b"HTTP/1.1 "), reply[:200]
+    return int(reply.split(b" ", 2)[1]), reply
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    port = _free_port()
+    log = trained_run.path.parent / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(trained_run.path), "--port",
+                                 str(port), "--max-upload-mb", str(UPLOAD_LIMIT_MB)], stdout=out, stderr=out)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            try:
+                if _get(base + "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"cnnlab serve did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_server_health_and_self_contained_page(server, trained_run):
+    status, body, _ = _get(server + "/health")
+    info = json.loads(body)
+    assert status == 200 and info["status"] == "ok"
+    assert info["model"]["class_names"] == trained_run.class_names
+    assert info["max_upload_bytes"] == UPLOAD_LIMIT_MB * 1_000_000
+    status, page, headers = _get(server + "/")
+    assert status == 200 and b"<html" in page
+    assert "default-src 'self'" in headers.get("content-security-policy", "")
+    for asset in ("/", "/static/app.js", "/static/style.css"):
+        text = _get(server + asset)[1].decode()
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text   # no network
+
+
+def test_server_predicts_a_good_image_like_pytorch(server, trained_run):
+    path = _cifar_test_images(per_class=1)[0][3]
+    status, reply = _post_file(server + "/predict?k=3", path.read_bytes(), path.name)
+    assert status == 200, reply
+    assert len(reply["top"]) == 3 and reply["file"] == path.name
+    expected = trained_run.predict([path], top_k=3)[0]["top"]
+    assert [t["class"] for t in reply["top"]] == [t["class"] for t in expected]
+    assert reply["top"][0]["probability"] == pytest.approx(expected[0]["probability"], abs=1e-5)
+    status, reply = _post_file(server + "/predict", path.read_bytes(), path.name)
+    assert status == 200 and len(reply["top"]) == 5     # default k
+
+
+def test_server_refuses_oversize_before_reading_the_body(server):
+    port = int(server.rsplit(":", 1)[1])
+    declared = 50 * UPLOAD_LIMIT_MB * 1_000_000
+    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            f"Content-Length: {declared}\r\n\r\n").encode()
+    t0 = time.monotonic()
+    status, reply = _raw_status(port, head)            # not one byte of the body is sent
+    assert status == 413 and b"upload too large" in reply
+    assert time.monotonic() - t0 < 10
+
+
+def test_server_refuses_oversize_chunked_upload_while_streaming(server):
+    port = int(server.rsplit(":", 1)[1])
+    head = (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    part = b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n\r\n"
+    piece = b"\xff" * 65536
+    chunks = [b"%x\r\n%s\r\n" % (len(part), part)] + [b"%x\r\n%s\r\n" % (len(piece), piece)] * 40
+    status, reply = _raw_status(port, head, chunks)    # 2.6 MB, never finished
+    assert status == 413 and b"upload too large" in reply
+
+
+def test_server_wrong_type_corrupt_bomb_and_missing_field(server, tmp_path):
+    status, reply = _post_file(server + "/predict", b"%PDF-1.4 definitely not an image", "doc.pdf",
+                               "application/pdf")
+    assert status == 415 and "doc.pdf is not an image" in reply["detail"]
+
+    good = _cifar_test_images(per_class=1)[0][0].read_bytes()
+    status, reply = _post_file(server + "/predict", good[: len(good) // 3], "cut.jpg")
+    assert status == 422 and "cut.jpg could not be decoded" in reply["detail"]
+
+    bomb = io.BytesIO()
+    Image.new("1", (10_000, 5_000)).save(bomb, "PNG")    # 50 M pixels in a few kB
+    status, reply = _post_file(server + "/predict", bomb.getvalue(), "bomb.png", "image/png")
+    assert len(bomb.getvalue()) < UPLOAD_LIMIT_MB * 1_000_000
+    assert status == 413 and "decompression bomb" in reply["detail"]
+
+    status, _ = _post_file(server + "/predict", good, field="image")
+    assert status == 422
+
+
+def test_browser_uploads_an_image_and_sees_the_prediction(server, trained_run, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: apt-get install chromium to run the browser test")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    path = _cifar_test_images(per_class=1)[0][5]
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    console_errors: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: m.type == "error" and console_errors.append(m.text))
+            page.goto(server + "/")
+            sync_api.expect(page.locator("#model-info")).to_contain_text("tutorial", timeout=20_000)
+            page.set_input_files("#file", str(path))
+            rows = page.locator("#results .result")
+            sync_api.expect(rows).to_have_count(5, timeout=20_000)
+            expected = trained_run.predict([path], top_k=1)[0]["top"][0]["class"]
+            assert rows.first.locator(".label").inner_text() == expected
+            assert page.locator("#preview").get_attribute("src").startswith("blob:")
+
+            page.set_input_files("#file", str(not_image))
+            sync_api.expect(page.locator("#error")).to_contain_text("not an image", timeout=20_000)
+            sync_api.expect(page.locator("#top-panel")).to_be_hidden()     # no stale answer shown
+        finally:
+            browser.close()
+    # A refused upload logs its 415 as a failed resource; anything else is a page bug.
+    assert not [e for e in console_errors if "415" not in e], console_errors
