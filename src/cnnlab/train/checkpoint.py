@@ -1,7 +1,14 @@
 """Resume state in one safetensors file: tensors as tensors, everything else as JSON metadata.
 
 No pickle anywhere, so loading a checkpoint can never run code. The file is written
-atomically, so an interrupted write leaves the previous checkpoint whole.
+atomically, so an interrupted write leaves the previous checkpoint whole, and its weights are
+never NaN or infinite (the loop checks before writing), so it is always a state to go back to.
+
+Resuming keeps the config the run started with. The one change allowed is ``epochs``, and
+only when nothing already trained depends on the run's length: a constant learning rate (a
+linear or cosine schedule decays over the length, so stretching it would make the rate jump
+back up), no EMA ramp or delayed EMA start (both timed by the length), and not shortening
+below what was trained. Then "E epochs, resumed with --epochs F" equals an F-epoch run.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from cnnlab.config import FIELDS, Config, merge
 from cnnlab.errors import CnnlabError
 from cnnlab.fileio import write_bytes
 
@@ -35,14 +43,23 @@ def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
 
 
 def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Inverse of ``optimizer_to_flat``; tensor keys with or without their ``optim.`` prefix."""
     state: dict[int, dict[str, Any]] = {}
     for key, t in tensors.items():
-        _, idx, k = key.split(".", 2)
+        idx, k = key.removeprefix("optim.").split(".", 1)
         state.setdefault(int(idx), {})[k] = t
     for key, v in meta["scalars"].items():
         idx, k = key.split(".", 1)
         state.setdefault(int(idx), {})[k] = v
     opt.load_state_dict({"state": state, "param_groups": meta["groups"]})
+    # Safetensors stores tensors contiguous; give each state tensor its parameter's layout
+    # back (channels_last convolutions): fused optimizer kernels assume the layouts match.
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -68,6 +85,14 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity (one device sync)."""
+    floats = {k: t for k, t in tensors.items() if t.is_floating_point()}
+    if not floats or torch.stack([torch.isfinite(t).all() for t in floats.values()]).all():
+        return []
+    return [k for k, t in floats.items() if not torch.isfinite(t).all()]
+
+
 def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     payload = save(flat, metadata={"format": FORMAT, "state": json.dumps(meta)})
@@ -86,6 +111,47 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CnnlabError(f"{path} is not a cnnlab checkpoint (a safetensors file) and was not "
                           f"loaded: {e}. cnnlab never unpickles resume state") from None
-    if meta.get("format") != FORMAT:
-        raise CnnlabError(f"{path} is a safetensors file but not a {FORMAT} checkpoint")
-    return tensors, json.loads(meta["state"])
+    try:
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+        return tensors, json.loads(meta["state"])
+    except (KeyError, ValueError) as e:
+        raise CnnlabError(f"{path} is a safetensors file but not a {FORMAT} checkpoint ({e})") from None
+
+
+def _show(value: Any) -> str:
+    return repr(int(value)) if isinstance(value, float) and value.is_integer() else repr(value)
+
+
+def resumed_config(meta: dict[str, Any], changes: dict[str, Any], run: Path) -> Config:
+    """The saved config with ``changes`` applied, or a CnnlabError listing what may not change.
+
+    A value equal to the saved one is not a change. See the module docstring for ``epochs``.
+    """
+    saved = merge(Config(), meta["config"], source=f"{run} checkpoint")
+    wanted = merge(saved, changes, source="--resume")
+    diff = {k: (getattr(saved, k), getattr(wanted, k)) for k in FIELDS if getattr(saved, k) != getattr(wanted, k)}
+    listed = "; ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in diff.items())
+    if set(diff) - {"epochs"}:
+        raise CnnlabError(f"--resume continues {run} with the config it started with, but these differ: "
+                          f"{listed}. Only --epochs may change; for other settings start a new run "
+                          f"(e.g. --config {run}/config.json with your flags and a new --out)")
+    if not diff:
+        return saved
+    old, new = diff["epochs"]
+    reasons = []
+    if saved.schedule != "constant":
+        reasons.append(f"its {saved.schedule} schedule decays the learning rate over the length it "
+                       f"started with ({_show(old)} epochs); stretching it now would make the rate jump back up")
+    if saved.ema_ramp or saved.ema_start > 0:
+        reasons.append("its EMA " + ("ramp" if saved.ema_ramp else "start") + " is timed by the run's length")
+    if old % 1 and meta["epoch"] > old:
+        reasons.append(f"it has already trained the partial last epoch of its {_show(old)} epochs")
+    spe = meta.get("steps_per_epoch")
+    if spe and max(1, round(new * spe)) < meta["global_step"]:
+        reasons.append(f"it has already trained {meta['global_step'] / spe:.3g} epochs")
+    if reasons:
+        raise CnnlabError(f"cannot resume {run} with {listed}: {' and '.join(reasons)}. Only a run with a "
+                          f"constant learning rate can change length; start a new run with --epochs "
+                          f"{_show(new)} instead (e.g. --config {run}/config.json --out NEW)")
+    return wanted

@@ -1,0 +1,134 @@
+"""The speed recipes' engine pieces, each checked against what it promises."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cnnlab.config import Config, list_recipes, resolve
+from cnnlab.data.dataset import Split
+from cnnlab.models import create_model
+from cnnlab.train import augment
+from cnnlab.train.batches import Augmentation, BatchStream
+from cnnlab.train.ema import WeightAverage
+from cnnlab.train.hardware import autocast
+from cnnlab.train.optim import Schedule, build_optimizer, decay_weights
+
+
+def test_whitening_makes_patch_covariance_near_identity():
+    torch.manual_seed(0)
+    # Correlated "images": smooth noise, so neighbouring pixels and channels covary strongly.
+    base = torch.randn(400, 1, 33, 33)
+    images = (base[..., 1:, 1:] + base[..., :-1, :-1] + base[..., 1:, :-1]).repeat(1, 3, 1, 1)
+    images = images + 0.3 * torch.randn_like(images)
+    net = create_model("speednet_xs")
+    net.init_whitening(images, eps=1e-6)
+    with torch.no_grad():
+        out = net.whiten(images) - net.whiten.bias[None, :, None, None]      # (N, 24, H', W')
+    half = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)                    # the + filters
+    cov = torch.cov(half.T)
+    assert torch.allclose(cov, torch.eye(12), atol=0.05)
+    assert torch.allclose(out[:, 12:], -out[:, :12])                          # the - twins
+    assert not net.whiten.weight.requires_grad                                # kept frozen
+
+
+def test_alternating_flip_flips_each_image_on_alternate_epochs():
+    images = np.arange(6 * 4 * 4 * 1, dtype=np.uint8).reshape(6, 4, 4, 1)
+    stream = BatchStream(Split(images, np.zeros(6)), batch_size=6, device=torch.device("cpu"), seed=0,
+                         aug=Augmentation(flip="alternating"))
+    seen = []
+    for epoch in range(4):
+        idx = torch.arange(6)   # fixed order so images line up across epochs
+        x = stream.augmented(idx, epoch, 0)
+        original = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
+        seen.append([bool(torch.equal(x[i], original[i].flip(-1))) for i in range(6)])
+    for i in range(6):
+        assert [seen[e][i] for e in range(4)] in ([True, False, True, False], [False, True, False, True])
+    assert any(seen[0]) and not all(seen[0])   # epoch 0 is a random half
+
+
+def test_translate_is_a_reflect_padded_shift_and_cutout_a_square():
+    x = torch.rand(64, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    y = augment.random_translate(x, 2, g)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    for i in range(64):
+        assert any(torch.equal(y[i], padded[i, :, a:a + 8, b:b + 8]) for a in range(5) for b in range(5))
+    z = augment.cutout(torch.ones(32, 3, 16, 16), 4, torch.Generator().manual_seed(1))
+    zeros = (z[:, 0] == 0).sum(dim=(1, 2))
+    assert zeros.max() == 16 and zeros.min() >= 4        # clipped at the border at most to 2x2
+    assert torch.equal(z[:, 0] == 0, z[:, 2] == 0)        # the same hole in every channel
+
+
+def test_ema_matches_a_hand_computation():
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = WeightAverage(model, decay=0.9, every=2)
+    expected = 1.0
+    for step, value in enumerate([2.0, 3.0, 4.0, 5.0]):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(step)
+        if (step + 1) % 2 == 0:      # updates on every 2nd step, pulling by 1 - 0.9**2
+            expected = expected + (1 - 0.9 ** 2) * (value - expected)
+    assert ema.avg_params[0][0, 0].item() == pytest.approx(expected)
+    look = WeightAverage(model, decay=0.5, every=1, lookahead=True)
+    with torch.no_grad():
+        model.weight.fill_(9.0)
+    look.update(0)
+    # the average started at 5 and moved half way to 9; lookahead puts the live weight there too
+    assert model.weight[0, 0].item() == pytest.approx(7.0)
+
+
+def test_bfloat16_autocast_leaves_batchnorm_in_float32():
+    net = create_model("speednet_xs").train()
+    x = torch.rand(8, 3, 32, 32)
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        conv_out = net.blocks[0][0](net.act(net.whiten(x)))
+        out = net(x)
+    bn = net.blocks[0][2]
+    assert conv_out.dtype == torch.bfloat16            # the convolutions do run in bfloat16
+    for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+        assert t.dtype == torch.float32
+    assert out.dtype in (torch.bfloat16, torch.float32)
+    assert torch.isfinite(bn.running_var).all() and (bn.running_var > 0).all()
+
+
+def test_schedule_warms_up_then_decays_linearly_and_follows_time():
+    s = Schedule(base_lr=1.0, total_steps=100, warmup_steps=10, kind="linear", final_fraction=0.1)
+    assert s.multiplier(0) == pytest.approx(0.1) and s.multiplier(9) == pytest.approx(1.0)
+    assert s.multiplier(10) == pytest.approx(1.0)
+    assert s.multiplier(55) == pytest.approx(1 - 0.9 * 0.5)
+    assert s.multiplier(100) == pytest.approx(0.1)
+    assert s.multiplier(20, progress=0.5) == pytest.approx(0.55)       # a time-limited run
+    c = Schedule(base_lr=2.0, total_steps=10, kind="cosine")
+    assert c.lr(5) == pytest.approx(1.0) and c.lr(10) == pytest.approx(0.0)
+
+
+def test_decoupled_weight_decay_and_bias_groups():
+    cfg = Config(optimizer="nesterov", lr=0.1, weight_decay=0.01, bias_lr_scale=8)
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    opt = build_optimizer(model, cfg)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.1), pytest.approx(0.8)]
+    before = model[0].weight.detach().clone()
+    decay_weights(opt, cfg, multiplier=0.5)
+    assert torch.allclose(model[0].weight, before * (1 - 0.01 * 0.5))   # independent of the lr
+
+
+@pytest.mark.parametrize("recipe", list_recipes())
+def test_every_recipe_resolves_and_names_a_real_model(recipe):
+    from cnnlab.models import list_models
+    cfg = resolve(recipe=recipe, overrides={"data": "somewhere"})
+    assert cfg.recipe == recipe and cfg.model in list_models()
+    assert math.isfinite(cfg.lr) and cfg.epochs > 0
+
+
+def test_speed_recipe_trains_end_to_end_on_a_subset(tiny_cifar, tmp_path):
+    from cnnlab.train.loop import fit
+    cfg = resolve(recipe="speed70", overrides={"data": str(tiny_cifar), "batch_size": 64, "epochs": 1})
+    run = fit(cfg, out=tmp_path / "run", progress=False)
+    assert run.metrics["test_accuracy"] > 0.1 and run.config.whiten
