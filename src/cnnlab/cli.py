@@ -13,7 +13,19 @@ from cnnlab.errors import CnnlabError, TrainingInterrupted
 EXIT_BAD_INPUT = 2
 HELP = {"recipe": "start from a named recipe (see `cnnlab recipes`)",
         "data": "cifar10, cifar100, mnist, fashion-mnist, or a folder with train/<class>/<image> and test/...",
-        "device": "auto picks cuda when available, else cpu"}
+        "device": "auto picks cuda when available, else cpu",
+        "loader": "memory decodes the folder once into RAM; stream decodes from disk in worker processes "
+                  "(ImageNet-size data); auto picks memory when the decoded images fit in ~2 GiB",
+        "workers": "streaming: decode processes per training process (default: its cores - 1)",
+        "crop": "streaming training crop: random_resized (8-100%% of the area, aspect 3/4-4/3) or center; "
+                "auto: random_resized",
+        "center_crop": "streaming evaluation: resize the shorter side to image_size / this, crop the "
+                       "centre (default 0.875: 256 -> 224)",
+        "nproc": "data-parallel processes on this machine (one per GPU, or cores shared on CPU); "
+                 "--batch-size is per process. Several machines: torchrun, see docs/distributed.md",
+        "sync_bn": "BatchNorm statistics over every process's batch (CUDA only); default: per process",
+        "bad_images": "image folders are checked first (as `cnnlab data check` does): error stops with the "
+                      "list of problems; skip leaves out unusable files and says how many"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -55,17 +67,23 @@ def _print_json(obj: Any) -> None:
 # ----------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
     from cnnlab.config import FIELDS, resolve
+    from cnnlab.train import distributed
     from cnnlab.train.loop import fit, resume
     overrides = _overrides(args, FIELDS)
     if args.resume:
-        allow = {k: v for k, v in overrides.items() if k == "epochs"}
-        refused = sorted(set(overrides) - set(allow))
-        if refused or args.config:
-            raise CnnlabError(f"--resume continues a run with its saved config; it only accepts "
-                              f"--epochs to extend it, not {', '.join(refused) or '--config'}")
-        resume(args.resume, allow=allow)
+        given = [flag for flag, value in (("--config", args.config), ("--out", args.out), ("--name", args.name))
+                 if value is not None]
+        if given:
+            raise CnnlabError(f"--resume RUN continues RUN in its own folder with the config saved in its "
+                              f"checkpoint; drop {', '.join(given)}")
+        nproc = distributed.saved_nproc(args.resume)
+        if nproc > 1 and not distributed.launched():   # --nproc N: start N copies of this command
+            return distributed.launch_local(args.argv, nproc)
+        resume(args.resume, changes=overrides)   # refuses any change but a safe --epochs
         return 0
     cfg = resolve(config_file=args.config, overrides=overrides)
+    if cfg.nproc > 1 and not distributed.launched():
+        return distributed.launch_local(args.argv, cfg.nproc)
     fit(cfg, out=args.out, name=args.name)
     return 0
 
@@ -85,15 +103,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from cnnlab.predict import no_prediction_error, predict_files, write_results_csv
     from cnnlab.run import load_run
+    from cnnlab.train.hardware import pick_device
     run = load_run(args.run)
-    results = run.predict([Path(p) for p in args.images], top_k=args.top_k)
+    results, good, bad = [], 0, 0
+    for r in predict_files(run, args.paths, top_k=args.top_k, device=pick_device(args.device),
+                           batch_size=args.batch_size):
+        if "error" in r:
+            bad += 1
+            print(f"cnnlab: skipped {r['error']}", file=sys.stderr)
+        else:
+            good += 1
+            if not (args.json or args.csv):
+                print(f"{r['file']}: " + ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"]),
+                      flush=True)
+        if args.json or args.csv:
+            results.append(r)
+    if args.csv:
+        write_results_csv(args.csv, results, args.top_k)
     if args.json:
         _print_json(results)
-    else:
-        for r in results:
-            best = r["top"]
-            print(f"{r['file']}: " + ", ".join(f"{t['class']} {t['probability']:.1%}" for t in best))
+    if not good:
+        raise no_prediction_error(args.paths, bad)
+    if args.csv or bad:
+        where = f" to {args.csv}" if args.csv else ""
+        print(f"cnnlab: {good} image(s) classified{where}, {bad} skipped", file=sys.stderr)
     return 0
 
 
@@ -103,6 +138,16 @@ def cmd_data_show(args: argparse.Namespace) -> int:
                             seed=args.seed)
     print(f"wrote {out}")
     return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from cnnlab.data.check import check_dataset
+    report = check_dataset(args.spec, data_dir=args.data_dir)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report.format())
+    return 0 if report.ok else 1
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -145,6 +190,79 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from cnnlab.report import write_report
+    write_report(args.run, tensorboard=True if args.tensorboard else None)
+    print(f"wrote {Path(args.run) / 'report.html'} and {Path(args.run) / 'plots'}/")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cnnlab.report.compare import compare_runs, format_rows
+    page, rows = compare_runs(args.runs, args.out)
+    print(format_rows(rows))
+    print(f"wrote {page}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cnnlab.export import export_onnx
+    r = export_onnx(args.run, args.out, exporter=args.exporter, check_images=args.check_images or ())
+    print(f"wrote {r.path} ({r.bytes / 1e6:.1f} MB, {r.exporter} exporter); ONNX Runtime matches PyTorch "
+          f"on {r.samples} sample inputs ({r.real_images} real images): largest logit difference "
+          f"{r.max_abs_diff:.2g}, tolerance {r.tolerance:.2g}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from cnnlab.serve.app import serve
+    except ImportError as e:
+        raise CnnlabError(f"cnnlab serve needs the web packages ({e}): "
+                          f"pip install fastapi uvicorn python-multipart") from None
+    if args.max_upload_mb <= 0:
+        raise CnnlabError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    serve(args.run, host=args.host, port=args.port, max_bytes=int(args.max_upload_mb * 1_000_000))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from cnnlab.config import FIELDS, resolve
+    from cnnlab.tune import tune
+    overrides = _overrides(args, FIELDS)
+    cfg = resolve(config_file=args.config, overrides=overrides)
+    # Flags fix a key (taking it out of the search space); --recipe and --config only set defaults.
+    fixed = {k: getattr(cfg, k) for k in overrides if k != "recipe"}
+    try:
+        result = tune(cfg, trials=args.trials, timeout=args.timeout, space=args.space, fixed=fixed,
+                      study_name=args.study, storage=args.storage, sampler=args.sampler,
+                      pruner=args.pruner, out=args.out)
+    except TrainingInterrupted as e:
+        print("cnnlab: tune stopped by a signal; the trial in progress is marked failed. Run the same "
+              "command again to continue the study.", file=sys.stderr)
+        return e.exit_code
+    return 0 if result.best is not None else 1
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from cnnlab.config import FIELDS, resolve
+    from cnnlab.tune import lr_find
+    cfg = resolve(config_file=args.config, overrides=_overrides(args, FIELDS))
+    lr_find(cfg, start=args.start, end=args.end, steps=args.steps, out=args.out)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from cnnlab.explain import explain_run
+    results = explain_run(args.run, args.images, out=args.out, layer=args.layer, class_name=args.class_name,
+                          top_k=args.top_k, device=args.device)
+    for r in results:
+        pred = r["predicted"]
+        print(f"{r['image']}: {pred['class']} {pred['probability']:.1%}, Grad-CAM at {r['layer']['name']} "
+              f"{'x'.join(map(str, r['layer']['output_shape']))} -> {r['folder']}/")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cnnlab", description="Train, compare, tune, understand and ship "
@@ -155,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None, metavar="FILE", help="YAML (or a run's config.json); flags override it")
     t.add_argument("--out", default=None, metavar="PATH", help="the run folder")
     t.add_argument("--name", default=None, help="run name, under runs/")
-    t.add_argument("--resume", default=None, metavar="RUN", help="continue RUN from its last checkpoint")
+    t.add_argument("--resume", default=None, metavar="RUN", help="continue RUN from its last checkpoint, with the config it started with; "
+                   "only --epochs may change, and only for a constant learning-rate schedule")
     _config_flags(t, only=None)
     t.set_defaults(func=cmd_train)
 
@@ -167,11 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
-    pr = sub.add_parser("predict", help="classify image files with a trained run")
+    pr = sub.add_parser("predict", help="classify image files and folders (recursive) with a trained run")
     pr.add_argument("run")
-    pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     pr.add_argument("--top-k", type=int, default=3)
-    pr.add_argument("--json", action="store_true")
+    pr_out = pr.add_mutually_exclusive_group()
+    pr_out.add_argument("--csv", default=None, metavar="FILE", help="write one row per file to FILE")
+    pr_out.add_argument("--json", action="store_true", help="print a JSON list, errors included")
+    pr.add_argument("--batch-size", type=int, default=64, help="images decoded and classified at a time")
+    pr.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     pr.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("data", help="look at datasets")
@@ -183,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--per-class", type=int, default=8)
     ds.add_argument("--seed", type=int, default=0)
     ds.set_defaults(func=cmd_data_show)
+    dc = dsub.add_parser("check", help="list every problem in a dataset before training on it",
+                         description="Check a dataset before training: layout, class counts and imbalance, "
+                         "empty classes, unreadable/truncated/empty files, images that get converted, hidden "
+                         "entries, symlinks leaving the folder, oversized images, duplicates across splits. "
+                         "Exit status: 0 when nothing blocks training (warnings allowed), 1 when errors do, "
+                         "2 when SPEC cannot be read at all.")
+    dc.add_argument("spec", metavar="SPEC", help=HELP["data"])
+    dc.add_argument("--json", action="store_true", help="the full report as JSON")
+    dc.add_argument("--data-dir", default=None, help="where official datasets are stored")
+    dc.set_defaults(func=cmd_data_check)
 
     m = sub.add_parser("models", help="list the model zoo: parameters, MFLOPs, paper")
     m.add_argument("--input-size", type=int, default=32)
@@ -201,11 +334,79 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipes", help="list the training recipes and what each measured here")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_recipes)
+
+    rp = sub.add_parser("report", help="rebuild a run's plots and report.html from its folder")
+    rp.add_argument("run", metavar="RUN")
+    rp.add_argument("--tensorboard", action="store_true",
+                    help="also write TensorBoard event files to RUN/tensorboard (pip install tensorboard)")
+    rp.set_defaults(func=cmd_report)
+
+    cp = sub.add_parser("compare", help="compare runs: table, overlaid curves, compare.html")
+    cp.add_argument("runs", nargs="+", metavar="RUN")
+    cp.add_argument("--out", default=None, metavar="DIR", help="default: compare-<timestamp>/ here")
+    cp.set_defaults(func=cmd_compare)
+
+    ex = sub.add_parser("export", help="export a run to one self-contained ONNX file, checked against PyTorch")
+    ex.add_argument("run")
+    ex.add_argument("--format", default="onnx", choices=("onnx",))
+    ex.add_argument("--out", default=None, metavar="FILE", help="default: RUN/model.onnx")
+    ex.add_argument("--exporter", default="auto", choices=("auto", "torchscript", "dynamo"),
+                    help="auto: TorchScript exporter, torch.export-based one if that fails")
+    ex.add_argument("--check-images", nargs="+", default=None, metavar="IMAGE",
+                    help="real images for the ONNX Runtime check (default: a few from the run's data folder)")
+    ex.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="serve a page and JSON API that classify uploaded images")
+    sv.add_argument("run")
+    sv.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-upload-mb", type=float, default=10.0, help="larger request bodies get 413")
+    sv.set_defaults(func=cmd_serve)
+
+    tu = sub.add_parser("tune", help="search hyperparameters with Optuna; trials scored on the validation split")
+    tu.add_argument("--trials", type=int, default=None, metavar="N", help="trials this command runs (each worker runs N)")
+    tu.add_argument("--timeout", type=float, default=None, metavar="S", help="start no new trial after S seconds")
+    tu.add_argument("--space", default=None, metavar="FILE", help="YAML search space (default: lr, batch_size, epochs, "
+                    "weight_decay, optimizer, label_smoothing); format in `python -m pydoc cnnlab.tune.space`")
+    tu.add_argument("--study", default=None, metavar="NAME", help="study name (default: MODEL-DATA)")
+    tu.add_argument("--storage", default=None, metavar="URL", help="e.g. postgresql://user:pw@host/db to share "
+                    "the study between machines (default: sqlite file OUT/study.db)")
+    tu.add_argument("--sampler", default="tpe", choices=("tpe", "random", "grid"))
+    tu.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"))
+    tu.add_argument("--out", default=None, metavar="DIR", help="the tune folder (default: runs/tune-STUDY)")
+    tu.add_argument("--config", default=None, metavar="FILE", help="base config; flags override it and fix "
+                    "searched keys (e.g. --epochs 5 stops epochs being searched)")
+    _config_flags(tu, only=None)
+    tu.set_defaults(func=cmd_tune)
+
+    lf = sub.add_parser("lr-find", help="learning-rate range test: loss vs exponentially rising lr, and a suggestion")
+    lf.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
+    lf.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
+    lf.add_argument("--steps", type=int, default=100, help="training steps, one batch each (default 100)")
+    lf.add_argument("--out", default=None, metavar="DIR", help="where lr_find.png/.json go (default: runs/lr-find-...)")
+    lf.add_argument("--config", default=None, metavar="FILE", help="base config; flags override it")
+    _config_flags(lf, only=None)
+    lf.set_defaults(func=cmd_lr_find)
+
+    ex = sub.add_parser("explain", help="look inside a run's network: first-layer filters, feature maps "
+                        "per stage and Grad-CAM for images")
+    ex.add_argument("run")
+    ex.add_argument("images", nargs="+", metavar="IMAGE")
+    ex.add_argument("--layer", default=None, metavar="NAME", help="module Grad-CAM reads, as `cnnlab summary` "
+                    "names it (default: the output of the last convolutional stage larger than 1x1)")
+    ex.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                    help="also show Grad-CAM for this class")
+    ex.add_argument("--top-k", type=int, default=5, help="probabilities shown (default 5)")
+    ex.add_argument("--out", default=None, metavar="DIR", help="one folder per image goes here "
+                    "(default: RUN/explain)")
+    ex.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=HELP["device"])
+    ex.set_defaults(func=cmd_explain)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # for relaunching (train --nproc)
     try:
         return args.func(args)
     except CnnlabError as e:

@@ -31,9 +31,15 @@ class Config:
     val_split: float = 0.1                # hold-out fraction of train when the data has no val/
     train_size: int | None = None         # stratified subset of train (before the hold-out)
     test_size: int | None = None          # stratified subset of test
-    image_size: int | None = None         # image folders: resize to this (default: most common size)
+    image_size: int | None = None         # image folders: resize to this (default: most common size; 224 streaming)
     bad_images: Literal["error", "skip"] = "error"
     normalize: Literal["dataset", "none"] = "dataset"   # per-channel standardisation, or the lesson's /255 only
+    # Streaming (cnnlab.data.stream): decode image folders from disk in worker processes when
+    # they would not fit in memory decoded; auto picks by size, memory/stream force one path.
+    loader: Literal["auto", "memory", "stream"] = "auto"
+    workers: int | None = None            # decode processes per training process (default: its cores - 1)
+    crop: Literal["auto", "random_resized", "center"] = "auto"   # streamed training crop (auto: random_resized)
+    center_crop: float = 0.875            # evaluation: centre square of this fraction of the shorter side
     # --- model ------------------------------------------------------------------------
     model: str = "tutorial"
     # --- optimisation -----------------------------------------------------------------
@@ -67,8 +73,11 @@ class Config:
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     channels_last: bool = True           # NHWC tensors: 25% faster for the lesson's net on this CPU
     compile: bool = False
-    threads: int | None = None            # torch intra-op threads (default: cores available)
+    threads: int | None = None            # torch intra-op threads (default: cores available / processes)
+    nproc: int = 1                        # `cnnlab train --nproc N`: data-parallel processes on this machine
+    sync_bn: bool = False                 # BatchNorm statistics over all processes (CUDA only; default per process)
     # --- run control ------------------------------------------------------------------
+    time_limit: float | None = None       # seconds of training; stops mid-epoch, lr decays over the time
     early_stop: int | None = None         # stop after this many epochs without val improvement
     keep: Literal["last", "best"] = "last"
     seed: int = 0
@@ -148,10 +157,18 @@ def validate(cfg: Config) -> Config:
             bad(key, "zero or more")
     if cfg.ema_every < 1:
         bad("ema_every", "a positive integer")
+    if cfg.time_limit is not None and not cfg.time_limit > 0:
+        bad("time_limit", "a positive number of seconds")
     if cfg.early_stop is not None and cfg.early_stop < 1:
         bad("early_stop", "a positive number of epochs")
     if cfg.threads is not None and cfg.threads < 1:
         bad("threads", "a positive integer")
+    if cfg.workers is not None and cfg.workers < 0:
+        bad("workers", "zero (decode in the training process) or more")
+    if cfg.nproc < 1:
+        bad("nproc", "a positive number of processes, e.g. --nproc 2")
+    if not 0 < cfg.center_crop <= 1:
+        bad("center_crop", "in (0, 1]: 0.875 is the ImageNet convention (256 -> 224), 1 keeps the whole shorter side")
     if cfg.image_size is not None and cfg.image_size < 8:
         bad("image_size", "at least 8 pixels")
     return cfg

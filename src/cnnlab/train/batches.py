@@ -4,6 +4,10 @@ The dataset lives on the device as one uint8 tensor; each epoch draws a permutat
 yields float batches in [0, 1]. Every random choice is drawn from a generator seeded by
 (seed, epoch) for the order and (seed, epoch, step) for augmentation, so batch ``k`` of
 epoch ``e`` is the same whether the run was interrupted or not.
+
+Data-parallel: with ``shard=(rank, world)`` each process takes every ``world``-th item of
+the same global batch of ``batch_size * world`` items, so N processes see exactly the items
+one process would see with an N times larger batch (``cnnlab.train.distributed``).
 """
 from __future__ import annotations
 
@@ -44,37 +48,56 @@ class BatchStream:
 
     def __init__(self, split: Split, batch_size: int, device: torch.device, *, seed: int,
                  aug: Augmentation | None = None, drop_last: bool = False,
-                 channels_last: bool = False):
+                 channels_last: bool = False, shard: tuple[int, int] = (0, 1)):
         self.images = to_nchw(split.images, device)               # uint8 (N, C, H, W)
         self.labels = torch.as_tensor(split.labels).to(device)    # int64 (N,)
+        self._configure(batch_size, device, seed=seed, aug=aug, drop_last=drop_last,
+                        channels_last=channels_last, shard=shard)
+
+    def _configure(self, batch_size: int, device: torch.device, *, seed: int, aug: Augmentation | None,
+                   drop_last: bool, channels_last: bool, shard: tuple[int, int]) -> None:
+        """Everything but the images; ``self.labels`` must be set (its device holds the order)."""
         self.batch_size, self.device, self.seed = batch_size, device, seed
         self.aug = aug or Augmentation()
         self.drop_last, self.channels_last = drop_last, channels_last
+        self.rank, self.world = shard
+        self.global_batch = batch_size * self.world
         # Alternating flip needs one fixed random bit per image for the whole run.
         g = torch.Generator().manual_seed(derive_seed(seed, 0xF11F))
-        self.base_flip = (torch.rand(len(self.labels), generator=g) < 0.5).to(device)
+        self.base_flip = (torch.rand(len(self.labels), generator=g) < 0.5).to(self.labels.device)
 
     def __len__(self) -> int:
-        """Batches per epoch."""
+        """Batches per epoch (global batches: every process takes the same number of steps)."""
         n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
 
     def order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0x0D))
-        return torch.randperm(len(self.labels), generator=g).to(self.device)
+        return torch.randperm(len(self.labels), generator=g).to(self.labels.device)
+
+    def indices(self, order: torch.Tensor, step: int) -> torch.Tensor:
+        """This process's items of global batch ``step``: every ``world``-th, from ``rank``."""
+        return order[step * self.global_batch:(step + 1) * self.global_batch][self.rank::self.world]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images float (B, C, H, W) in [0, 1], labels) from batch ``start_step`` on."""
         order = self.order(epoch)
         for step in range(start_step, len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            idx = self.indices(order, step)
             yield self.augmented(idx, epoch, step), self.labels[idx]
 
     def augmented(self, idx: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
-        x = self.images[idx].float().div_(255.0)
+        return self.finish(self.images[idx], idx, epoch, step)
+
+    def finish(self, images: torch.Tensor, idx: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        """uint8 (B, C, H, W) on the device -> float in [0, 1], batch augmentation applied."""
+        x = images.float().div_(255.0)
         aug = self.aug
         if aug.active:
-            g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, epoch, step, 0xA6))
+            # Each process draws its own augmentation (rank in the key) under data parallelism.
+            rank_key = (self.rank,) if self.world > 1 else ()
+            g = torch.Generator(device=self.device).manual_seed(
+                derive_seed(self.seed, epoch, step, 0xA6, *rank_key))
             if aug.flip == "random":
                 x = augment.random_flip(x, g)
             elif aug.flip == "alternating":
@@ -86,11 +109,19 @@ class BatchStream:
         return x
 
 
-def eval_batches(split: Split, batch_size: int, device: torch.device,
-                 channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Fixed-order float batches for evaluation (uint8 kept on the host until needed)."""
-    images = torch.as_tensor(split.images)
-    labels = torch.as_tensor(split.labels)
+def eval_batches(split: Split, batch_size: int, device: torch.device, channels_last: bool = False,
+                 shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed-order float batches for evaluation (uint8 kept on the host until needed).
+
+    ``shard=(rank, world)``: only items ``rank::world``. A streamed split (``FileSplit``)
+    decodes its files in worker processes instead.
+    """
+    rank, world = shard
+    if not isinstance(split, Split):
+        yield from split.eval_batches(batch_size, device, channels_last, shard)
+        return
+    images = torch.as_tensor(split.images[rank::world])
+    labels = torch.as_tensor(split.labels[rank::world])
     for i in range(0, len(labels), batch_size):
         x = images[i:i + batch_size].to(device).permute(0, 3, 1, 2).float().div_(255.0)
         x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

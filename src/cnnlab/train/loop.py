@@ -26,13 +26,16 @@ from cnnlab import config as config_mod
 from cnnlab.config import Config
 from cnnlab.data.dataset import Dataset, Split, prepare_splits
 from cnnlab.data.sources import load_dataset
+from cnnlab.data.stream import describe as describe_streaming
+from cnnlab.data.stream import images_of, open_streaming, stats_sample
 from cnnlab.errors import CnnlabError, TrainingInterrupted
-from cnnlab.fileio import write_bytes, write_json
+from cnnlab.fileio import discard_temps, write_bytes, write_json
 from cnnlab.models.classifier import Classifier, build_classifier
 from cnnlab.run import (Run, check_new_run_folder, default_run_name, empty_history, environment,
                         load_run, model_card, run_path, save_config, save_history, save_model)
 from cnnlab.train import checkpoint as ckpt
-from cnnlab.train.batches import Augmentation, BatchStream, derive_seed, eval_batches
+from cnnlab.train import distributed
+from cnnlab.train.batches import derive_seed, eval_batches
 from cnnlab.train.ema import WeightAverage
 from cnnlab.train.hardware import autocast, pick_device, resolve_precision, set_threads
 from cnnlab.train.optim import build_optimizer, build_schedule, decay_weights, set_lr
@@ -80,11 +83,12 @@ def evaluate(model: torch.nn.Module, split: Split, device: torch.device, *, dtyp
     was_training = model.training
     model.eval()
     outs = []
-    for x, _ in eval_batches(split, batch_size, device, channels_last):
+    for x, _ in eval_batches(split, batch_size, device, channels_last, shard=distributed.shard()):
         with autocast(device, dtype):
             outs.append(tta_logits(model, x, tta).float().cpu())
     model.train(was_training)
     logits = torch.cat(outs) if outs else torch.zeros(0, 1)
+    logits = distributed.gather_shards(logits, len(split))   # each process evaluated rows rank::world
     labels = torch.as_tensor(split.labels)
     loss = F.cross_entropy(logits, labels).item() if len(labels) else float("nan")
     acc = (logits.argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
@@ -123,14 +127,29 @@ class LoopState:
     best_val: float = -math.inf
     best_epoch: int = 0
     train_seconds: float = 0.0
+    # Sums over the steps done of the epoch in progress, saved by mid-epoch checkpoints so a
+    # resumed epoch reports the same loss, accuracy and seconds as an uninterrupted one.
+    epoch_loss: float = 0.0
+    epoch_correct: int = 0
+    epoch_seen: int = 0
+    epoch_seconds: float = 0.0
 
 
 def _dataset_stats(train: Split, normalize: str) -> tuple[list[float], list[float]]:
     c = train.images.shape[-1]
     if normalize == "none":
         return [0.0] * c, [1.0] * c
-    flat = train.images.reshape(-1, c).astype(np.float64) / 255.0
-    mean, std = flat.mean(0), flat.std(0)
+    # From a histogram of the 256 pixel values per channel (no float copy of the data), over
+    # an evenly spaced sample of at most ~10,000 images: plenty for two numbers per channel.
+    sample = train.images[::max(1, len(train.images) // 10_000)]
+    values = np.arange(256, dtype=np.float64) / 255.0
+    mean, std = [], []
+    for ch in range(c):
+        counts = np.bincount(sample[..., ch].ravel(), minlength=256)
+        p = counts / counts.sum()
+        m = float(p @ values)
+        mean.append(m)
+        std.append(float(np.sqrt(max(p @ values ** 2 - m * m, 0.0))))
     return [float(m) for m in mean], [float(max(s, 1e-3)) for s in std]
 
 
@@ -143,7 +162,7 @@ class Trainer:
         self.dtype = resolve_precision(cfg.precision, device)
         h, w, c = data.image_shape
         torch.manual_seed(derive_seed(cfg.seed, 0x1717))   # weight initialisation
-        self.mean, self.std = _dataset_stats(data.train, cfg.normalize)
+        self.mean, self.std = _dataset_stats(stats_sample(data.train), cfg.normalize)
         self.model: Classifier = build_classifier(cfg.model, data.num_classes, c, h, self.mean, self.std).to(device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -151,24 +170,33 @@ class Trainer:
             init = getattr(self.model.net, "init_whitening", None)
             if init is None:
                 raise CnnlabError(f"--whiten needs a model with a patch-whitening first layer; "
-                                  f"{cfg.model!r} has none (try --model airbench)")
-            sample = torch.as_tensor(data.train.images[:5000]).permute(0, 3, 1, 2).float().div(255)
+                                  f"{cfg.model!r} has none (try --model speednet)")
+            first = images_of(data.train, np.arange(min(5000, len(data.train))))
+            sample = torch.as_tensor(first).permute(0, 3, 1, 2).float().div(255)
             init(((sample - self.model.mean.cpu()) / self.model.std.cpu()).to(device))
-        aug = Augmentation(cfg.flip, cfg.translate, cfg.cutout)
-        self.batches = BatchStream(data.train, cfg.batch_size, device, seed=cfg.seed, aug=aug,
-                                   channels_last=cfg.channels_last)
+        # In memory or streamed from disk; this process's shard when data-parallel.
+        self.batches = distributed.training_batches(cfg, data, device)
         self.steps_per_epoch = len(self.batches)
         self.total_steps = max(1, round(cfg.epochs * self.steps_per_epoch))
-        self.schedule = build_schedule(cfg, self.steps_per_epoch)
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.ema = WeightAverage(self.model, cfg.ema, cfg.ema_every, cfg.lookahead) if cfg.ema > 0 else None
+        self.opt_cfg = distributed.global_batch_config(cfg)   # lr/decay scaling see the global batch
+        self.schedule = build_schedule(self.opt_cfg, self.steps_per_epoch)
+        self.optimizer = build_optimizer(self.model, self.opt_cfg)
+        self.ema = (WeightAverage(self.model, cfg.ema, cfg.ema_every, cfg.lookahead,
+                                  ramp_steps=self.total_steps if cfg.ema_ramp else 0)
+                    if cfg.ema > 0 else None)
         self.ema_start_step = round(cfg.ema_start * self.total_steps)
         self.best_state: dict[str, torch.Tensor] | None = None
         self.state = LoopState()
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.out_of_time = False
+        self._epoch_start = time.perf_counter()
+        replica = distributed.wrap_model(self.model, device, sync_bn=cfg.sync_bn)   # DDP when data-parallel
+        self.forward = torch.compile(replica) if cfg.compile else replica
 
     # -- checkpoint --------------------------------------------------------------------
     def checkpoint(self) -> None:
+        self._check_finite()   # a checkpoint is always a state worth going back to
+        if not distributed.is_main():
+            return   # every process holds the same state; rank 0 writes it
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         opt_t, opt_meta = ckpt.optimizer_to_flat(self.optimizer)
         tensors.update(opt_t)
@@ -182,8 +210,10 @@ class Trainer:
         meta = {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "global_step": s.global_step,
                 "history": s.history, "best_val": s.best_val if math.isfinite(s.best_val) else None,
                 "best_epoch": s.best_epoch, "train_seconds": s.train_seconds,
+                "epoch_partial": [s.epoch_loss, s.epoch_correct, s.epoch_seen, s.epoch_seconds],
+                "steps_per_epoch": self.steps_per_epoch,
                 "optimizer": opt_meta, "rng": rng_meta, "config": self.cfg.to_dict(),
-                "mean": self.mean, "std": self.std}
+                "mean": self.mean, "std": self.std, "world_size": distributed.world_size()}
         ckpt.write_checkpoint(self.run / "checkpoints" / "last.safetensors", tensors, meta)
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -198,21 +228,40 @@ class Trainer:
         ckpt.restore_rng(tensors, meta["rng"])
         self.state = LoopState(meta["epoch"], meta["step_in_epoch"], meta["global_step"], meta["history"],
                                -math.inf if meta["best_val"] is None else meta["best_val"],
-                               meta["best_epoch"], meta["train_seconds"])
+                               meta["best_epoch"], meta["train_seconds"], *meta.get("epoch_partial", ()))
+        if not distributed.is_main():   # the saved sums are every process's: rank 0 carries them on
+            self.state.epoch_loss, self.state.epoch_correct, self.state.epoch_seen = 0.0, 0, 0
+
+    def _check_finite(self) -> None:
+        bad = ckpt.non_finite(self.model.state_dict())
+        if bad:
+            s = self.state
+            where = f"the end of epoch {s.epoch}" if s.step_in_epoch == 0 else f"epoch {s.epoch + 1}, step {s.step_in_epoch}"
+            raise NonFiniteLoss(f"the weights became non-finite (nan or inf) by {where} ({', '.join(bad[:3])}"
+                                f"{', ...' if len(bad) > 3 else ''}): the learning rate ({self.cfg.lr}) is "
+                                f"probably too high for {self.cfg.model}; try one ten times smaller")
+
+    def _keep_partial(self, loss_sum: torch.Tensor, correct_sum: torch.Tensor, seen: int, start: float) -> None:
+        s = self.state
+        # Data-parallel: the sums over every process (called at steps they all reach together).
+        loss, correct, seen_all = distributed.sum_over_ranks(loss_sum, correct_sum, seen)
+        s.epoch_loss, s.epoch_correct = loss, int(correct)
+        s.epoch_seen, s.epoch_seconds = int(seen_all), time.perf_counter() - start
 
     # -- training ----------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, s = self.cfg, self.state
-        mult = self.schedule.multiplier(s.global_step)
+        progress = self.elapsed() / cfg.time_limit if cfg.time_limit else None
+        mult = self.schedule.multiplier(s.global_step, progress)
         set_lr(self.optimizer, self.schedule.base_lr * mult)
         # Dropout and other in-model randomness, reproducible per step for exact resume.
-        torch.manual_seed(derive_seed(cfg.seed, s.epoch, s.step_in_epoch, 0xD0))
+        torch.manual_seed(derive_seed(cfg.seed, s.epoch, s.step_in_epoch, 0xD0, *distributed.rank_key()))
         with autocast(self.device, self.dtype):
             logits = self.forward(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        decay_weights(self.optimizer, cfg, mult)
+        decay_weights(self.optimizer, self.opt_cfg, mult)
         self.optimizer.step()
         if self.ema is not None and s.global_step >= self.ema_start_step:
             self.ema.update(s.global_step)
@@ -223,10 +272,11 @@ class Trainer:
         """Train from the current position to the end of the epoch (or ``epoch_steps``)."""
         s, cfg = self.state, self.cfg
         self.model.train()
-        self._unfreeze_whitening()
-        loss_sum = torch.zeros((), device=self.device)
-        correct_sum = torch.zeros((), device=self.device, dtype=torch.long)
-        seen, start = 0, time.perf_counter()
+        # Resumed mid-epoch: carry on from the sums and seconds of the steps done before.
+        loss_sum = torch.full((), s.epoch_loss, device=self.device)
+        correct_sum = torch.full((), s.epoch_correct, device=self.device, dtype=torch.long)
+        seen = s.epoch_seen
+        start = self._epoch_start = time.perf_counter() - s.epoch_seconds
         bar = tqdm(total=epoch_steps, initial=s.step_in_epoch, disable=not self.progress, leave=False,
                    desc=f"epoch {s.epoch + 1}/{math.ceil(cfg.epochs)}", unit="batch",
                    dynamic_ncols=True, file=sys.stderr)
@@ -250,23 +300,28 @@ class Trainer:
                                 img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
                 bar.update(s.step_in_epoch - bar.n)
             if cfg.checkpoint_every and s.global_step % cfg.checkpoint_every == 0:
+                self._keep_partial(loss_sum, correct_sum, seen, start)
                 self.checkpoint()
-            if stop:
+            if cfg.time_limit and self.elapsed() >= cfg.time_limit:
+                self.out_of_time = True
+                break
+            if distributed.any_rank(bool(stop)):   # every process stops after the same step
                 bar.close()
-                s.train_seconds += time.perf_counter() - start
+                self._keep_partial(loss_sum, correct_sum, seen, start)
                 self.checkpoint()
-                raise TrainingInterrupted(self.run, stop[0])
+                raise TrainingInterrupted(self.run, stop[0] if stop else signal.SIGTERM)
         bar.close()
         elapsed = time.perf_counter() - start
         s.train_seconds += elapsed
+        s.epoch_loss, s.epoch_correct, s.epoch_seen, s.epoch_seconds = 0.0, 0, 0, 0.0
         if seen == 0:
             return float("nan"), float("nan"), elapsed
-        return loss_sum.item() / seen, correct_sum.item() / seen, elapsed
+        loss_total, correct_total, seen = distributed.sum_over_ranks(loss_sum, correct_sum, seen)
+        return loss_total / seen, correct_total / seen, elapsed
 
-    def _unfreeze_whitening(self) -> None:
-        layer = getattr(self.model.net, "whiten", None)
-        if self.cfg.whiten and layer is not None:
-            layer.weight.requires_grad_(self.state.epoch >= self.cfg.whiten_freeze)
+    def elapsed(self) -> float:
+        """Training seconds so far, this epoch included."""
+        return self.state.train_seconds + time.perf_counter() - self._epoch_start
 
     def eval_model(self) -> torch.nn.Module:
         """The model to evaluate: the weight average when there is one."""
@@ -307,6 +362,11 @@ class Trainer:
                 self.checkpoint()
                 if on_epoch is not None and on_epoch(s.epoch, h):
                     break
+                if self.out_of_time:
+                    if self.progress:
+                        print(f"time limit: stopped after {s.train_seconds:.0f} s of training "
+                              f"(--time-limit {cfg.time_limit:g})", flush=True)
+                    break
                 if (cfg.early_stop and val is not None and s.epoch - s.best_epoch >= cfg.early_stop):
                     if self.progress:
                         print(f"early stop: validation accuracy has not improved for {cfg.early_stop} "
@@ -333,56 +393,67 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- fit
 def load_data(cfg: Config) -> Dataset:
-    ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size, bad_images=cfg.bad_images)
+    with distributed.main_first():   # rank 0 fills the decoded-image cache, the others read it
+        streamed = open_streaming(cfg, distributed.local_world_size())
+        if streamed is not None:
+            return streamed
+        ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size, bad_images=cfg.bad_images)
     return prepare_splits(ds, val_split=cfg.val_split, train_size=cfg.train_size,
                           test_size=cfg.test_size, seed=cfg.seed)
 
 
 def fit(config: Config | None = None, *, out: str | Path | None = None, name: str | None = None,
         progress: bool = True, on_epoch: Callable[[int, dict[str, list]], bool] | None = None,
-        **overrides: Any) -> Run:
+        report: bool = True, **overrides: Any) -> Run:
     """Train a model as ``config`` (plus keyword overrides) says and return the finished run.
 
     ``on_epoch(epoch, history)`` is called after each epoch; returning True stops training
-    (the tuner's pruner uses it).
+    (the tuner's pruner uses it). ``report=False`` skips plots/ and report.html (3 s a run on
+    a CPU; the tuner draws them for its best trial only).
     """
     cfg = config_mod.merge(config or Config(), overrides, source="fit()") if overrides else (config or Config())
     cfg = config_mod.validate(cfg)
-    device = pick_device(cfg.device)
-    set_threads(cfg.threads)
+    device = distributed.setup(pick_device(cfg.device))   # joins torchrun's process group, if any
+    set_threads(cfg.threads or distributed.threads_per_process())
+    progress = progress and distributed.is_main()
     data = load_data(cfg)
     if data.skipped and progress:
         print(f"skipped {data.skipped} unreadable image(s) (--bad-images skip)", flush=True)
     # Validate the model before creating the folder: bad input leaves nothing behind.
     from cnnlab.models.registry import model_info
     model_info(cfg.model)
-    path = run_path(out=out, name=name, default_name=default_run_name(cfg))
+    path = distributed.from_main(run_path(out=out, name=name, default_name=default_run_name(cfg)))
     check_new_run_folder(path)
     trainer = Trainer(cfg, data, path, device, progress)
-    path.mkdir(parents=True, exist_ok=True)
-    save_config(path, cfg, environment(device))
+    if distributed.is_main():
+        path.mkdir(parents=True, exist_ok=True)
+        save_config(path, cfg, environment(device))
     if progress:
         _print_header(cfg, data, trainer, path, device)
-    return _train_and_save(trainer, on_epoch)
+    return _train_and_save(trainer, on_epoch, report)
 
 
-def resume(run: str | Path, *, progress: bool = True, allow: dict[str, Any] | None = None,
+def resume(run: str | Path, *, progress: bool = True, changes: dict[str, Any] | None = None,
            on_epoch: Callable[[int, dict[str, list]], bool] | None = None) -> Run:
-    """Continue ``run`` from its last checkpoint; ``allow`` holds safe changes (e.g. epochs)."""
+    """Continue ``run`` from its last checkpoint with its saved config. ``changes`` may repeat
+    saved values or change ``epochs`` (see ``checkpoint.resumed_config``); others are refused."""
     path = Path(run)
     tensors, meta = ckpt.read_checkpoint(path / "checkpoints" / "last.safetensors")
-    cfg = config_mod.merge(Config(), meta["config"], source=f"{path} checkpoint")
-    if allow:
-        cfg = config_mod.merge(cfg, allow, source="resume")
-    device = pick_device(cfg.device)
-    set_threads(cfg.threads)
+    cfg = ckpt.resumed_config(meta, changes or {}, path)
+    if distributed.is_main():
+        discard_temps(path / "checkpoints", "last.safetensors")   # from a process killed mid-write
+    device = distributed.setup(pick_device(cfg.device))
+    distributed.check_resume_world(meta.get("world_size", 1), path)
+    set_threads(cfg.threads or distributed.threads_per_process())
+    progress = progress and distributed.is_main()
     data = load_data(cfg)
     trainer = Trainer(cfg, data, path, device, progress)
     trainer.restore(tensors, meta)
     if progress:
         print(f"resuming {path} at epoch {trainer.state.epoch + 1}, step {trainer.state.step_in_epoch}",
               flush=True)
-    save_config(path, cfg, environment(device))
+    if distributed.is_main():
+        save_config(path, cfg, environment(device))
     return _train_and_save(trainer, on_epoch)
 
 
@@ -396,32 +467,46 @@ def _print_header(cfg: Config, data: Dataset, trainer: Trainer, path: Path, devi
           f"{cfg.optimizer} lr {cfg.lr:g}, device {device}"
           f"{', ' + str(trainer.dtype).replace('torch.', '') if trainer.dtype else ''}, "
           f"{torch.get_num_threads()} threads -> {path}", flush=True)
+    for line in (distributed.describe(cfg), describe_streaming(data)):
+        if line:
+            print(line, flush=True)
 
 
-def _train_and_save(trainer: Trainer, on_epoch) -> Run:
+def _train_and_save(trainer: Trainer, on_epoch, report: bool = True) -> Run:
     cfg, path, s = trainer.cfg, trainer.run, trainer.state
     try:
         trainer.fit(on_epoch)
-    except NonFiniteLoss:
-        # The last finished epoch's checkpoint holds the last finite weights: keep them.
+    except NonFiniteLoss as e:
+        # No checkpoint holds a NaN (Trainer.checkpoint checks): the last one's weights (averaged
+        # or best, as the config asks) become the model, and its history the history.
         last = path / "checkpoints" / "last.safetensors"
-        if last.exists():
-            tensors, _ = ckpt.read_checkpoint(last)
-            trainer.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            _write_model(trainer, trainer.model)
-        raise
+        if not distributed.is_main():
+            raise
+        if not last.exists():
+            raise NonFiniteLoss(f"{e}; no epoch finished, so no model was saved") from None
+        trainer.restore(*ckpt.read_checkpoint(last))
+        _write_model(trainer, trainer.final_model())
+        s = trainer.state
+        where = f"the end of epoch {s.epoch}" if s.step_in_epoch == 0 else f"epoch {s.epoch + 1}, step {s.step_in_epoch}"
+        raise NonFiniteLoss(f"{e}; model.safetensors holds the last finite weights, those of the "
+                            f"checkpoint at {where}") from None
     model = trainer.final_model()
-    _write_model(trainer, model)
+    main = distributed.is_main()   # every process evaluates its shard; rank 0 writes
+    if main:
+        _write_model(trainer, model)
     test = evaluate(model, trainer.data.test, trainer.device, dtype=trainer.dtype, tta=cfg.tta,
                     channels_last=cfg.channels_last)
     metrics = _metrics(trainer, test)
-    write_json(path / "metrics.json", metrics)
-    save_evaluation(path, trainer.data, test)
-    from cnnlab.report import write_report
-    write_report(path)
+    if main:
+        write_json(path / "metrics.json", metrics)
+        save_evaluation(path, trainer.data, test)
+    if report and main:
+        from cnnlab.report import write_report
+        write_report(path)
     if trainer.progress:
         print(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
               f"trained {s.train_seconds:.1f}s over {s.epoch} epochs  -> {path}", flush=True)
+    distributed.barrier()   # the run folder is complete before any process reads it
     return load_run(path)
 
 
@@ -432,6 +517,9 @@ def _write_model(trainer: Trainer, model: torch.nn.Module) -> None:
 
 
 SAMPLES_PER_CLASS = 8
+# Streamed data: samples of the first 20 classes only, which the samples grid shows
+# (report.plots.MAX_SAMPLE_CLASSES): 1,000 ImageNet classes x 8 at 224 px would be 1.2 GB.
+STREAMED_SAMPLE_CLASSES = 20
 MISTAKES_KEPT = 36
 
 
@@ -445,11 +533,12 @@ def save_evaluation(run: Path, data: Dataset, test: Evaluation) -> None:
     wrong = torch.nonzero(pred != test.labels).squeeze(1)
     worst = wrong[conf[wrong].argsort(descending=True)][:MISTAKES_KEPT].numpy()
     labels = data.train.labels
-    samples = np.concatenate([np.flatnonzero(labels == c)[:SAMPLES_PER_CLASS] for c in range(data.num_classes)])
+    kept = data.num_classes if isinstance(data.train, Split) else min(data.num_classes, STREAMED_SAMPLE_CLASSES)
+    samples = np.concatenate([np.flatnonzero(labels == c)[:SAMPLES_PER_CLASS] for c in range(kept)])
     buf = io.BytesIO()
     np.savez(buf, logits=test.logits.numpy().astype(np.float32), labels=test.labels.numpy(),
-             mistake_index=worst, mistake_images=data.test.images[worst],
-             sample_images=data.train.images[samples], sample_labels=labels[samples])
+             mistake_index=worst, mistake_images=images_of(data.test, worst),
+             sample_images=images_of(data.train, samples), sample_labels=labels[samples])
     write_bytes(run / "evaluation.npz", buf.getvalue())
 
 

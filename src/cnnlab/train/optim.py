@@ -22,14 +22,19 @@ class Schedule:
     kind: str = "constant"          # constant | linear | cosine
     final_fraction: float = 0.0
 
-    def multiplier(self, step: int) -> float:
-        """Warm-up from 0 to 1 over ``warmup_steps``, then decay to ``final_fraction``."""
+    def multiplier(self, step: int, progress: float | None = None) -> float:
+        """Warm-up from 0 to 1 over ``warmup_steps``, then decay to ``final_fraction``.
+
+        ``progress`` (0..1) overrides ``step / total_steps`` for the decay: a run with a
+        time limit decays over its time budget instead of its step count.
+        """
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.kind == "constant":
             return 1.0
-        span = max(1, self.total_steps - self.warmup_steps)
-        t = min(1.0, (step - self.warmup_steps) / span)
+        if progress is None:
+            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        t = min(1.0, max(0.0, progress))
         f = self.final_fraction
         if self.kind == "linear":
             return 1.0 - (1.0 - f) * t
@@ -69,6 +74,8 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
               {"params": biases, "lr_scale": cfg.bias_lr_scale, "decay_scale": 1.0}]
     groups = [g for g in groups if g["params"]]
     lr = effective_lr(cfg)
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
     # Fused kernels: one pass over all parameters (3x faster than foreach for Adam on CPU).
     fused = {"fused": True}
     if cfg.optimizer == "adam":
