@@ -154,6 +154,7 @@ def test_train_cli_writes_the_run_folder_contract(tiny_cifar, tmp_path):
 
     run = load_run(out)
     assert run.history["loss"] == history["loss"]
+    assert resolve(config_file=out / "config.json") == run.config   # a run's config re-trains it
     # evaluate reproduces the test figure the run recorded
     ev = cli("evaluate", str(out), "--json")
     assert ev.returncode == 0, ev.stderr

@@ -42,7 +42,9 @@ def test_every_model_honours_the_interface(name, size, in_channels):
     assert out.shape == (BATCH, NUM_CLASSES)
     assert torch.isfinite(out).all()
     out.sum().backward()
-    for pname, p in model.named_parameters():
+    trainable = [(pname, p) for pname, p in model.named_parameters() if p.requires_grad]
+    assert trainable, f"{name} has no trainable parameters"
+    for pname, p in trainable:
         assert p.grad is not None, f"{name}: {pname} received no gradient"
         assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"
 

@@ -13,7 +13,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -189,20 +189,27 @@ def merge(cfg: Config, changes: dict[str, Any], *, source: str) -> Config:
     return validate(Config(**values))
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """A YAML document, with one-line errors naming ``what`` and the file."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise CnnlabError(f"config file {path} does not exist") from None
+        raise CnnlabError(f"{what} {path} does not exist") from None
     except OSError as e:
-        raise CnnlabError(f"cannot read config file {path}: {e.strerror}") from None
+        raise CnnlabError(f"cannot read {what} {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text) or {}
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise CnnlabError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise CnnlabError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    data = load_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise CnnlabError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    if set(data) == {"config", "environment"} and isinstance(data["config"], dict):
+        return data["config"]   # a run's config.json: train again exactly as that run did
     return data
 
 

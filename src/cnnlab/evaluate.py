@@ -8,7 +8,7 @@ from cnnlab.data.dataset import prepare_splits
 from cnnlab.data.sources import load_dataset
 from cnnlab.errors import CnnlabError
 from cnnlab.run import load_run
-from cnnlab.train.hardware import autocast, pick_device, resolve_precision
+from cnnlab.train.hardware import pick_device, resolve_precision
 
 
 def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str | None = None,

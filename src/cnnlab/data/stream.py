@@ -360,10 +360,12 @@ def open_streaming(cfg: Config, processes: int = 1) -> StreamingDataset | None:
     if _is_official(cfg) or cfg.loader == "memory" or not Path(cfg.data).expanduser().is_dir():
         _refuse_impossible(cfg)
         return None                  # the in-memory reader (and its messages for bad --data)
-    from cnnlab.data.folder import list_folder
-    listing = list_folder(cfg.data)
+    from cnnlab.data import check
+    # The same walk as the in-memory reader, so a messy folder gets the full list of problems.
+    listing, report = check.scan_folder(cfg.data)
     if choose_loader(cfg, listing, processes) == "memory":
         return None
+    check.enforce(report, "skip")   # layout problems; unreadable files follow cfg.bad_images when decoded
     train_paths = [p for p, _ in listing.files["train"]]
     headers = _sample_headers(train_paths)
     channels = 1 if headers and all(m in GREY_MODES for _, m in headers) else 3

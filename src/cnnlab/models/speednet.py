@@ -5,12 +5,12 @@ ResNet"; Jordan 2024, "94% on CIFAR-10 in 3.29 seconds on a single GPU", arXiv:2
 
 - a 2x2 patch convolution first, initialised from the whitening transform of image patches
   (eigenvectors of their covariance, and their negatives) and kept frozen;
-- three blocks of conv3x3 - maxpool2 - BatchNorm - GELU - conv3x3 - BatchNorm - GELU, so the
+- three blocks of conv3x3 - maxpool2 - BatchNorm - act - conv3x3 - BatchNorm - act, so the
   spatial size halves early (where the CPU time goes) while the width grows;
 - global max pooling and a linear head whose logits are scaled down (``logit_scale``);
 - convolutions initialised as partial identities (dirac), BatchNorm scales frozen at 1.
 
-Depth and widths are data (``SPEEDNET_WIDTHS``); nothing here is specific to 32x32 inputs
+Widths and activation are data (``SPEEDNET_SPECS``); nothing here is specific to 32x32 inputs
 beyond needing at least 16 pixels.
 """
 from __future__ import annotations
@@ -20,12 +20,13 @@ from torch import nn
 
 from cnnlab.models.registry import register_model
 
-# name -> widths of the three blocks
-SPEEDNET_WIDTHS = {
-    "speednet_xs": (32, 64, 128),
-    "speednet_s": (64, 128, 128),
-    "speednet": (64, 256, 256),
-    "speednet_l": (128, 384, 512),
+# name -> (widths of the three blocks, activation). GELU trains a little better per epoch;
+# ReLU costs a third less time in the narrow nets, where elementwise work dominates on a CPU.
+SPEEDNET_SPECS = {
+    "speednet_xs": ((32, 64, 128), nn.ReLU),
+    "speednet_s": ((64, 128, 128), nn.ReLU),
+    "speednet": ((64, 256, 256), nn.GELU),
+    "speednet_l": ((128, 384, 512), nn.GELU),
 }
 PAPER = "Jordan 2024, 94% on CIFAR-10 in 3.29 Seconds on a Single GPU (after Page 2018)"
 
@@ -39,13 +40,13 @@ class FrozenScaleBatchNorm(nn.BatchNorm2d):
 
 
 class ConvBlock(nn.Sequential):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, act_layer: type[nn.Module]):
         super().__init__(
             nn.Conv2d(cin, cout, 3, padding=1, bias=False),
             nn.MaxPool2d(2),
-            FrozenScaleBatchNorm(cout), nn.GELU(),
+            FrozenScaleBatchNorm(cout), act_layer(),
             nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-            FrozenScaleBatchNorm(cout), nn.GELU(),
+            FrozenScaleBatchNorm(cout), act_layer(),
         )
         for conv in (self[0], self[4]):
             _dirac_init(conv)
@@ -60,14 +61,14 @@ def _dirac_init(conv: nn.Conv2d) -> None:
 
 class SpeedNet(nn.Module):
     def __init__(self, widths: tuple[int, int, int], num_classes: int, in_channels: int,
-                 patch: int = 2, logit_scale: float = 1 / 9):
+                 act_layer: type[nn.Module] = nn.GELU, patch: int = 2, logit_scale: float = 1 / 9):
         super().__init__()
         whiten_width = 2 * in_channels * patch * patch
         self.whiten = nn.Conv2d(in_channels, whiten_width, patch, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)   # set by init_whitening, then frozen
-        self.act = nn.GELU()
+        self.act = act_layer()
         chans = (whiten_width, *widths)
-        self.blocks = nn.Sequential(*(ConvBlock(a, b) for a, b in zip(chans[:-1], chans[1:])))
+        self.blocks = nn.Sequential(*(ConvBlock(a, b, act_layer) for a, b in zip(chans[:-1], chans[1:])))
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[-1], num_classes, bias=False)
         self.logit_scale = logit_scale
@@ -93,13 +94,14 @@ class SpeedNet(nn.Module):
         return self.head(self.pool(x).flatten(1)) * self.logit_scale
 
 
-def _factory(widths):
+def _factory(widths, act_layer):
     def make(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
         if input_size < 16:
             raise ValueError("SpeedNet needs inputs of at least 16x16 pixels")
-        return SpeedNet(widths, num_classes, in_channels)
+        return SpeedNet(widths, num_classes, in_channels, act_layer)
     return make
 
 
-for _name, _widths in SPEEDNET_WIDTHS.items():
-    register_model(_name, family="SpeedNet", year=2024, paper=PAPER, input_sizes=(28, 32))(_factory(_widths))
+for _name, _spec in SPEEDNET_SPECS.items():
+    register_model(_name, family="SpeedNet", year=2024, paper=PAPER,
+                   input_sizes=(28, 32))(_factory(*_spec))

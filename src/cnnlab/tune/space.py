@@ -33,9 +33,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
-from cnnlab.config import FIELDS, Config, merge
+from cnnlab.config import FIELDS, Config, load_yaml_file, merge
 from cnnlab.errors import CnnlabError
 
 # The data, the hold-out and the seed define what a trial is scored on; searching them would
@@ -157,17 +156,7 @@ def default_space(base: Config | None = None) -> SearchSpace:
 
 
 def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise CnnlabError(f"space file {path} does not exist") from None
-    except OSError as e:
-        raise CnnlabError(f"cannot read space file {path}: {e.strerror}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise CnnlabError(f"space file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    doc = load_yaml_file(path, "space file")
     return parse_space(doc, base=base, source=f"space file {path}")
 
 
