@@ -244,8 +244,8 @@ def _get(url: str) -> tuple[int, bytes, dict]:
         return e.code, e.read(), dict(e.headers)
 
 
-def _post_file(url: str, data: bytes, filename: str = "image.jpg", content_type: str = "image/jpeg",
-               field: str = "file") -> tuple[int, dict]:
+def _post_raw(url: str, data: bytes, filename: str = "image.jpg", content_type: str = "image/jpeg",
+              field: str = "file") -> tuple[int, bytes, dict]:
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
             f"Content-Type: {content_type}\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
@@ -253,9 +253,15 @@ def _post_file(url: str, data: bytes, filename: str = "image.jpg", content_type:
                                  headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
+            return r.status, r.read(), dict(r.headers)
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        return e.code, e.read(), dict(e.headers)
+
+
+def _post_file(url: str, data: bytes, filename: str = "image.jpg", content_type: str = "image/jpeg",
+               field: str = "file") -> tuple[int, dict]:
+    status, body, _ = _post_raw(url, data, filename, content_type, field)
+    return status, json.loads(body)
 
 
 def _raw_status(port: int, request: bytes, body_chunks=()) -> tuple[int, bytes]:
@@ -374,6 +380,23 @@ def test_server_wrong_type_corrupt_bomb_and_missing_field(server, tmp_path):
     assert status == 422
 
 
+def test_server_gradcam_returns_a_png(server, trained_run):
+    path = _cifar_test_images(per_class=1)[0][3]
+    status, body, headers = _post_raw(server + "/gradcam", path.read_bytes(), path.name)
+    assert status == 200 and headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(body)) as im:
+        h, w = trained_run.input_size
+        assert im.format == "PNG" and im.mode == "RGB" and im.width >= 128 and im.width * h == im.height * w
+    other = trained_run.class_names[-1]
+    status, body, _ = _post_raw(server + f"/gradcam?class={other}", path.read_bytes(), path.name)
+    assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n"
+
+    status, reply = _post_file(server + "/gradcam", b"%PDF-1.4 not an image", "doc.pdf", "application/pdf")
+    assert status == 415 and "doc.pdf is not an image" in reply["detail"]
+    status, reply = _post_file(server + "/gradcam?class=no-such-class", path.read_bytes(), path.name)
+    assert status == 422 and "not one of the run's classes" in reply["detail"]
+
+
 def test_browser_uploads_an_image_and_sees_the_prediction(server, trained_run, tmp_path):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent: apt-get install chromium to run the browser test")
@@ -395,6 +418,11 @@ def test_browser_uploads_an_image_and_sees_the_prediction(server, trained_run, t
             expected = trained_run.predict([path], top_k=1)[0]["top"][0]["class"]
             assert rows.first.locator(".label").inner_text() == expected
             assert page.locator("#preview").get_attribute("src").startswith("blob:")
+            heat = page.locator("#gradcam")                   # the Grad-CAM under the bars
+            sync_api.expect(heat).to_be_visible(timeout=20_000)
+            page.wait_for_function("document.getElementById('gradcam').complete", timeout=20_000)
+            assert heat.evaluate("img => img.naturalWidth") > 0
+            assert heat.get_attribute("src").startswith("blob:")
 
             page.set_input_files("#file", str(not_image))
             sync_api.expect(page.locator("#error")).to_contain_text("not an image", timeout=20_000)

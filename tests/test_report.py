@@ -100,7 +100,30 @@ def test_report_escapes_names_and_fetches_nothing(moved_run):
     text = (moved_run / "report.html").read_text()
     assert HOSTILE not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
     assert "http://" not in text and "https://" not in text
+    # Copied without its weights: every plot but the Grad-CAM one, which needs the model.
+    assert text.count('src="data:image/png;base64,') == len(PLOT_FILES) - 1
+    assert "Grad-CAM" not in text
+
+
+def test_report_shows_the_gradcam_of_the_mistakes(runs):
+    run, _ = runs
+    path = run / "plots" / "gradcam_mistakes.png"
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(path) as im:
+        im.verify()
+    text = (run / "report.html").read_text()
+    assert "where the network looked when it got these wrong" in text.lower()
     assert text.count('src="data:image/png;base64,') == len(PLOT_FILES)
+    # Fast enough to run at the end of every training run.
+    from cnnlab.report.folder import read_run
+    from cnnlab.report.plots import gradcam_mistakes
+    rec = read_run(run)
+    ev = rec.evaluation
+    preds = ev["logits"].argmax(1)
+    idx = ev["mistake_index"]
+    t0 = time.perf_counter()
+    fig = gradcam_mistakes(rec, ev["mistake_images"], ev["labels"][idx], preds[idx], np.ones(len(idx)))
+    assert fig is not None and time.perf_counter() - t0 < 5
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +337,7 @@ def test_browser_check_catches_a_broken_page(browser, tmp_path):
 def test_report_html_in_chromium(runs, moved_run, browser):
     assert_page_ok(browser.open(runs[0] / "report.html"), images=len(PLOT_FILES))
     page = browser.open(moved_run / "report.html")
-    assert_page_ok(page, images=len(PLOT_FILES))
+    assert_page_ok(page, images=len(PLOT_FILES) - 1)     # no weights, no Grad-CAM
     if os.environ.get("CNNLAB_SCREENSHOT"):       # for looking at the page yourself
         Path(os.environ["CNNLAB_SCREENSHOT"]).write_bytes(browser.screenshot(page["session"]))
 

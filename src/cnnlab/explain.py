@@ -29,7 +29,8 @@ the class logit, weights ``a_k = mean_ij dy_c/dA_kij``; heatmap ``ReLU(sum_k a_k
 bilinearly upsampled to the input size and divided by its maximum (all zeros when no
 location raises the score).
 
-Reusable by the report and the web page: ``gradcam``, ``gradcam_overlay_png``, ``overlay``.
+Reusable by the report and the web page: ``gradcam``, ``gradcam_overlays``, ``gradcam_overlay_png``,
+``overlay``.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ from cnnlab.models.classifier import Classifier
 from cnnlab.report.plots import plt, save_figure
 
 __all__ = ["LayerChoice", "Stage", "find_target_layer", "layer_names", "first_conv", "filter_tiles",
-           "feature_stages", "gradcam", "overlay", "gradcam_overlay_png", "explain_image",
+           "feature_stages", "gradcam", "overlay", "gradcam_overlays", "gradcam_overlay_png", "explain_image",
            "explain_run"]
 
 # Side (pixels) of the zero image used to probe shapes when no input shape is given.
@@ -399,6 +400,18 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = HEAT_ALPHA) -
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, C) -> float (C, H, W) in [0, 1], what a Classifier takes."""
     return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(255)
+
+
+def gradcam_overlays(model: nn.Module, images: np.ndarray, class_indices: Sequence[int | None], *,
+                     layer: str | None = None, alpha: float = HEAT_ALPHA) -> np.ndarray:
+    """uint8 (N, H, W, 3): each uint8 (H, W, C) image of ``images`` (already at the model's
+    input shape) overlaid with its Grad-CAM for the matching ``class_indices`` entry (None:
+    the predicted class). The target layer is found once for the whole batch."""
+    if len(images) == 0:
+        return np.zeros((0, *images.shape[1:3], 3), np.uint8)
+    target = find_target_layer(model, layer, tuple(_to_tensor(images[0]).shape)).module
+    return np.stack([overlay(img, gradcam(model, _to_tensor(img), target, k)[0], alpha)
+                     for img, k in zip(images, class_indices)])
 
 
 def _load_for_run(run, image) -> np.ndarray:

@@ -25,7 +25,7 @@ def _flat_size(size: int) -> int:
                 input_sizes=(28, 32))
 def tutorial(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
     s = _flat_size(input_size)
-    return nn.Sequential(
+    net = nn.Sequential(
         nn.Conv2d(in_channels, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(64, 64, 3), nn.ReLU(),
@@ -34,3 +34,9 @@ def tutorial(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) 
         nn.Linear(64 * s * s, 64), nn.ReLU(),
         nn.Linear(64, num_classes),
     )
+    # Keras's defaults, so the lesson's numbers carry over: Glorot-uniform kernels, zero biases.
+    for layer in net:
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    return net

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -30,11 +31,12 @@ MAX_SAMPLE_CLASSES = 20      # beyond this a samples grid stops being readable
 MIN_TICK_POINTS = 5.0        # smallest class-name font on the confusion matrix before naming sparsely
 ANNOTATE_CLASSES = 15        # write the rate in each confusion-matrix cell up to this many classes
 MISTAKE_COLUMNS = 6
+GRADCAM_MISTAKES = 12        # mistakes shown with their Grad-CAM (one backward pass each)
 CAPTION_POINTS = 7           # font of the captions under each mistake
 PAD = 2                      # pixels of white between mosaic tiles
 
 PLOT_FILES = ("accuracy.png", "loss.png", "lr.png", "samples.png", "confusion_matrix.png",
-              "per_class_accuracy.png", "mistakes.png")
+              "per_class_accuracy.png", "mistakes.png", "gradcam_mistakes.png")
 
 
 def figure(width: float, height: float) -> tuple[Figure, plt.Axes]:
@@ -176,14 +178,16 @@ def samples_figure(images: np.ndarray, labels: np.ndarray, class_names: list[str
 
 
 def mistakes_figure(images: np.ndarray, true: np.ndarray, pred: np.ndarray, conf: np.ndarray,
-                    class_names: list[str], ncols: int = MISTAKE_COLUMNS) -> Figure:
-    """The most confident wrong test predictions, each captioned true / predicted (confidence)."""
+                    class_names: list[str], ncols: int = MISTAKE_COLUMNS, *, tile_in: float = 1.5,
+                    title: str | None = None) -> Figure:
+    """The most confident wrong test predictions, each captioned true / predicted (confidence).
+
+    ``tile_in``: inches per tile (a tile may hold several images side by side)."""
     n = len(images)
     if n == 0:
         return _empty("no mistakes on the test set")
     ncols = min(ncols, n)
     h, w = images.shape[1:3]
-    tile_in = 1.5
     caption = max(1, round(0.34 / tile_in * (w + PAD)))   # two 7 pt lines under each tile, in pixels
     nrows = math.ceil(n / ncols)
     grid = mosaic(images, ncols)
@@ -191,7 +195,7 @@ def mistakes_figure(images: np.ndarray, true: np.ndarray, pred: np.ndarray, conf
     canvas = np.concatenate([part for r in range(nrows) for part in (grid[r * (h + PAD):(r + 1) * (h + PAD)], band)])
     row_h = h + PAD + caption
     fig, ax = mosaic_figure(canvas, w + PAD, tile_in, top_in=0.5,
-                            title=f"Most confident mistakes on the test set ({n} shown)\n"
+                            title=title or f"Most confident mistakes on the test set ({n} shown)\n"
                                   f"green: the true class; red: what the model predicted, and how sure it was")
     fits = int(tile_in * 72 / (CAPTION_POINTS * 0.6))    # characters that fit under a tile
 
@@ -206,6 +210,38 @@ def mistakes_figure(images: np.ndarray, true: np.ndarray, pred: np.ndarray, conf
         ax.text(x, y + caption * 0.45, f"pred: {name(int(pred[i]), fits - 11)} {conf[i]:.0%}", ha="center",
                 va="top", fontsize=CAPTION_POINTS, color=WRONG)
     return fig
+
+
+def gradcam_mistakes_figure(images: np.ndarray, overlays: np.ndarray, true: np.ndarray, pred: np.ndarray,
+                            conf: np.ndarray, class_names: list[str]) -> Figure:
+    """Each mistake as a pair, the image then its Grad-CAM overlay for the predicted class,
+    captioned like ``mistakes_figure``; three pairs per row, one mosaic."""
+    rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images[..., :3]
+    gap = np.full((*rgb.shape[:2], PAD, 3), 255, dtype=np.uint8)
+    pairs = np.concatenate([rgb, gap, overlays], axis=2)
+    return mistakes_figure(pairs, true, pred, conf, class_names, ncols=MISTAKE_COLUMNS // 2, tile_in=3.0,
+                           title=f"Where the network looked when it got these wrong ({len(images)} shown)\n"
+                                 f"each image, then its Grad-CAM for the predicted class (red: what raised "
+                                 f"that class's score)")
+
+
+def gradcam_mistakes(rec: RunRecord, images: np.ndarray, true: np.ndarray, pred: np.ndarray,
+                     conf: np.ndarray) -> Figure | None:
+    """``gradcam_mistakes_figure`` for the first ``GRADCAM_MISTAKES`` mistakes, with the run's
+    model on the CPU; None (the plot is skipped, with a note) when the model cannot be loaded."""
+    from cnnlab.errors import CnnlabError
+    from cnnlab.explain import gradcam_overlays
+    from cnnlab.predict import fit_to_model
+    from cnnlab.run import load_run
+    n = min(GRADCAM_MISTAKES, len(images))
+    try:
+        run = load_run(rec.path)
+        images = fit_to_model(run, images[:n])
+        overlays = gradcam_overlays(run.model("cpu"), images, [int(k) for k in pred[:n]])
+    except (CnnlabError, OSError, RuntimeError, ValueError, KeyError) as e:
+        print(f"cnnlab: note: report without gradcam_mistakes.png: {e}", file=sys.stderr)
+        return None
+    return gradcam_mistakes_figure(images, overlays, true[:n], pred[:n], conf[:n], rec.class_names)
 
 
 def _empty(message: str) -> Figure:
@@ -344,6 +380,10 @@ def write_plots(run: str | Path | RunRecord) -> list[Path]:
                 probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
                 figs["mistakes.png"] = mistakes_figure(ev["mistake_images"], labels[idx], preds[idx],
                                                        probs.max(1), names)
+                if len(idx) and (rec.path / "model.safetensors").is_file():
+                    fig = gradcam_mistakes(rec, ev["mistake_images"], labels[idx], preds[idx], probs.max(1))
+                    if fig is not None:
+                        figs["gradcam_mistakes.png"] = fig
     acc = per_class_accuracy(rec)
     if acc:
         overall = rec.metrics.get("test_accuracy")

@@ -29,10 +29,11 @@ PLOTS = (  # file, heading, caption
     ("per_class_accuracy.png", "Accuracy per class", "Classes below the overall accuracy are in red."),
     ("mistakes.png", "Most confident mistakes", "Test images the model got wrong while most sure of itself: "
                                                 "look for label errors and look-alike classes."),
+    ("gradcam_mistakes.png", "Grad-CAM of the mistakes", "Where the network looked when it got these wrong."),
     ("samples.png", "Training samples", "What the model saw, as stored in the run folder."),
 )
 PLOT_GROUPS = (("accuracy.png", "loss.png", "lr.png"), ("confusion_matrix.png", "per_class_accuracy.png"),
-               ("mistakes.png",), ("samples.png",))   # side by side when the window is wide enough
+               ("mistakes.png", "gradcam_mistakes.png"), ("samples.png",))   # side by side when wide enough
 
 
 def findings_html(findings: list[Finding]) -> str:

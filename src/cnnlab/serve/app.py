@@ -3,6 +3,9 @@
     GET  /          the page (static/index.html + app.js + style.css, nothing from the network)
     GET  /health    {"status": "ok", "model": {...}, "max_upload_bytes": ..., "max_pixels": ...}
     POST /predict   multipart field ``file``; query ``k`` (default 5) -> {"top": [...], ...}
+    POST /gradcam   multipart field ``file``; query ``class`` (default: the top class) -> image/png,
+                    the image with its Grad-CAM overlaid (same upload rules and errors as /predict;
+                    422 for an unknown class)
 
 Upload rules (../shared/notes/reliability.md: FastAPI has no per-file cap of its own):
 
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
@@ -190,6 +193,10 @@ class Predictor:
         # A decoded upload can take max_pixels x 4 bytes: decode a few at a time, not one per
         # request thread (the thread pool has 40), so a burst of large images cannot exhaust memory.
         self._slots = threading.BoundedSemaphore(max(1, available_cores()))
+        # Grad-CAM hooks the model and switches its mode: it gets its own copy of the run (loaded
+        # on first use) and one request at a time, so concurrent /predict calls are undisturbed.
+        self._cam_lock = threading.Lock()
+        self._cam_run = None
 
     def info(self) -> dict[str, Any]:
         run, card = self.run, self.run.card
@@ -202,9 +209,22 @@ class Predictor:
         with self._slots:
             return self._classify(data, k, filename)
 
-    def _classify(self, data: bytes, k: int, filename: str | None) -> dict[str, Any]:
+    def gradcam_png(self, data: bytes, class_name: str | None, filename: str | None) -> bytes:
+        from cnnlab.explain import _class_index, gradcam_overlay_png
+        try:
+            k = None if class_name is None else _class_index(self.run.class_names, class_name)
+        except CnnlabError as e:
+            raise HTTPException(422, str(e).replace("--class", "class", 1)) from None
+        with self._slots:
+            x = self._decode(data, filename)[1]     # small: the full-size decode is freed here
+        with self._cam_lock:
+            self._cam_run = self._cam_run or load_run(self.run.path)
+            return gradcam_overlay_png(self._cam_run, x, k)
+
+    def _decode(self, data: bytes, filename: str | None) -> tuple[Image.Image, Any]:
+        """The upload as an image and as a uint8 (H, W, C) array at the model's input size;
+        HTTPException 413/415/422 when it is not an acceptable image."""
         name = filename or "uploaded image"
-        t0 = time.perf_counter()
         try:
             img = open_image(data, max_pixels=self.max_pixels)
         except CnnlabError as e:
@@ -213,8 +233,12 @@ class Predictor:
             reason = getattr(e, "reason", None) or str(e).removeprefix("uploaded image: ")
             raise HTTPException(status, MESSAGES.get(status, MESSAGES[422]).format(name=name, reason=reason)) from None
         h, w = self.run.input_size
-        x = to_array(img, (w, h), self.run.in_channels)[None]          # (1, H, W, C) uint8
-        top = top_classes(self.run.class_names, logits_for(self.run, x), k)[0]
+        return img, to_array(img, (w, h), self.run.in_channels)
+
+    def _classify(self, data: bytes, k: int, filename: str | None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        img, x = self._decode(data, filename)
+        top = top_classes(self.run.class_names, logits_for(self.run, x[None]), k)[0]
         return {"file": filename, "width": img.width, "height": img.height, "top": top,
                 "seconds": round(time.perf_counter() - t0, 4)}
 
@@ -251,13 +275,25 @@ def create_app(run_path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, *, max_
         return {"status": "ok", "model": predictor.info(), "max_upload_bytes": max_bytes,
                 "max_pixels": max_pixels}
 
-    @app.post("/predict")
-    async def predict(file: UploadFile = File(..., description="the image"),
-                      k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="classes to return")):
+    async def read_upload(file: UploadFile) -> bytes:
         data = await file.read()
         if not data:
             raise HTTPException(422, f"{file.filename or 'upload'}: empty file (0 bytes)")
+        return data
+
+    @app.post("/predict")
+    async def predict(file: UploadFile = File(..., description="the image"),
+                      k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="classes to return")):
+        data = await read_upload(file)
         return await run_in_threadpool(predictor.classify, data, k, file.filename)
+
+    @app.post("/gradcam", response_class=Response)
+    async def gradcam(file: UploadFile = File(..., description="the image"),
+                      class_name: str | None = Query(None, alias="class", max_length=200,
+                                                     description="class to explain (default: the top one)")):
+        data = await read_upload(file)
+        png = await run_in_threadpool(predictor.gradcam_png, data, class_name, file.filename)
+        return Response(png, media_type="image/png")
 
     return app
 

@@ -108,6 +108,26 @@ const cnnlab = (() => {
     $("top-panel").hidden = false;
   });
 
+  // ---- Grad-CAM of the top class, under the bars (POST /gradcam with the same file)
+  let gradcamUrl = null;
+  addPanel(function gradcam(result, context) {
+    const form = new FormData();
+    form.append("file", context.file, context.file.name);
+    const current = () => context.imageUrl === state.imageUrl;    // false once a newer upload starts
+    fetch("/gradcam", { method: "POST", body: form })
+      .then((response) => (response.ok && current() ? response.blob() : null))
+      .then((blob) => {
+        if (!blob || !current()) return;
+        if (gradcamUrl) URL.revokeObjectURL(gradcamUrl);
+        gradcamUrl = URL.createObjectURL(blob);
+        $("gradcam").src = gradcamUrl;
+        $("gradcam-meta").textContent = `Grad-CAM for ${result.top[0].class}: red marks the regions `
+          + "that raised its score.";
+        $("gradcam-panel").hidden = false;
+      })
+      .catch((err) => console.warn("Grad-CAM unavailable", err));   // the prediction stands alone
+  });
+
   // ---- input: file picker, drag and drop, paste
   function wire() {
     const drop = $("drop");
