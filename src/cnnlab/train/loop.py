@@ -7,6 +7,7 @@ be resumed exactly, evaluates the test split once at the end, and writes the run
 """
 from __future__ import annotations
 
+import copy
 import io
 import math
 import signal
@@ -185,6 +186,7 @@ class Trainer:
                                   ramp_steps=self.total_steps if cfg.ema_ramp else 0)
                     if cfg.ema > 0 else None)
         self.ema_start_step = round(cfg.ema_start * self.total_steps)
+        self._ema_model: torch.nn.Module | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.state = LoopState()
         self.out_of_time = False
@@ -327,9 +329,8 @@ class Trainer:
         """The model to evaluate: the weight average when there is one."""
         if self.ema is None or self.state.global_step < self.ema_start_step:
             return self.model
-        if not hasattr(self, "_ema_model"):
-            import copy
-            self._ema_model = copy.deepcopy(self.model)
+        if self._ema_model is None:
+            self._ema_model = copy.deepcopy(self.model)   # made once, refreshed from the average
         self.ema.copy_to(self._ema_model)
         return self._ema_model
 
