@@ -236,12 +236,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str) -> tuple[int, bytes, dict]:
+def _open(request: str | urllib.request.Request) -> tuple[int, bytes, dict]:
+    """Status, body and headers, for error statuses too."""
     try:
-        with urllib.request.urlopen(url, timeout=30) as r:
+        with urllib.request.urlopen(request, timeout=30) as r:
             return r.status, r.read(), dict(r.headers)
     except urllib.error.HTTPError as e:
         return e.code, e.read(), dict(e.headers)
+
+
+def _get(url: str) -> tuple[int, bytes, dict]:
+    return _open(url)
 
 
 def _post_raw(url: str, data: bytes, filename: str = "image.jpg", content_type: str = "image/jpeg",
@@ -251,11 +256,7 @@ def _post_raw(url: str, data: bytes, filename: str = "image.jpg", content_type: 
             f"Content-Type: {content_type}\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
     req = urllib.request.Request(url, data=body, method="POST",
                                  headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, r.read(), dict(r.headers)
-    except urllib.error.HTTPError as e:
-        return e.code, e.read(), dict(e.headers)
+    return _open(req)
 
 
 def _post_file(url: str, data: bytes, filename: str = "image.jpg", content_type: str = "image/jpeg",

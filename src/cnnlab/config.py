@@ -174,6 +174,12 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def closest_key(name: str) -> str | None:
+    """The config key most like an unknown ``name``, for "did you mean" hints."""
+    close = difflib.get_close_matches(name, FIELDS, n=1)
+    return close[0] if close else None
+
+
 def merge(cfg: Config, changes: dict[str, Any], *, source: str) -> Config:
     """A new Config with ``changes`` applied; unknown keys name the closest known one."""
     if not isinstance(changes, dict):
@@ -182,8 +188,8 @@ def merge(cfg: Config, changes: dict[str, Any], *, source: str) -> Config:
     for key, value in changes.items():
         key = str(key).replace("-", "_")
         if key not in FIELDS:
-            close = difflib.get_close_matches(key, FIELDS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            close = closest_key(key)
+            hint = f"; did you mean {close!r}?" if close else ""
             raise CnnlabError(f"{source}: unknown config key {key!r}{hint} (run `cnnlab train --help` for all keys)")
         values[key] = _check_value(key, value, source)
     return validate(Config(**values))

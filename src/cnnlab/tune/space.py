@@ -26,7 +26,6 @@ The grid sampler needs a finite set: lists, int ranges, or float ranges with a `
 """
 from __future__ import annotations
 
-import difflib
 import math
 import typing
 from dataclasses import dataclass, field, replace
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-from cnnlab.config import FIELDS, Config, load_yaml_file, merge
+from cnnlab.config import FIELDS, Config, closest_key, load_yaml_file, merge
 from cnnlab.errors import CnnlabError
 
 # The data, the hold-out and the seed define what a trial is scored on; searching them would
@@ -198,8 +197,8 @@ def parse_space(doc: Any, *, base: Config | None = None, source: str = "space") 
     for raw_name, spec in doc.items():
         name = str(raw_name).replace("-", "_")
         if name not in FIELDS:
-            close = difflib.get_close_matches(name, FIELDS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else " (run `cnnlab train --help` for all keys)"
+            close = closest_key(name)
+            hint = f"; did you mean {close!r}?" if close else " (run `cnnlab train --help` for all keys)"
             raise CnnlabError(f"{source}: unknown parameter {raw_name!r}: not a config key{hint}")
         if name in NOT_SEARCHABLE:
             raise CnnlabError(f"{source}: {name} cannot be searched: it decides which images a trial is "
