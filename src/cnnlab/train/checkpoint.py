@@ -25,11 +25,12 @@ from safetensors.torch import save
 from cnnlab.config import FIELDS, Config, merge
 from cnnlab.errors import CnnlabError
 from cnnlab.fileio import write_bytes
+from cnnlab.train.optim import Optimizer
 
 FORMAT = "cnnlab-checkpoint-1"
 
 
-def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_to_flat(opt: Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
@@ -42,7 +43,7 @@ def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
     return tensors, {"groups": groups, "scalars": scalars}
 
 
-def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def optimizer_from_flat(opt: Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Inverse of ``optimizer_to_flat``; tensor keys with or without their ``optim.`` prefix."""
     state: dict[int, dict[str, Any]] = {}
     for key, t in tensors.items():
