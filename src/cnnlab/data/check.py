@@ -138,7 +138,10 @@ class CheckReport:
 
 
 # ----------------------------------------------------------------------------- image folders
-def scan_folder(root: str | Path) -> tuple[folder.FolderListing, CheckReport]:
+FolderScan = tuple[folder.FolderListing, CheckReport]
+
+
+def scan_folder(root: str | Path) -> FolderScan:
     """The walk without decoding: layout, hidden entries, symlinks, other file types."""
     report = CheckReport(str(Path(root).expanduser()))
     listing = folder.list_folder(root, report=report.add)

@@ -16,7 +16,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from PIL import Image
@@ -24,6 +24,9 @@ from PIL import Image
 from cnnlab.data.dataset import Dataset, Split
 from cnnlab.data.images import GREY_MODES, IMAGE_SUFFIXES, is_image_name
 from cnnlab.errors import CnnlabError
+
+if TYPE_CHECKING:
+    from cnnlab.data.check import FolderScan
 
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 2   # 2: symlinks leaving the root refused; check results cached
@@ -192,17 +195,19 @@ def _map_chunks(fn, paths: list[Path], *extra):
 
 
 def load_image_folder(root: str | Path, *, image_size: int | None = None,
-                      cache_dir: Path | None = None, bad_images: str = "error") -> Dataset:
+                      cache_dir: Path | None = None, bad_images: str = "error",
+                      scan: FolderScan | None = None) -> Dataset:
     """Check and decode an image folder into a ``Dataset`` (from the cache when nothing changed).
 
     The check is ``cnnlab data check``'s own (``cnnlab.data.check``), made in the same pass as
     the decoding. ``bad_images``: "error" stops with the list of every problem that blocks
     training; "skip" leaves out the unusable files (unreadable, over the pixel limit, symlinks
     leaving the folder) and counts them in ``Dataset.skipped``. Layout problems (missing
-    splits, differing or empty classes) stop it either way.
+    splits, differing or empty classes) stop it either way. ``scan``: the folder's walk
+    (``check.scan_folder(root)``) when the caller has made it already.
     """
     from cnnlab.data import check   # check.py builds on this module
-    listing, report = check.scan_folder(root)
+    listing, report = scan or check.scan_folder(root)
     # Layout errors stop before anything is decoded; unusable files are listed after decoding.
     check.enforce(report, "skip")
     scanned = len(report.problems)   # the walk's findings are redone on every load, never cached

@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cnnlab.data.dataset import Dataset
 from cnnlab.errors import CnnlabError
+
+if TYPE_CHECKING:
+    from cnnlab.data.check import FolderScan
 
 OFFICIAL = ("cifar10", "cifar100", "mnist", "fashion-mnist")
 
 
 def load_dataset(spec: str, *, data_dir: str | Path | None = None, image_size: int | None = None,
-                 bad_images: str = "error", download: bool = True) -> Dataset:
+                 bad_images: str = "error", download: bool = True, scan: FolderScan | None = None) -> Dataset:
     from cnnlab.data.download import default_data_dir
     root = default_data_dir(data_dir)
     looks_like_path = any(sep in spec for sep in ("/", "\\")) or spec.startswith(".") or Path(spec).is_dir()
@@ -31,4 +35,5 @@ def load_dataset(spec: str, *, data_dir: str | Path | None = None, image_size: i
                           f"use one of {', '.join(OFFICIAL)} or a path to a folder with "
                           f"train/<class>/<image> and test/<class>/<image>")
     from cnnlab.data.folder import load_image_folder
-    return load_image_folder(spec, image_size=image_size, cache_dir=root / "cache", bad_images=bad_images)
+    return load_image_folder(spec, image_size=image_size, cache_dir=root / "cache", bad_images=bad_images,
+                             scan=scan)

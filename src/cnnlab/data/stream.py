@@ -28,7 +28,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from cnnlab.data.dataset import Dataset, Split, prepare_splits
 from cnnlab.data.images import GREY_MODES, ImageError, open_image
 from cnnlab.errors import CnnlabError
 from cnnlab.train.batches import Augmentation, BatchStream, derive_seed
+
+if TYPE_CHECKING:
+    from cnnlab.data.check import FolderScan
 
 IMAGENET_SIZE = 224                  # the default streamed image side (ResNet/ImageNet convention)
 RRC_SCALE = (0.08, 1.0)              # random-resized crop: fraction of the image area
@@ -355,14 +358,24 @@ def default_workers(processes: int = 1) -> int:
     return max(0, available_cores() // max(1, processes) - 1)
 
 
-def open_streaming(cfg: Config, processes: int = 1) -> StreamingDataset | None:
-    """The streamed dataset for ``cfg``, or None when the in-memory path should load it."""
-    if _is_official(cfg) or cfg.loader == "memory" or not Path(cfg.data).expanduser().is_dir():
+def scan_data_folder(cfg: Config) -> FolderScan | None:
+    """The walk of ``--data`` when it is an image folder (else None), made once and handed to
+    whichever loader reads it: 0.45 s for CIFAR-10's 60,000 files."""
+    if _is_official(cfg) or not Path(cfg.data).expanduser().is_dir():
+        return None
+    from cnnlab.data import check
+    return check.scan_folder(cfg.data)
+
+
+def open_streaming(cfg: Config, processes: int = 1, scan: FolderScan | None = None) -> StreamingDataset | None:
+    """The streamed dataset for ``cfg``, or None when the in-memory path should load it.
+    ``scan`` is ``scan_data_folder(cfg)``: the same walk as the in-memory reader's, so a
+    messy folder gets the full list of problems either way."""
+    if scan is None or cfg.loader == "memory":
         _refuse_impossible(cfg)
         return None                  # the in-memory reader (and its messages for bad --data)
     from cnnlab.data import check
-    # The same walk as the in-memory reader, so a messy folder gets the full list of problems.
-    listing, report = check.scan_folder(cfg.data)
+    listing, report = scan
     if choose_loader(cfg, listing, processes) == "memory":
         return None
     check.enforce(report, "skip")   # layout problems; unreadable files follow cfg.bad_images when decoded
@@ -392,4 +405,4 @@ def describe(data: Dataset) -> str | None:
 
 
 __all__ = ["Decoding", "FileSplit", "StreamBatches", "StreamingDataset", "center_box", "choose_loader",
-           "decode", "images_of", "open_streaming", "random_resized_box", "stats_sample"]
+           "decode", "images_of", "open_streaming", "scan_data_folder", "random_resized_box", "stats_sample"]

@@ -90,8 +90,11 @@ class BatchStream:
         return self.finish(self.images[idx], idx, epoch, step)
 
     def finish(self, images: torch.Tensor, idx: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
-        """uint8 (B, C, H, W) on the device -> float in [0, 1], batch augmentation applied."""
-        x = images.float().div_(255.0)
+        """uint8 (B, C, H, W) on the device -> float in [0, 1], batch augmentation applied.
+
+        Flips, shifts and cutout only move or zero pixels, so they run on the uint8 batch (a
+        quarter of the bytes) and the float conversion comes last, in the model's layout."""
+        x = images
         aug = self.aug
         if aug.active:
             # Each process draws its own augmentation (rank in the key) under data parallelism.
@@ -104,9 +107,8 @@ class BatchStream:
                 x = augment.alternating_flip(x, self.base_flip[idx], epoch)
             x = augment.random_translate(x, aug.translate, g)
             x = augment.cutout(x, aug.cutout, g)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.to(dtype=torch.float32, memory_format=layout).div_(255.0)
 
 
 def eval_batches(split: Split, batch_size: int, device: torch.device, channels_last: bool = False,

@@ -28,7 +28,7 @@ from cnnlab.config import Config
 from cnnlab.data.dataset import Dataset, Split, prepare_splits
 from cnnlab.data.sources import load_dataset
 from cnnlab.data.stream import describe as describe_streaming
-from cnnlab.data.stream import images_of, open_streaming, stats_sample
+from cnnlab.data.stream import images_of, open_streaming, scan_data_folder, stats_sample
 from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.fileio import discard_temps, write_bytes, write_json
 from cnnlab.models.classifier import Classifier, build_classifier
@@ -42,6 +42,7 @@ from cnnlab.train.hardware import autocast, pick_device, resolve_precision, set_
 from cnnlab.train.optim import build_optimizer, build_schedule, decay_weights, set_lr
 
 EVAL_BATCH = 500
+WHITENING_SAMPLE = 2000  # images whose 2x2 patches set the whitening layer
 LOG_EVERY = 10           # steps between progress-bar refreshes (each one syncs the device)
 
 
@@ -141,8 +142,8 @@ def _dataset_stats(train: Split, normalize: str) -> tuple[list[float], list[floa
     if normalize == "none":
         return [0.0] * c, [1.0] * c
     # From a histogram of the 256 pixel values per channel (no float copy of the data), over
-    # an evenly spaced sample of at most ~10,000 images: plenty for two numbers per channel.
-    sample = train.images[::max(1, len(train.images) // 10_000)]
+    # an evenly spaced sample of at most ~2,500 images: plenty for two numbers per channel.
+    sample = train.images[::max(1, len(train.images) // 2_500)]
     values = np.arange(256, dtype=np.float64) / 255.0
     mean, std = [], []
     for ch in range(c):
@@ -172,8 +173,9 @@ class Trainer:
             if init is None:
                 raise CnnlabError(f"--whiten needs a model with a patch-whitening first layer; "
                                   f"{cfg.model!r} has none (try --model speednet)")
-            first = images_of(data.train, np.arange(min(5000, len(data.train))))
-            sample = torch.as_tensor(first).permute(0, 3, 1, 2).float().div(255)
+            # Evenly spaced: image folders list the training set class by class.
+            spread = np.arange(0, len(data.train), max(1, len(data.train) // WHITENING_SAMPLE))[:WHITENING_SAMPLE]
+            sample = torch.as_tensor(images_of(data.train, spread)).permute(0, 3, 1, 2).float().div(255)
             init(((sample - self.model.mean.cpu()) / self.model.std.cpu()).to(device))
         # In memory or streamed from disk; this process's shard when data-parallel.
         self.batches = distributed.training_batches(cfg, data, device)
@@ -395,10 +397,12 @@ class Trainer:
 # ----------------------------------------------------------------------------- fit
 def load_data(cfg: Config) -> Dataset:
     with distributed.main_first():   # rank 0 fills the decoded-image cache, the others read it
-        streamed = open_streaming(cfg, distributed.local_world_size())
+        scan = scan_data_folder(cfg)   # one walk of an image folder, whichever loader reads it
+        streamed = open_streaming(cfg, distributed.local_world_size(), scan)
         if streamed is not None:
             return streamed
-        ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size, bad_images=cfg.bad_images)
+        ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size, bad_images=cfg.bad_images,
+                          scan=scan)
     return prepare_splits(ds, val_split=cfg.val_split, train_size=cfg.train_size,
                           test_size=cfg.test_size, seed=cfg.seed)
 
@@ -417,14 +421,14 @@ def fit(config: Config | None = None, *, out: str | Path | None = None, name: st
     device = distributed.setup(pick_device(cfg.device))   # joins torchrun's process group, if any
     set_threads(cfg.threads or distributed.threads_per_process())
     progress = progress and distributed.is_main()
-    data = load_data(cfg)
-    if data.skipped and progress:
-        print(f"skipped {data.skipped} unreadable image(s) (--bad-images skip)", flush=True)
-    # Validate the model before creating the folder: bad input leaves nothing behind.
+    # Cheap checks first, before the data loads; bad input leaves no folder behind.
     from cnnlab.models.registry import model_info
     model_info(cfg.model)
     path = distributed.from_main(run_path(out=out, name=name, default_name=default_run_name(cfg)))
     check_new_run_folder(path)
+    data = load_data(cfg)
+    if data.skipped and progress:
+        print(f"skipped {data.skipped} unreadable image(s) (--bad-images skip)", flush=True)
     trainer = Trainer(cfg, data, path, device, progress)
     if distributed.is_main():
         path.mkdir(parents=True, exist_ok=True)
