@@ -89,8 +89,8 @@ def build_optimizer(model: nn.Module, cfg: Config) -> Optimizer:
 
 class MomentumSGD:
     """``torch.optim.SGD``'s update (momentum, optional Nesterov, no weight decay: that is
-    ``decay_weights``) without its base class, whose first use imports torch._dynamo: 1.3 s
-    of a 20-second speed70 run. Same ``param_groups``/``state``/``state_dict`` layout, so the
+    ``decay_weights``) without its base class, whose first use imports torch._dynamo: 1.3 s,
+    where the whole speed70 run takes 17. Same ``param_groups``/``state``/``state_dict`` layout, so the
     loop and checkpoints treat it like any torch optimizer."""
 
     def __init__(self, groups: list[dict], momentum: float, nesterov: bool):
