@@ -12,8 +12,8 @@ ResNet"; Jordan 2024, "94% on CIFAR-10 in 3.29 seconds on a single GPU", arXiv:2
 - global max pooling and a linear head whose logits are scaled down (``logit_scale``);
 - convolutions initialised as partial identities (dirac), BatchNorm scales frozen at 1.
 
-Widths, activation and whitening are data (``SPEEDNET_SPECS``); nothing here is specific to 32x32 inputs
-beyond needing at least 16 pixels.
+Widths, activation and whitening are data (``SPEEDNET_SPECS``); nothing here is specific to
+32x32 inputs beyond needing at least 16 pixels.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from cnnlab.models.registry import register_model
 # name -> (widths of the three blocks, activation, whitening filters in +/- pairs through the
 # activation). GELU trains a little better per epoch; ReLU costs a third less time in the
 # narrow nets, where elementwise work dominates on a CPU. Linear whitening in speednet_xs:
-# 73.2% instead of 72.4% after speed70's epoch, in 12% less time (one seed each).
+# 73.2% instead of 72.4% after one epoch of speed70's settings, in 12% less time (one seed each).
 SPEEDNET_SPECS = {
     "speednet_xs": ((32, 64, 128), nn.ReLU, False),
     "speednet_s": ((64, 128, 128), nn.ReLU, True),
