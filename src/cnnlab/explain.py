@@ -54,8 +54,8 @@ from cnnlab.models.classifier import Classifier
 from cnnlab.report.plots import plt, save_figure
 
 __all__ = ["LayerChoice", "Stage", "find_target_layer", "layer_names", "first_conv", "filter_tiles",
-           "feature_stages", "gradcam", "overlay", "gradcam_overlays", "gradcam_overlay_png", "explain_image",
-           "explain_run"]
+           "feature_stages", "gradcam", "class_index", "overlay", "gradcam_overlays", "gradcam_overlay_png",
+           "explain_image", "explain_run"]
 
 # Side (pixels) of the zero image used to probe shapes when no input shape is given.
 DEFAULT_PROBE_SIZE = 32
@@ -539,7 +539,8 @@ def gradcam_figure(image: np.ndarray, panels: list[tuple[str, np.ndarray]], top:
 
 
 # ----------------------------------------------------------------------------- commands
-def _class_index(class_names: list[str], name: str) -> int:
+def class_index(class_names: list[str], name: str) -> int:
+    """The index of class ``name`` (or of a number given as text); CnnlabError with close names."""
     if name in class_names:
         return class_names.index(name)
     if name.isdigit() and int(name) < len(class_names):
@@ -562,7 +563,7 @@ def explain_image(model: nn.Module, image: np.ndarray, class_names: list[str], o
     out = Path(out)
     x = _to_tensor(image)
     shape = tuple(x.shape)
-    extra = _class_index(class_names, class_name) if class_name is not None else None
+    extra = class_index(class_names, class_name) if class_name is not None else None
     calls, _ = _trace(model, _as_batch(x, model))          # shapes and order, on this image
     target = _choose_layer(model, calls, layer)
     conv_name, conv = _first_conv(calls, model)

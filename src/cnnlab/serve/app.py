@@ -210,9 +210,9 @@ class Predictor:
             return self._classify(data, k, filename)
 
     def gradcam_png(self, data: bytes, class_name: str | None, filename: str | None) -> bytes:
-        from cnnlab.explain import _class_index, gradcam_overlay_png
+        from cnnlab.explain import class_index, gradcam_overlay_png
         try:
-            k = None if class_name is None else _class_index(self.run.class_names, class_name)
+            k = None if class_name is None else class_index(self.run.class_names, class_name)
         except CnnlabError as e:
             raise HTTPException(422, str(e).replace("--class", "class", 1)) from None
         with self._slots:

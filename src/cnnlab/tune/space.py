@@ -32,7 +32,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-
 from cnnlab.config import FIELDS, Config, closest_key, load_yaml_file, merge
 from cnnlab.errors import CnnlabError
 
