@@ -122,6 +122,29 @@ def test_decoupled_weight_decay_and_bias_groups():
     assert torch.allclose(model[0].weight, before * (1 - 0.01 * 0.5))   # independent of the lr
 
 
+def test_decoupled_decay_is_the_shrink_coupled_l2_makes_through_momentum():
+    # The unit of `weight_decay` for SGD (the config's comment): a coupled L2 term lam at
+    # lr and momentum m shrinks weights by lr * lam / (1 - m) per step once momentum builds up.
+    # Converting a published coupled value by this rule must give the same shrink.
+    lr, lam, m = 0.01, 0.05, 0.85
+    p = nn.Parameter(torch.ones(4, dtype=torch.float64))
+    coupled = torch.optim.SGD([p], lr=lr, momentum=m, nesterov=True, weight_decay=lam)
+    for _ in range(200):                      # no loss gradient: only the decay moves p
+        p.grad = torch.zeros_like(p)
+        coupled.step()
+    before = p.detach().clone()
+    p.grad = torch.zeros_like(p)
+    coupled.step()
+    coupled_shrink = 1 - (p.detach() / before).mean().item()
+
+    model = nn.Linear(4, 1, bias=False).double()
+    cfg = Config(optimizer="nesterov", lr=lr, momentum=m, weight_decay=lr * lam / (1 - m))
+    before = model.weight.detach().clone()
+    decay_weights(build_optimizer(model, cfg), cfg, multiplier=1.0)
+    decoupled_shrink = 1 - (model.weight.detach() / before).mean().item()
+    assert decoupled_shrink == pytest.approx(coupled_shrink, rel=0.02)
+
+
 @pytest.mark.parametrize("recipe", list_recipes())
 def test_every_recipe_resolves_and_names_a_real_model(recipe):
     from cnnlab.models import list_models

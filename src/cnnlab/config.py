@@ -48,6 +48,9 @@ class Config:
     optimizer: Literal["adam", "adamw", "sgd", "nesterov"] = "adam"
     lr: float = 1e-3
     momentum: float = 0.9
+    # SGD/Nesterov: the fraction each weight shrinks per step, decoupled from the gradient (a
+    # coupled L2 term lambda shrinks by lr * lambda / (1 - momentum) once momentum builds up).
+    # Adam/AdamW: torch's own weight_decay.
     weight_decay: float = 0.0
     # Express lr and weight decay per 1024 examples and divide by the batch size (airbench's
     # convention), so a change of batch size keeps the same per-example step.
