@@ -539,15 +539,16 @@ def gradcam_figure(image: np.ndarray, panels: list[tuple[str, np.ndarray]], top:
 
 
 # ----------------------------------------------------------------------------- commands
-def class_index(class_names: list[str], name: str) -> int:
-    """The index of class ``name`` (or of a number given as text); CnnlabError with close names."""
+def class_index(class_names: list[str], name: str, given_as: str = "--class") -> int:
+    """The index of class ``name`` (or of a number given as text); CnnlabError with close names.
+    ``given_as`` names the option or field the user typed it into, for the message."""
     if name in class_names:
         return class_names.index(name)
     if name.isdigit() and int(name) < len(class_names):
         return int(name)
     close = difflib.get_close_matches(name, class_names, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise CnnlabError(f"--class {name!r} is not one of the run's classes: {hint}"
+    raise CnnlabError(f"{given_as} {name!r} is not one of the run's classes: {hint}"
                       f"known: {', '.join(class_names)}")
 
 

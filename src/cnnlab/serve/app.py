@@ -212,9 +212,9 @@ class Predictor:
     def gradcam_png(self, data: bytes, class_name: str | None, filename: str | None) -> bytes:
         from cnnlab.explain import class_index, gradcam_overlay_png
         try:
-            k = None if class_name is None else class_index(self.run.class_names, class_name)
+            k = None if class_name is None else class_index(self.run.class_names, class_name, "class")
         except CnnlabError as e:
-            raise HTTPException(422, str(e).replace("--class", "class", 1)) from None
+            raise HTTPException(422, str(e)) from None
         with self._slots:
             x = self._decode(data, filename)[1]     # small: the full-size decode is freed here
         with self._cam_lock:
