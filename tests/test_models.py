@@ -167,3 +167,68 @@ def test_zoo_table_covers_every_model_and_marks_misfits():
     assert rows["tutorial"]["parameters"] is None and rows["tutorial"]["mflops"] is None
     assert rows["lenet5"]["parameters"] > 0 and rows["lenet5"]["mflops"] > 0
     assert rows["resnet18"]["year"] == 2015 and "He" in rows["resnet18"]["paper"]
+
+
+
+# -- Conv3x3: products in place of oneDNN's slow weight gradient on small maps ----------------
+def _output_and_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor):
+    """Output, input gradient and weight gradient of ``layer`` (holding ``weight``) for ``g``."""
+    layer.weight = nn.Parameter(weight.detach().clone())
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    y.backward(g)
+    return y.detach().float(), x.grad.float(), layer.weight.grad.float()
+
+
+def _plain_conv3x3(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+
+
+@pytest.mark.parametrize("size", [3, 4, 7, 15])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv3x3_products_match_the_plain_convolution(monkeypatch, size, channels_last):
+    from cnnlab.models import conv
+    monkeypatch.setattr(conv, "WIDE", 1)   # let these narrow test layers take the products
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, size, size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g, w = torch.randn(3, 5, size, size), torch.randn(5, 6, 3, 3)
+    ours = _output_and_grads(conv.Conv3x3(6, 5), x, g, w)
+    ref = _output_and_grads(_plain_conv3x3(6, 5), x, g, w)
+    for name, a, b in zip(("output", "input gradient", "weight gradient"), ours, ref):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("size", [3, 7])
+def test_conv3x3_products_under_bfloat16_autocast(monkeypatch, size):
+    from cnnlab.models import conv
+    monkeypatch.setattr(conv, "WIDE", 1)
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, size, size).contiguous(memory_format=torch.channels_last)
+    g, w = torch.randn(4, 16, size, size), torch.randn(16, 32, 3, 3) * 0.1
+    with torch.autocast("cpu", torch.bfloat16):
+        ours = _output_and_grads(conv.Conv3x3(32, 16), x, g, w)
+        ref = _output_and_grads(_plain_conv3x3(32, 16), x, g, w)
+    for name, a, b in zip(("output", "input gradient", "weight gradient"), ours, ref):
+        assert (a - b).norm() / b.norm() < 1e-2, name   # bfloat16 rounding, nothing more
+
+
+def test_conv3x3_keeps_onednn_where_the_products_do_not_pay():
+    from cnnlab.models import conv
+    taken = lambda layer, size: type(layer(torch.randn(2, layer.in_channels, size, size)).grad_fn).__name__
+    wide, narrow = conv.Conv3x3(conv.WIDE, conv.WIDE), conv.Conv3x3(64, 64)
+    assert "ConvolutionBackward" in taken(narrow, 3)                  # narrow: oneDNN throughout
+    assert "ConvolutionBackward" in taken(wide, conv.SMALL_MAP + 1)   # wide, but a large map
+    assert "ConvolutionBackward" not in taken(wide, 7)                # wide on a small map
+    assert "ConvolutionBackward" not in taken(wide, 3)
+    with torch.no_grad():                                             # inference: plain conv
+        assert wide(torch.randn(1, conv.WIDE, 3, 3)).is_contiguous()  # the products' output is channels-last
+
+
+def test_weight_grad_by_taps_is_the_convolution_weight_gradient():
+    from cnnlab.models.conv import weight_grad_by_taps
+    torch.manual_seed(1)
+    x, g = torch.randn(2, 4, 5, 6), torch.randn(2, 3, 5, 6)   # not square: rows and columns differ
+    expected = torch.nn.grad.conv2d_weight(x, (3, 4, 3, 3), g, padding=1)
+    assert torch.allclose(weight_grad_by_taps(x, g), expected, atol=1e-4)

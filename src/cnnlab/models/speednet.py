@@ -10,7 +10,9 @@ ResNet"; Jordan 2024, "94% on CIFAR-10 in 3.29 seconds on a single GPU", arXiv:2
 - three blocks of conv3x3 - maxpool2 - BatchNorm - act - conv3x3 - BatchNorm - act, so the
   spatial size halves early (where the CPU time goes) while the width grows;
 - global max pooling and a linear head whose logits are scaled down (``logit_scale``);
-- convolutions initialised as partial identities (dirac), BatchNorm scales frozen at 1.
+- convolutions initialised as partial identities (dirac), BatchNorm scales frozen at 1;
+- 3x3 convolutions that train their wide layers on small maps as plain matrix products on a
+  CPU (``models/conv.py``: oneDNN's weight gradient there is slow).
 
 Widths, activation and whitening are data (``SPEEDNET_SPECS``); nothing here is specific to
 32x32 inputs beyond needing at least 16 pixels.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cnnlab.models.conv import Conv3x3
 from cnnlab.models.registry import register_model
 
 # name -> (widths of the three blocks, activation, whitening filters in +/- pairs through the
@@ -46,10 +49,10 @@ class FrozenScaleBatchNorm(nn.BatchNorm2d):
 class ConvBlock(nn.Sequential):
     def __init__(self, cin: int, cout: int, act_layer: type[nn.Module]):
         super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            Conv3x3(cin, cout),
             nn.MaxPool2d(2),
             FrozenScaleBatchNorm(cout), act_layer(),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            Conv3x3(cout, cout),
             FrozenScaleBatchNorm(cout), act_layer(),
         )
         for conv in (self[0], self[4]):
