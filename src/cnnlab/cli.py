@@ -183,7 +183,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     for name, doc in docs.items():
         m = doc.get("measured") or {}
         seeds = m.get("seeds", 1)
-        measured = (f"{m['test_accuracy']:.1%} test accuracy{' (mean)' if seeds > 1 else ''} in "
+        measured = (f"{m['test_accuracy']:.2%} test accuracy{' (mean)' if seeds > 1 else ''} in "
                     f"{m['wall_seconds']:.0f} s{' (median)' if seeds > 1 else ''}, {seeds} seed{'s' * (seeds > 1)}"
                     if m else "not yet measured")
         print(f"{name:<10} {doc.get('model', ''):<10} {doc.get('epochs', ''):>5} epochs  {measured}")
