@@ -54,7 +54,7 @@ def _col2im(cols: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The adjoint of _im2col: each tap's column block added back where it was read from."""
     n, c, h, w = shape
     cols = cols.reshape(n, h, w, 9, c)
-    out = cols.new_zeros(n, h + 2, w + 2, c, dtype=torch.float32)   # nine sums: keep them exact
+    out = cols.new_zeros(n, h + 2, w + 2, c, dtype=torch.float32)   # nine sums, in float32
     for t in range(9):
         i, j = divmod(t, 3)
         out[:, i:i + h, j:j + w] += cols[:, :, :, t]
