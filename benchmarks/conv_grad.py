@@ -3,7 +3,8 @@
     python benchmarks/conv_grad.py [--model speednet_l] [--batch 256] [--rounds 5]
 
 Every figure is a median over interleaved rounds in one process (bfloat16 autocast,
-channels-last), so drifts in the machine's speed hit both sides alike. "oneDNN" is the same layer with the products switched off.
+channels-last), so drifts in the machine's speed hit both sides alike. "oneDNN" is the same
+layer with the products switched off (``conv.SMALL_MAP = 0``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from cnnlab.models import conv, create_model
 
 SHAPES = [(384, 384, 7), (384, 512, 7), (512, 512, 3)]   # SpeedNet-L's wide layers on small maps
+# name, the SMALL_MAP that selects it; products last, so every loop leaves the default set
+MODES = (("oneDNN", 0), ("products", conv.SMALL_MAP))
 
 
 def timed(fn) -> float:
@@ -30,7 +33,7 @@ def layer_times(cin: int, cout: int, size: int, batch: int, rounds: int) -> dict
     x = torch.randn(batch, cin, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
     times: dict[str, list[float]] = {}
     for _ in range(rounds):
-        for mode, small_map in (("oneDNN", 0), ("products", conv.SMALL_MAP_DEFAULT)):
+        for mode, small_map in MODES:
             conv.SMALL_MAP = small_map
             for _ in range(2):
                 with torch.autocast("cpu", torch.bfloat16):
@@ -38,7 +41,6 @@ def layer_times(cin: int, cout: int, size: int, batch: int, rounds: int) -> dict
                 times.setdefault(f"{mode} backward", []).append(timed(lambda: y.backward(torch.ones_like(y))))
                 with torch.autocast("cpu", torch.bfloat16):
                     times.setdefault(f"{mode} forward", []).append(timed(lambda: layer(x)))
-    conv.SMALL_MAP = conv.SMALL_MAP_DEFAULT
     return times
 
 
@@ -59,11 +61,10 @@ def step_times(model_name: str, batch: int, rounds: int) -> dict[str, list[float
 
     times: dict[str, list[float]] = {"oneDNN": [], "products": []}
     for _ in range(rounds):
-        for mode, small_map in (("oneDNN", 0), ("products", conv.SMALL_MAP_DEFAULT)):
+        for mode, small_map in MODES:
             conv.SMALL_MAP = small_map
             step()   # the first step after a switch warms that path's kernels
             times[mode] += [timed(step) for _ in range(3)]
-    conv.SMALL_MAP = conv.SMALL_MAP_DEFAULT
     return times
 
 

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SMALL_MAP_DEFAULT = 8   # the tap products win up to 7x7 maps; at 15x15 oneDNN is faster
-SMALL_MAP = SMALL_MAP_DEFAULT   # 0 switches the products off (benchmarks/conv_grad.py compares)
-TINY_MAP = 4            # up to here im2col pays for its copy in all three products
-WIDE = 384              # narrower layers run as fast or faster on oneDNN alone (256: even; 128: 17% slower)
+SMALL_MAP = 8   # the tap products win up to 7x7 maps; at 15x15 oneDNN is faster (0: never)
+TINY_MAP = 4    # up to here im2col pays for its copy in all three products
+WIDE = 384      # narrower layers run as fast or faster on oneDNN alone (256: even; 128: 17% slower)
 
 
 def weight_grad_by_taps(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
