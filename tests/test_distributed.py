@@ -216,6 +216,18 @@ def test_two_processes_train_as_one_with_the_global_batch(tiny_cifar, tmp_path, 
         json.loads((one_process_run / "metrics.json").read_text())["test_accuracy"])
 
 
+
+def test_two_processes_leave_a_frozen_whitening_bias_alone(tiny_cifar, tmp_path):
+    # A parameter that stops taking gradients: DDP must not wait for it, nor hand it a zero
+    # gradient that momentum would turn into a step.
+    out = tmp_path / "ddp"
+    r = cli("train", "--data", str(tiny_cifar), "--model", "speednet_xs", "--whiten", "--whiten-bias-epochs", "0",
+            "--optimizer", "nesterov", "--lr", "0.05", "--weight-decay", "5e-3", "--epochs", "2",
+            "--batch-size", str(PER_PROCESS), "--nproc", "2", "--threads", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    trained = weights(out)
+    assert torch.equal(trained["net.whiten.bias"], torch.zeros_like(trained["net.whiten.bias"]))   # as initialised
+
 def _children(pid: int) -> dict[int, int]:
     """rank -> pid of the processes ``pid`` started."""
     out = {}

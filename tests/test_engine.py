@@ -10,6 +10,7 @@ from torch import nn
 
 from cnnlab.config import Config, list_recipes, resolve
 from cnnlab.data.dataset import Split
+from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
 from cnnlab.train import augment
 from cnnlab.train.batches import Augmentation, BatchStream
@@ -37,6 +38,33 @@ def test_whitening_makes_patch_covariance_near_identity(model):
         assert torch.allclose(out[:, 12:], -out[:, :12])                      # the - twins
     assert not net.whiten.weight.requires_grad                                # kept frozen
 
+
+
+def test_whitening_bias_trains_for_its_epochs_then_stays_put(tiny_cifar, tmp_path):
+    from safetensors.torch import load_file
+    from cnnlab.train.loop import fit
+    base = dict(data=str(tiny_cifar), model="speednet_xs", whiten=True, optimizer="nesterov", lr=0.05,
+                weight_decay=5e-3, batch_size=50, seed=3)
+
+    def trained(name: str, **changes) -> dict[str, torch.Tensor]:
+        fit(Config(**base, **changes), out=tmp_path / name, progress=False, report=False)
+        return load_file(tmp_path / name / "model.safetensors")
+
+    one = trained("one", epochs=1)
+    frozen = trained("frozen", epochs=3, whiten_bias_epochs=1)
+    free = trained("free", epochs=3)
+    bias, conv = "net.whiten.bias", "net.blocks.0.0.weight"
+    assert not torch.equal(one[bias], torch.zeros_like(one[bias]))    # it did train in epoch 1
+    assert torch.equal(frozen[bias], one[bias])                       # then neither steps nor decay moved it
+    assert not torch.equal(free[bias], one[bias])
+    assert not torch.equal(frozen[conv], one[conv])                   # while the rest trained on
+
+
+def test_whitening_bias_epochs_need_whitening():
+    with pytest.raises(CnnlabError, match="only applies with --whiten"):
+        Config().replace(whiten_bias_epochs=3)
+    with pytest.raises(CnnlabError, match="whiten_bias_epochs must be zero or more"):
+        Config(whiten=True).replace(whiten_bias_epochs=-1)
 
 def test_alternating_flip_flips_each_image_on_alternate_epochs():
     images = np.arange(6 * 4 * 4 * 1, dtype=np.uint8).reshape(6, 4, 4, 1)

@@ -23,6 +23,8 @@ HELP = {"recipe": "start from a named recipe (see `cnnlab recipes`)",
                        "centre (default 0.875: 256 -> 224)",
         "nproc": "data-parallel processes on this machine (one per GPU, or cores shared on CPU); "
                  "--batch-size is per process. Several machines: torchrun, see docs/distributed.md",
+        "whiten_bias_epochs": "epochs the whitening layer's bias trains before it freezes (airbench: 3); "
+                              "default: it trains throughout",
         "sync_bn": "BatchNorm statistics over every process's batch (CUDA only); default: per process",
         "bad_images": "image folders are checked first (as `cnnlab data check` does): error stops with the "
                       "list of problems; skip leaves out unusable files and says how many"}

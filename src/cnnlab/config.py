@@ -71,6 +71,7 @@ class Config:
     ema_ramp: bool = False                # decay grows as ema * progress**3: averages only late in training
     lookahead: bool = False               # reset the live weights to the average at each EMA update
     whiten: bool = False                  # initialise the first conv from patch whitening (models that have it)
+    whiten_bias_epochs: float | None = None   # train the whitening layer's bias this long, then freeze it (None: always)
     tta: Literal["none", "flip", "flip_translate"] = "none"
     # --- speed ------------------------------------------------------------------------
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
@@ -160,6 +161,12 @@ def validate(cfg: Config) -> Config:
             bad(key, "zero or more")
     if cfg.ema_every < 1:
         bad("ema_every", "a positive integer")
+    if cfg.whiten_bias_epochs is not None:
+        if not cfg.whiten:
+            raise CnnlabError(f"whiten_bias_epochs ({cfg.whiten_bias_epochs!r}) only applies with --whiten; "
+                              f"turn whitening on or drop whiten_bias_epochs")
+        if cfg.whiten_bias_epochs < 0:
+            bad("whiten_bias_epochs", "zero or more epochs")
     if cfg.time_limit is not None and not cfg.time_limit > 0:
         bad("time_limit", "a positive number of seconds")
     if cfg.early_stop is not None and cfg.early_stop < 1:

@@ -224,7 +224,8 @@ def training_batches(cfg: Config, data, device: torch.device):
     return batches
 
 
-def wrap_model(model: nn.Module, device: torch.device, *, sync_bn: bool = False) -> nn.Module:
+def wrap_model(model: nn.Module, device: torch.device, *, sync_bn: bool = False,
+               unused_parameters: bool = False) -> nn.Module:
     """The module the training step calls: ``model`` itself, or DDP around it."""
     if not is_distributed():
         return model
@@ -235,7 +236,9 @@ def wrap_model(model: nn.Module, device: torch.device, *, sync_bn: bool = False)
                               "on CPU BatchNorm normalises over each process's batch")
         # Replaces BatchNorm modules below the top one, keeping their parameters and buffers.
         nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # unused_parameters: some parameters stop taking gradients during training (a frozen whitening bias).
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=unused_parameters)
 
 
 def describe(cfg: Config) -> str | None:

@@ -188,12 +188,17 @@ class Trainer:
                                   ramp_steps=self.total_steps if cfg.ema_ramp else 0)
                     if cfg.ema > 0 else None)
         self.ema_start_step = round(cfg.ema_start * self.total_steps)
+        # The whitening bias settles within a few epochs (airbench freezes it after 3); frozen,
+        # it also spares the backward pass its path through the first convolution.
+        self.whiten_bias_steps = (None if cfg.whiten_bias_epochs is None
+                                  else round(cfg.whiten_bias_epochs * self.steps_per_epoch))
         self._ema_model: torch.nn.Module | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.state = LoopState()
         self.out_of_time = False
         self._epoch_start = time.perf_counter()
-        replica = distributed.wrap_model(self.model, device, sync_bn=cfg.sync_bn)   # DDP when data-parallel
+        replica = distributed.wrap_model(self.model, device, sync_bn=cfg.sync_bn,   # DDP when data-parallel
+                                         unused_parameters=cfg.whiten_bias_epochs is not None)
         self.forward = torch.compile(replica) if cfg.compile else replica
 
     # -- checkpoint --------------------------------------------------------------------
@@ -260,11 +265,16 @@ class Trainer:
         set_lr(self.optimizer, self.schedule.base_lr * mult)
         # Dropout and other in-model randomness, reproducible per step for exact resume.
         torch.manual_seed(derive_seed(cfg.seed, s.epoch, s.step_in_epoch, 0xD0, *distributed.rank_key()))
+        bias_frozen = self.whiten_bias_steps is not None and s.global_step >= self.whiten_bias_steps
+        if self.whiten_bias_steps is not None:
+            self.model.net.whiten.bias.requires_grad_(not bias_frozen)
         with autocast(self.device, self.dtype):
             logits = self.forward(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if bias_frozen:   # DDP hands unused parameters a zero gradient; None keeps momentum off it
+            self.model.net.whiten.bias.grad = None
         decay_weights(self.optimizer, self.opt_cfg, mult)
         self.optimizer.step()
         if self.ema is not None and s.global_step >= self.ema_start_step:

@@ -155,5 +155,6 @@ def decay_weights(optimizer: Optimizer, cfg: Config, multiplier: float) -> None:
         return
     wd = cfg.weight_decay * (cfg.batch_size / 1024 if cfg.lr_per_1024 else 1.0)
     for g in optimizer.param_groups:
-        if g["params"]:
-            torch._foreach_mul_(g["params"], 1.0 - wd * multiplier * g["decay_scale"])
+        params = [p for p in g["params"] if p.requires_grad]   # frozen for now: left alone
+        if params:
+            torch._foreach_mul_(params, 1.0 - wd * multiplier * g["decay_scale"])
