@@ -115,6 +115,8 @@ def test_gradcam_equals_its_formula_and_leaves_the_model_as_it_was():
         alpha = net[4].weight[k].detach() / (12 * 12)
         cam = torch.relu((alpha[:, None, None] * acts).sum(0))
         cam = cam / cam.max() if cam.max() > 0 else cam
+        # float32 values of order 1, summed over 5 channels in another order than autograd's:
+        # a few ulps (1.2e-7 each) apart; the same layers on the same input give the logits.
         np.testing.assert_allclose(heat, cam.numpy(), atol=1e-5)
         np.testing.assert_allclose(got_logits, logits.numpy(), atol=1e-6)
     assert net.training                                              # mode restored
@@ -270,6 +272,7 @@ def test_gradcam_on_cuda_matches_cpu():
     x = torch.rand(3, 32, 32)
     heat_cpu, logits_cpu = gradcam(model, x)
     heat_gpu, logits_gpu = gradcam(model.cuda(), x)
+    # cuDNN may pick TF32 or Winograd kernels: ~1e-3 of the logits, not the CPU's ulps.
     np.testing.assert_allclose(logits_gpu, logits_cpu, atol=1e-3)
     np.testing.assert_allclose(heat_gpu, heat_cpu, atol=1e-2)
     assert feature_stages(model, x)[-1].output_shape == (64, 8, 8)
