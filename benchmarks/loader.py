@@ -25,7 +25,7 @@ from cnnlab.config import Config
 from cnnlab.data.stream import FileSplit
 from cnnlab.models.classifier import build_classifier
 from cnnlab.train.distributed import training_batches
-from cnnlab.train.hardware import autocast, available_cores, resolve_precision
+from cnnlab.train.hardware import autocast, available_cores, choose_precision
 from cnnlab.train.loop import load_data
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
@@ -71,7 +71,7 @@ def loader_rate(folder: Path, workers: int, batches: int) -> tuple[float, float,
 def model_rate(arch: str, steps: int) -> tuple[float, str]:
     """Images/s of full training steps at 224 px, batch 32, channels_last."""
     device = torch.device("cpu")
-    dtype = resolve_precision("auto", device)
+    dtype = choose_precision("auto", device).dtype
     model = build_classifier(arch, 1000, 3, SIZE, [0.5] * 3, [0.25] * 3).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.rand(BATCH, 3, SIZE, SIZE).contiguous(memory_format=torch.channels_last)

@@ -85,7 +85,7 @@ class Config:
     early_stop: int | None = None         # stop after this many epochs without val improvement
     keep: Literal["last", "best"] = "last"
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"   # auto: cuda, then mps, then cpu
     checkpoint_every: int = 0             # also checkpoint every N steps (0: only each epoch)
     recipe: str | None = None             # the recipe this config started from, for the record
     tensorboard: bool = False
@@ -99,6 +99,7 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
+DEVICES: tuple[str, ...] = typing.get_args(_HINTS["device"])
 
 
 def _check_value(key: str, value: Any, source: str) -> Any:

@@ -8,7 +8,7 @@ from cnnlab.data.dataset import prepare_splits
 from cnnlab.data.sources import load_dataset
 from cnnlab.errors import CnnlabError
 from cnnlab.run import load_run
-from cnnlab.train.hardware import pick_device, resolve_precision
+from cnnlab.train.hardware import choose_precision, pick_device
 
 
 def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str | None = None,
@@ -30,7 +30,7 @@ def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str
     ds = prepare_splits(ds, val_split=0.0, train_size=None, test_size=None if data else cfg.test_size,
                         seed=cfg.seed)
     dev = pick_device(device)
-    result = evaluate(run.model(dev), ds.test, dev, dtype=resolve_precision(cfg.precision, dev), tta=cfg.tta)
+    result = evaluate(run.model(dev), ds.test, dev, dtype=choose_precision(cfg.precision, dev, strict=False).dtype, tta=cfg.tta)
     preds = result.predictions
     per_class = {}
     for i, name in enumerate(run.class_names):

@@ -29,6 +29,8 @@ from cnnlab.config import Config, merge
 from cnnlab.errors import CnnlabError
 from cnnlab.fileio import read_json, write_bytes, write_json, write_text
 from cnnlab.models.classifier import Classifier, build_classifier
+from cnnlab.train.hardware import Precision
+from cnnlab.train.hardware import describe as describe_hardware
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
 RUNS_ROOT = Path("runs")
@@ -60,11 +62,12 @@ def check_new_run_folder(path: Path) -> None:
                           f"remove it, or continue it with --resume {path}")
 
 
-def environment(device: torch.device) -> dict[str, Any]:
+def environment(device: torch.device, precision: Precision) -> dict[str, Any]:
+    """Versions and the hardware a run ran on: device, its name, torch's CPU ISA level and the
+    precision that actually ran, with the reason it was chosen."""
     return {
         "cnnlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "numpy": np.__version__, "platform": platform.platform(), "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "numpy": np.__version__, "platform": platform.platform(), **describe_hardware(device, precision),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "started": datetime.now().isoformat(timespec="seconds"),
     }

@@ -1,20 +1,55 @@
-"""Device, threads and numeric precision: picked from the config and the machine."""
+"""Device, threads and numeric precision: picked from the config and the machine, and said.
+
+A user's machine may be an AMX Xeon, an AVX2 laptop, a Mac or a free notebook GPU. What runs
+on each is decided here, once, with the reason, so the run header and ``config.json`` can say
+what ran and why (``describe``).
+"""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
 
 import torch
 
+from cnnlab.config import DEVICES
 from cnnlab.errors import CnnlabError
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below the first one with bfloat16 instructions.
+_ISA_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
+# `--precision bf16` on a CPU without bfloat16 instructions, where oneDNN emulates it. Measured
+# with `python benchmarks/precision.py` (SpeedNet, batch 256, training steps) on a 2-core AMD
+# EPYC (Zen 3, AVX2): see that script's docstring for the figures.
+EMULATED_BF16_COST = "about 5x slower than float32 (SpeedNet training: 31 against 155 img/s on a 2-core AVX2 EPYC)"
+
+
+# ----------------------------------------------------------------------------- device
+def mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
 def pick_device(choice: str) -> torch.device:
+    """``auto``: a CUDA GPU, else an Apple GPU (mps), else the CPU."""
+    if choice not in DEVICES:
+        raise CnnlabError(f"--device must be one of {', '.join(DEVICES)}; got {choice!r}")
     if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise CnnlabError("--device cuda was asked for but no CUDA GPU is visible to PyTorch "
-                          f"(torch {torch.__version__}); use --device auto or cpu")
+        found = "an Apple GPU (--device mps)" if mps_available() else "only the CPU"
+        raise CnnlabError(f"--device cuda was asked for but PyTorch {torch.__version__} sees no CUDA GPU "
+                          f"(found {found}); use --device auto, or install a CUDA build of torch on a "
+                          f"machine with an NVIDIA GPU")
+    if choice == "mps" and not mps_available():
+        found = "a CUDA GPU (--device cuda)" if torch.cuda.is_available() else "only the CPU"
+        raise CnnlabError(f"--device mps was asked for but PyTorch {torch.__version__} sees no Apple GPU "
+                          f"(found {found}); mps needs an Apple-silicon Mac and macOS 12.3+: use --device auto")
     return torch.device(choice)
 
 
@@ -31,24 +66,127 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
+@functools.cache
+def cpu_name() -> str:
+    """The processor's marketing name ("AMD EPYC 7B13"), or the architecture when unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                 text=True, timeout=5).stdout.strip()
+            if out:
+                return out
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_isa() -> str:
+    """The vector ISA torch's own kernels run with (DEFAULT, AVX2, AVX512, ...): the CPU's
+    best, unless capped by ATEN_CPU_CAPABILITY."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "unknown"
+
+
 def cpu_has_bf16() -> bool:
+    """Native bfloat16 arithmetic (AVX512_BF16 or AMX) that oneDNN and torch may use here."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ISA_WITHOUT_BF16:
+        return False
+    if not cpu_isa().upper().startswith("AVX512"):   # capped, or a CPU with no 512-bit units
+        return False
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
-def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain float32."""
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple GPU ({cpu_name()})"
+    return cpu_name()
+
+
+# ----------------------------------------------------------------------------- precision
+@dataclass(frozen=True)
+class Precision:
+    """What a run computes in: plain float32, or autocast to ``dtype`` (with loss scaling
+    for float16, whose narrow range underflows small gradients)."""
+    dtype: torch.dtype | None     # None: float32 throughout
+    reason: str                   # why this one, for people: "no native bf16 on this CPU"
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype or torch.float32).replace("torch.", "")
+
+    @property
+    def scaled(self) -> bool:
+        """Float16 trains with a GradScaler."""
+        return self.dtype == torch.float16
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.reason})"
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def choose_precision(choice: str, device: torch.device, *, strict: bool = True) -> Precision:
+    """The precision to run ``choice`` (fp32 | bf16 | fp16 | auto) with on ``device``.
+
+    ``strict`` (training) refuses a precision the device cannot run; otherwise (evaluating a
+    run on another machine than it trained on) such a choice falls back to ``auto``.
+    """
+    kind = device.type
     if choice == "fp32":
-        return None
+        return Precision(None, "as asked")
     if choice == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else None
-    if choice == "fp16" and device.type == "cpu":
-        raise CnnlabError("--precision fp16 needs a CUDA device; on CPU use bf16 (or auto)")
-    return torch.bfloat16 if choice == "bf16" else torch.float16
+        if kind == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return Precision(torch.bfloat16, "auto: this GPU has bf16")
+            return Precision(torch.float16, "auto: no bf16 on this GPU; float16 with loss scaling")
+        if kind == "mps":
+            return Precision(None, "auto: float32 on Apple GPUs; --precision fp16 to try autocast")
+        if cpu_has_bf16():
+            return Precision(torch.bfloat16, "auto: native bf16 on this CPU")
+        return Precision(None, "auto: no native bf16 on this CPU")
+    refusal = None
+    if choice == "fp16" and kind == "cpu":
+        refusal = ("--precision fp16 needs a GPU (cuda or mps); this run is on the CPU: use --precision auto "
+                   "(bf16 where the CPU has it, else float32)")
+    elif choice == "bf16" and kind == "mps":
+        refusal = "--precision bf16 is not supported on Apple GPUs: use --precision fp16 or fp32 (auto: fp32)"
+    elif choice == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        refusal = (f"--precision bf16 needs a GPU with bfloat16 (Ampere or newer); {device_name(device)} has "
+                   f"none: use --precision fp16 or auto (float16 with loss scaling)")
+    if refusal:
+        if strict:
+            raise CnnlabError(refusal)
+        return choose_precision("auto", device)
+    if choice == "bf16":
+        if kind == "cpu" and not cpu_has_bf16():
+            if strict:
+                _warn_once("bf16", f"--precision bf16 on a CPU without native bfloat16 ({cpu_name()}, ISA "
+                                   f"{cpu_isa()}) is emulated: {EMULATED_BF16_COST}; --precision auto picks "
+                                   f"float32 here")
+            return Precision(torch.bfloat16, "as asked; emulated, no native bf16 on this CPU")
+        return Precision(torch.bfloat16, "as asked")
+    return Precision(torch.float16, "as asked, with loss scaling")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -56,3 +194,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, precision: Precision):
+    """Loss scaling for float16 (None otherwise): imported only then, torch.amp pulls in more."""
+    if not precision.scaled:
+        return None
+    from torch.amp import GradScaler
+    return GradScaler(device.type, init_scale=INIT_LOSS_SCALE)
+
+
+INIT_LOSS_SCALE = 2.0 ** 16   # torch's default: the scale halves on each overflow until gradients fit
+
+
+def describe(device: torch.device, precision: Precision) -> dict[str, str]:
+    """What ran, for the run header and config.json."""
+    return {"device": str(device), "device_name": device_name(device), "isa": cpu_isa(),
+            "precision": precision.name, "precision_reason": precision.reason}

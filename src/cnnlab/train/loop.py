@@ -38,12 +38,16 @@ from cnnlab.train import checkpoint as ckpt
 from cnnlab.train import distributed
 from cnnlab.train.batches import derive_seed, eval_batches
 from cnnlab.train.ema import WeightAverage
-from cnnlab.train.hardware import autocast, pick_device, resolve_precision, set_threads
+from cnnlab.train import hardware
+from cnnlab.train.hardware import autocast, choose_precision, grad_scaler, pick_device, set_threads
 from cnnlab.train.optim import build_optimizer, build_schedule, decay_weights, set_lr
 
 EVAL_BATCH = 500
 WHITENING_SAMPLE = 2000  # images whose 2x2 patches set the whitening layer
 LOG_EVERY = 10           # steps between progress-bar refreshes (each one syncs the device)
+# float16: the loss scale halves on every overflowing step; this far down, gradients overflow
+# at any scale and the weights no longer move (30 halvings from the initial 2**16).
+MIN_LOSS_SCALE = 2.0 ** -14
 
 
 class NonFiniteLoss(CnnlabError):
@@ -161,7 +165,9 @@ class Trainer:
     def __init__(self, cfg: Config, data: Dataset, run: Path, device: torch.device,
                  progress: bool = True):
         self.cfg, self.data, self.run, self.device, self.progress = cfg, data, run, device, progress
-        self.dtype = resolve_precision(cfg.precision, device)
+        self.precision = choose_precision(cfg.precision, device)
+        self.dtype = self.precision.dtype
+        self.scaler = grad_scaler(device, self.precision)   # float16 only
         h, w, c = data.image_shape
         torch.manual_seed(derive_seed(cfg.seed, 0x1717))   # weight initialisation
         self.mean, self.std = _dataset_stats(stats_sample(data.train), cfg.normalize)
@@ -222,7 +228,8 @@ class Trainer:
                 "epoch_partial": [s.epoch_loss, s.epoch_correct, s.epoch_seen, s.epoch_seconds],
                 "steps_per_epoch": self.steps_per_epoch,
                 "optimizer": opt_meta, "rng": rng_meta, "config": self.cfg.to_dict(),
-                "mean": self.mean, "std": self.std, "world_size": distributed.world_size()}
+                "mean": self.mean, "std": self.std, "world_size": distributed.world_size(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
         ckpt.write_checkpoint(self.run / "checkpoints" / "last.safetensors", tensors, meta)
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -235,6 +242,8 @@ class Trainer:
         best = part("best.")
         self.best_state = best or None
         ckpt.restore_rng(tensors, meta["rng"])
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
         self.state = LoopState(meta["epoch"], meta["step_in_epoch"], meta["global_step"], meta["history"],
                                -math.inf if meta["best_val"] is None else meta["best_val"],
                                meta["best_epoch"], meta["train_seconds"], *meta.get("epoch_partial", ()))
@@ -272,15 +281,27 @@ class Trainer:
             logits = self.forward(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         if bias_frozen:   # DDP hands unused parameters a zero gradient; None keeps momentum off it
             self.model.net.whiten.bias.grad = None
-        decay_weights(self.optimizer, self.opt_cfg, mult)
-        self.optimizer.step()
+        if self.scaler is None:
+            decay_weights(self.optimizer, self.opt_cfg, mult)
+            self.optimizer.step()
+        else:
+            self._scaled_step(mult)
         if self.ema is not None and s.global_step >= self.ema_start_step:
             self.ema.update(s.global_step)
         correct = (logits.detach().argmax(1) == y).sum()
         return loss.detach(), correct
+
+    def _scaled_step(self, mult: float) -> None:
+        """float16: the scaler unscales the gradients and skips the step when one overflowed,
+        then lowers the scale; the decoupled decay follows only a step that was taken."""
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scaler.get_scale() >= scale:   # the scale drops on overflow only
+            decay_weights(self.optimizer, self.opt_cfg, mult)
 
     def run_epoch(self, stop: list[int], epoch_steps: int) -> tuple[float, float, float]:
         """Train from the current position to the end of the epoch (or ``epoch_steps``)."""
@@ -309,6 +330,11 @@ class Trainer:
                     raise NonFiniteLoss(f"training loss became {mean_loss} at epoch {s.epoch + 1}, step "
                                         f"{s.step_in_epoch}: the learning rate ({cfg.lr}) is probably too "
                                         f"high for {cfg.model}; try one ten times smaller")
+                if self.scaler is not None and self.scaler.get_scale() < MIN_LOSS_SCALE:
+                    raise NonFiniteLoss(f"float16 gradients overflow at every loss scale (down to "
+                                        f"{self.scaler.get_scale():.2g}) by epoch {s.epoch + 1}, step "
+                                        f"{s.step_in_epoch}: the learning rate ({cfg.lr}) is probably too "
+                                        f"high for {cfg.model}, or use --precision bf16 or fp32")
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{correct_sum.item() / seen:.3f}",
                                 img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
@@ -442,7 +468,7 @@ def fit(config: Config | None = None, *, out: str | Path | None = None, name: st
     trainer = Trainer(cfg, data, path, device, progress)
     if distributed.is_main():
         path.mkdir(parents=True, exist_ok=True)
-        save_config(path, cfg, environment(device))
+        save_config(path, cfg, environment(device, trainer.precision))
     if progress:
         _print_header(cfg, data, trainer, path, device)
     return _train_and_save(trainer, on_epoch, report)
@@ -468,7 +494,7 @@ def resume(run: str | Path, *, progress: bool = True, changes: dict[str, Any] | 
         print(f"resuming {path} at epoch {trainer.state.epoch + 1}, step {trainer.state.step_in_epoch}",
               flush=True)
     if distributed.is_main():
-        save_config(path, cfg, environment(device))
+        save_config(path, cfg, environment(device, trainer.precision))
     return _train_and_save(trainer, on_epoch)
 
 
@@ -479,12 +505,19 @@ def _print_header(cfg: Config, data: Dataset, trainer: Trainer, path: Path, devi
     print(f"cnnlab: {cfg.model} ({params:,} parameters) on {data.name}: {len(data.train):,} train / "
           f"{val:,} val / {len(data.test):,} test images, {w}x{h}x{c}, {data.num_classes} classes", flush=True)
     print(f"  {cfg.epochs:g} epochs x {trainer.steps_per_epoch} batches of {cfg.batch_size}, "
-          f"{cfg.optimizer} lr {cfg.lr:g}, device {device}"
-          f"{', ' + str(trainer.dtype).replace('torch.', '') if trainer.dtype else ''}, "
-          f"{torch.get_num_threads()} threads -> {path}", flush=True)
+          f"{cfg.optimizer} lr {cfg.lr:g} -> {path}", flush=True)
+    print(f"  {hardware_line(device, trainer.precision)}", flush=True)
     for line in (distributed.describe(cfg), describe_streaming(data)):
         if line:
             print(line, flush=True)
+
+
+def hardware_line(device: torch.device, precision: hardware.Precision) -> str:
+    """``device cpu: AMD EPYC 7B13 (ISA AVX2, 2 threads), precision float32 (auto: no native
+    bf16 on this CPU)``"""
+    where = (f"ISA {hardware.cpu_isa()}, {torch.get_num_threads()} threads" if device.type == "cpu"
+             else f"{torch.get_num_threads()} CPU threads")
+    return f"device {device}: {hardware.device_name(device)} ({where}), precision {precision}"
 
 
 def _train_and_save(trainer: Trainer, on_epoch, report: bool = True) -> Run:
