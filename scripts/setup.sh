@@ -11,8 +11,12 @@ want_test=0
 if [[ ! -x .venv/bin/python ]]; then
     python3 -m venv .venv
 fi
-# torch first and pinned: asked for plainly, pip would fetch a multi-GB CUDA build.
-.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+# torch first and pinned. What pip gets depends on the machine (README, "What set-up installs"):
+# here a CPU wheel lies on disk; on a Linux PC, PyPI serves the multi-GB CUDA build, unless
+# CNNLAB_TORCH_INDEX names PyTorch's CPU wheel index; on a Mac, the Apple-GPU build.
+torch_from=()
+[[ -n "${CNNLAB_TORCH_INDEX:-}" ]] && torch_from=(--index-url "$CNNLAB_TORCH_INDEX")
+.venv/bin/python -m pip install -q --disable-pip-version-check ${torch_from[@]+"${torch_from[@]}"} torch==2.13.0
 if [[ $want_test == 1 ]]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[all,test]'
 else

@@ -63,6 +63,9 @@ def test_bf16_is_native_only_where_the_isa_has_it(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_isa", lambda: "AVX2")
     assert not hardware.cpu_has_bf16()                     # no AVX2 chip has bfloat16 arithmetic
     monkeypatch.setattr(hardware, "cpu_isa", lambda: "AVX512")
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: {"flags": "fpu avx2 avx512f avx512bw"})
+    assert not hardware.cpu_has_bf16()                     # Cascade Lake: AVX-512, bf16 in software
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: {"flags": "avx512f avx512_bf16 amx_bf16"})
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")       # oneDNN capped as an AVX2 laptop
     assert not hardware.cpu_has_bf16()
 
@@ -120,7 +123,8 @@ def fp16_on_cpu(monkeypatch):
 
 
 def test_float16_overflow_is_skipped_not_divergence(fp16_on_cpu, tiny_cifar, tmp_path):
-    cfg = Config(data=str(tiny_cifar), model="tutorial", optimizer="sgd", lr=0.05, epochs=2, seed=1, threads=1)
+    cfg = Config(data=str(tiny_cifar), model="tutorial", optimizer="sgd", lr=0.05, epochs=2, seed=1, threads=1,
+                 train_size=160)
     run = loop.fit(cfg, out=tmp_path / "r", progress=False, report=False)
     scale = _scaler_state(run.path)["scale"]
     # Each overflow halves the scale: the first steps were skipped, then training went on.
@@ -133,7 +137,7 @@ def test_float16_overflow_is_skipped_not_divergence(fp16_on_cpu, tiny_cifar, tmp
 
 def test_float16_resume_restores_the_loss_scale_exactly(fp16_on_cpu, tiny_cifar, tmp_path):
     cfg = Config(data=str(tiny_cifar), model="tutorial", optimizer="nesterov", lr=0.05, weight_decay=5e-3,
-                 epochs=2, seed=2, threads=1)
+                 epochs=2, seed=2, threads=1, train_size=160)
     whole = loop.fit(cfg, out=tmp_path / "whole", progress=False, report=False)
     loop.fit(cfg, out=tmp_path / "cut", progress=False, report=False, on_epoch=lambda epoch, h: epoch == 1)
     after_one = _scaler_state(tmp_path / "cut")["scale"]

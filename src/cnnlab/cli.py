@@ -13,7 +13,7 @@ from cnnlab.errors import CnnlabError, TrainingInterrupted
 EXIT_BAD_INPUT = 2
 HELP = {"recipe": "start from a named recipe (see `cnnlab recipes`)",
         "data": "cifar10, cifar100, mnist, fashion-mnist, or a folder with train/<class>/<image> and test/...",
-        "device": "auto picks cuda when available, else cpu",
+        "device": "auto picks a CUDA GPU, else an Apple GPU (mps), else the CPU",
         "loader": "memory decodes the folder once into RAM; stream decodes from disk in worker processes "
                   "(ImageNet-size data); auto picks memory when the decoded images fit in ~2 GiB",
         "workers": "streaming: decode processes per training process (default: its cores - 1)",
@@ -177,20 +177,32 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from cnnlab.config import list_recipes, recipe_document
+    from cnnlab.config import list_recipes, recipe_document, resolve
     docs = {name: recipe_document(name) for name in list_recipes()}
+    estimates = {}
+    if args.estimate:
+        from cnnlab.train.estimate import estimate
+        for name in docs:
+            cfg = resolve(recipe=name)
+            if cfg.data == "cifar10" and cfg.image_size in (None, 32):   # the probe times CIFAR-sized steps
+                estimates[name] = estimate(cfg, refresh=args.refresh)
     if args.json:
-        _print_json(docs)
+        from dataclasses import asdict
+        _print_json({name: {**doc, "estimate_here": asdict(estimates[name]) if name in estimates else None}
+                     for name, doc in docs.items()})
         return 0
+    from cnnlab.train.estimate import describe
     for name, doc in docs.items():
-        m = doc.get("measured") or {}
-        seeds = m.get("seeds", 1)
-        measured = (f"{m['test_accuracy']:.2%} test accuracy{' (mean)' if seeds > 1 else ''} in "
-                    f"{m['wall_seconds']:.0f} s{' (median)' if seeds > 1 else ''}, {seeds} seed{'s' * (seeds > 1)}"
-                    if m else "not yet measured")
-        print(f"{name:<10} {doc.get('model', ''):<10} {doc.get('epochs', ''):>5} epochs  {measured}")
-        if doc.get("description"):
-            print(f"           {doc['description']}")
+        print(f"{name:<10} {doc.get('model', ''):<12} {doc.get('epochs', ''):>5} epochs  {doc.get('description', '')}")
+        for m in doc.get("measured") or []:
+            seeds = m.get("seeds", 1)
+            print(f"           measured: {m['test_accuracy']:.2%} test accuracy{' (mean)' if seeds > 1 else ''} in "
+                  f"{m['wall_seconds']:,.0f} s{' (median)' if seeds > 1 else ''}, {seeds} seed{'s' * (seeds > 1)}, "
+                  f"on {m['machine']}, {m['precision']}")
+        if not doc.get("measured"):
+            print("           measured: not yet")
+        if name in estimates:
+            print(f"           estimate: {describe(estimates[name])}")
     return 0
 
 
@@ -269,6 +281,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from cnnlab.config import DEVICES
     p = argparse.ArgumentParser(prog="cnnlab", description="Train, compare, tune, understand and ship "
                                 "convolutional image classifiers.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -286,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run")
     e.add_argument("--data", default=None, metavar="SPEC")
     e.add_argument("--data-dir", default=None)
-    e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    e.add_argument("--device", default="auto", choices=DEVICES)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
@@ -298,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr_out.add_argument("--csv", default=None, metavar="FILE", help="write one row per file to FILE")
     pr_out.add_argument("--json", action="store_true", help="print a JSON list, errors included")
     pr.add_argument("--batch-size", type=int, default=64, help="images decoded and classified at a time")
-    pr.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    pr.add_argument("--device", default="cpu", choices=DEVICES)
     pr.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("data", help="look at datasets")
@@ -335,8 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-classes", type=int, default=10)
     s.set_defaults(func=cmd_summary)
 
-    r = sub.add_parser("recipes", help="list the training recipes and what each measured here")
+    r = sub.add_parser("recipes", help="list the training recipes, what each measured, and how long each "
+                                       "would take on this machine")
     r.add_argument("--json", action="store_true")
+    r.add_argument("--no-estimate", dest="estimate", action="store_false",
+                   help="skip the estimate for this machine (a few seconds of probing, cached per machine)")
+    r.add_argument("--refresh", action="store_true", help="probe this machine again instead of using the cache")
     r.set_defaults(func=cmd_recipes)
 
     rp = sub.add_parser("report", help="rebuild a run's plots and report.html from its folder")
@@ -403,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--top-k", type=int, default=5, help="probabilities shown (default 5)")
     ex.add_argument("--out", default=None, metavar="DIR", help="one folder per image goes here "
                     "(default: RUN/explain)")
-    ex.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=HELP["device"])
+    ex.add_argument("--device", default="auto", choices=DEVICES, help=HELP["device"])
     ex.set_defaults(func=cmd_explain)
     return p
 

@@ -21,10 +21,11 @@ from cnnlab.errors import CnnlabError
 
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below the first one with bfloat16 instructions.
 _ISA_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
-# `--precision bf16` on a CPU without bfloat16 instructions, where oneDNN emulates it. Measured
-# with `python benchmarks/precision.py` (SpeedNet, batch 256, training steps) on a 2-core AMD
-# EPYC (Zen 3, AVX2): see that script's docstring for the figures.
-EMULATED_BF16_COST = "about 5x slower than float32 (SpeedNet training: 31 against 155 img/s on a 2-core AVX2 EPYC)"
+# What `--precision bf16` costs on a CPU without bfloat16 instructions, where it is emulated:
+# training images/s measured by `python benchmarks/precision.py --rounds 3 --steps 2` on a
+# 2-core AMD EPYC (Zen 3, AVX2), 2026-12-01.
+EMULATED_BF16_COST = ("8-18x slower than float32 (training on a 2-core AVX2 EPYC: SpeedNet 8 against 146 "
+                      "img/s, the lesson's CNN 218 against 1,782)")
 
 
 # ----------------------------------------------------------------------------- device
@@ -67,15 +68,26 @@ def set_threads(threads: int | None) -> int:
 
 
 @functools.cache
-def cpu_name() -> str:
-    """The processor's marketing name ("AMD EPYC 7B13"), or the architecture when unknown."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (Linux); empty elsewhere."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
+    return fields
+
+
+@functools.cache
+def cpu_name() -> str:
+    """The processor's marketing name ("AMD EPYC 7B13"), or the architecture when unknown."""
+    if _cpuinfo().get("model name"):
+        return _cpuinfo()["model name"]
     if sys.platform == "darwin":
         try:
             out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
@@ -97,10 +109,17 @@ def cpu_isa() -> str:
 
 
 def cpu_has_bf16() -> bool:
-    """Native bfloat16 arithmetic (AVX512_BF16 or AMX) that oneDNN and torch may use here."""
+    """Native bfloat16 arithmetic (AVX512_BF16 or AMX) that oneDNN and torch may use here.
+
+    oneDNN also "supports" bf16 on AVX-512 chips without those instructions (Skylake, Cascade
+    Lake) by converting in software, which is slower than float32: not native.
+    """
     if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ISA_WITHOUT_BF16:
         return False
     if not cpu_isa().upper().startswith("AVX512"):   # capped, or a CPU with no 512-bit units
+        return False
+    flags = _cpuinfo().get("flags")
+    if flags is not None and not {"avx512_bf16", "amx_bf16"} & set(flags.split()):
         return False
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -303,8 +303,9 @@ class Trainer:
         if self.scaler.get_scale() >= scale:   # the scale drops on overflow only
             decay_weights(self.optimizer, self.opt_cfg, mult)
 
-    def run_epoch(self, stop: list[int], epoch_steps: int) -> tuple[float, float, float]:
-        """Train from the current position to the end of the epoch (or ``epoch_steps``)."""
+    def run_epoch(self, stop: list[int], epoch_steps: int) -> tuple[float, float, float, int]:
+        """Train from the current position to the end of the epoch (or ``epoch_steps``): the
+        epoch's mean loss, accuracy, seconds and images (over every process)."""
         s, cfg = self.state, self.cfg
         self.model.train()
         # Resumed mid-epoch: carry on from the sums and seconds of the steps done before.
@@ -355,9 +356,9 @@ class Trainer:
         s.train_seconds += elapsed
         s.epoch_loss, s.epoch_correct, s.epoch_seen, s.epoch_seconds = 0.0, 0, 0, 0.0
         if seen == 0:
-            return float("nan"), float("nan"), elapsed
+            return float("nan"), float("nan"), elapsed, 0
         loss_total, correct_total, seen = distributed.sum_over_ranks(loss_sum, correct_sum, seen)
-        return loss_total / seen, correct_total / seen, elapsed
+        return loss_total / seen, correct_total / seen, elapsed, int(seen)
 
     def elapsed(self) -> float:
         """Training seconds so far, this epoch included."""
@@ -378,7 +379,7 @@ class Trainer:
         with _catch_stop_signals() as stop:
             while s.epoch < total_epochs:
                 epoch_steps = min(self.steps_per_epoch, self.total_steps - s.epoch * self.steps_per_epoch)
-                loss, acc, seconds = self.run_epoch(stop, epoch_steps)
+                loss, acc, seconds, images = self.run_epoch(stop, epoch_steps)
                 model = self.eval_model()
                 val = (evaluate(model, self.data.val, self.device, dtype=self.dtype,
                                 channels_last=cfg.channels_last)
@@ -397,7 +398,7 @@ class Trainer:
                     s.best_val, s.best_epoch = val.accuracy, s.epoch
                     if cfg.keep == "best":
                         self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                self._print_epoch(total_epochs)
+                self._print_epoch(total_epochs, images)
                 self.checkpoint()
                 if on_epoch is not None and on_epoch(s.epoch, h):
                     break
@@ -412,11 +413,12 @@ class Trainer:
                               f"epochs (best {s.best_val:.4f} at epoch {s.best_epoch})", flush=True)
                     break
 
-    def _print_epoch(self, total: int) -> None:
+    def _print_epoch(self, total: int, images: int) -> None:
+        """``images``: trained this epoch, this session (a resumed or fractional epoch trains fewer)."""
         if not self.progress:
             return
         h, s = self.state.history, self.state
-        imgs = len(self.data.train) if h["seconds"][-1] else 0
+        imgs = images if h["seconds"][-1] else 0
         line = (f"epoch {s.epoch}/{total}  loss {h['loss'][-1]:.4f}  accuracy {h['accuracy'][-1]:.4f}")
         if h["val_loss"][-1] is not None:
             line += f"  val_loss {h['val_loss'][-1]:.4f}  val_accuracy {h['val_accuracy'][-1]:.4f}"
