@@ -65,6 +65,19 @@ def main() -> None:
     write_table(rows, args)
 
 
+def machine() -> str:
+    """The machine the table holds for: machines here differ by 5x (AMX in bf16, AVX2 in fp32)."""
+    import torch
+
+    from cnnlab.train import hardware
+    device = hardware.pick_device("auto")
+    precision = hardware.choose_precision("auto", device)
+    return (f"{hardware.device_name(device)}, {hardware.available_cores()} cores, torch ISA "
+            f"{hardware.cpu_isa()}, {precision.name} autocast" if precision.dtype else
+            f"{hardware.device_name(device)}, {hardware.available_cores()} cores, torch ISA "
+            f"{hardware.cpu_isa()}, float32") + f", torch {torch.__version__}"
+
+
 def write_table(rows: list[dict], args) -> None:
     cmd = "python benchmarks/zoo.py --budget {:g}{}".format(
         args.budget, f" --test-size {args.test_size}" if args.test_size else "")
@@ -72,7 +85,7 @@ def write_table(rows: list[dict], args) -> None:
         "# The model zoo, side by side on this machine",
         "",
         f"Every model trained on ../shared/data/cifar10 for the same {args.budget:g} s of training "
-        f"(2 CPU cores, bfloat16 autocast, one shared recipe: Adam 1e-3 decaying linearly over the "
+        f"({machine()}, one shared recipe: Adam 1e-3 decaying linearly over the "
         f"budget, batch 128, flips and 2-pixel shifts), then scored once on the "
         f"{'stratified ' + str(args.test_size) + '-image subset of the ' if args.test_size else ''}test split. "
         "MFLOPs are per 32x32 image, forward, counted as 2 x multiply-adds.",
