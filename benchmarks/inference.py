@@ -26,9 +26,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cnnlab.export import finish_graph, onnx_graph, onnx_session
+from cnnlab.apps.export import finish_graph, onnx_graph, onnx_session
+from cnnlab.core.hardware import available_cores
 from cnnlab.models.classifier import build_classifier
-from cnnlab.train.hardware import available_cores
 
 WARMUP_CALLS = 20
 # Untrained-model normalisation: any constants do; these are CIFAR-10's rounded.

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cnnlab.config import Config
+from cnnlab.core.config import Config
+from cnnlab.core.hardware import autocast, available_cores, choose_precision
 from cnnlab.data.stream import FileSplit
+from cnnlab.engine.distributed import training_batches
+from cnnlab.engine.loop import load_data
 from cnnlab.models.classifier import build_classifier
-from cnnlab.train.distributed import training_batches
-from cnnlab.train.hardware import autocast, available_cores, choose_precision
-from cnnlab.train.loop import load_data
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 SIZE = 224

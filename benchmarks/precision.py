@@ -2,7 +2,7 @@
 
     python benchmarks/precision.py [--models speednet_xs,speednet,tutorial] [--rounds 5]
 
-Each figure is the recipe's own training step (``cnnlab.train.estimate.probe``: the model,
+Each figure is the recipe's own training step (``cnnlab.engine.estimate.probe``: the model,
 optimizer, augmentation and memory layout of the named recipe, at its batch size) on
 synthetic CIFAR-sized batches, median over interleaved rounds so both precisions see the same
 machine load. Where the CPU has no native bfloat16 (AVX2 chips: no AVX512_BF16, no AMX),
@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from cnnlab.config import resolve
-from cnnlab.train import hardware
-from cnnlab.train.estimate import probe
+from cnnlab.core import hardware
+from cnnlab.core.config import resolve
+from cnnlab.engine.estimate import probe
 
 RECIPE_OF = {"speednet_xs": "speed70", "speednet": "speed85", "speednet_l": "speed92", "tutorial": "tutorial"}
 

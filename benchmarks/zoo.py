@@ -69,7 +69,7 @@ def machine() -> str:
     """The machine the table holds for: machines here differ by 5x (AMX in bf16, AVX2 in fp32)."""
     import torch
 
-    from cnnlab.train import hardware
+    from cnnlab.core import hardware
     device = hardware.pick_device("auto")
     precision = hardware.choose_precision("auto", device)
     return (f"{hardware.device_name(device)}, {hardware.available_cores()} cores, torch ISA "

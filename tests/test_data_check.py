@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnlab.data import folder, images
-from cnnlab.data.check import check_dataset, check_folder
+from cnnlab.core.errors import CnnlabError
+from cnnlab.data import folder, images, listing
+from cnnlab.data.check import check_folder
 from cnnlab.data.folder import load_image_folder
 from cnnlab.data.images import ImageError, open_image
-from cnnlab.errors import CnnlabError
+from cnnlab.data.sources import check_dataset
 
 ORIENTATION = 0x0112
 GREY16 = np.array([[0, 1000, 30000, 65535]], dtype=np.uint16)   # 16-bit values, one row
@@ -267,11 +268,11 @@ def test_loader_policy_and_cache(messy, tmp_path, monkeypatch):
 
 def test_listing_never_follows_symlinks_out(messy, tmp_path):
     shutil.rmtree(messy / "train/bird"), shutil.rmtree(messy / "test/bird")
-    listed = [p for files in folder.list_folder(messy, report=lambda *a: None).files.values() for p, _ in files]
+    listed = [p for files in listing.list_folder(messy, report=lambda *a: None).files.values() for p, _ in files]
     assert not any(p.endswith("outside.jpg") for p in listed)
     assert all(os.path.realpath(p).startswith(os.path.realpath(messy)) for p in listed)
     with pytest.raises(CnnlabError, match="outside.jpg.*outside the dataset folder"):
-        folder.list_folder(messy)
+        listing.list_folder(messy)
 
 
 # ----------------------------------------------------------------------------- through the CLI

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cnnlab.core.errors import CnnlabError
 from cnnlab.data import cifar, idx
 from cnnlab.data.cifar import load_cifar
 from cnnlab.data.download import default_data_dir, fetch, md5sum, safe_extract_tar
 from cnnlab.data.idx import load_idx_dataset, read_idx
-from cnnlab.errors import CnnlabError
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
                  "dog", "frog", "horse", "ship", "truck"]

@@ -20,13 +20,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cnnlab.config import Config, recipe_values, resolve
+from cnnlab.core.config import Config, recipe_values, resolve
+from cnnlab.core.errors import CnnlabError
 from cnnlab.data import stream
+from cnnlab.data.batches import BatchStream, eval_batches
 from cnnlab.data.stream import FileSplit, StreamingDataset, choose_loader, random_resized_box
-from cnnlab.errors import CnnlabError
-from cnnlab.train.batches import BatchStream, eval_batches
-from cnnlab.train.distributed import training_batches
-from cnnlab.train.loop import fit, load_data
+from cnnlab.engine.distributed import training_batches
+from cnnlab.engine.loop import fit, load_data
 
 IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 CPU = torch.device("cpu")
@@ -96,7 +96,7 @@ def assert_same_history(run: Path, reference: Path, images: int) -> None:
 @pytest.fixture(scope="module")
 def initial_weights(tiny_cifar, tmp_path_factory) -> dict[str, torch.Tensor]:
     """The weights both layouts start from (the seed's initialisation)."""
-    from cnnlab.train.loop import Trainer
+    from cnnlab.engine.loop import Trainer
     cfg = Config(data=str(tiny_cifar), batch_size=2 * PER_PROCESS, **DDP)
     trainer = Trainer(cfg, load_data(cfg), tmp_path_factory.mktemp("init") / "run", CPU, progress=False)
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
@@ -115,7 +115,7 @@ def checkpoint_step(run: Path) -> int:
 def one_process_run(tiny_cifar, tmp_path_factory) -> Path:
     """The reference: one process with the global batch (2 x 27)."""
     out = tmp_path_factory.mktemp("one") / "run"
-    fit(Config(data=str(tiny_cifar), batch_size=2 * PER_PROCESS, **DDP), out=out, progress=False, report=False)
+    fit(Config(data=str(tiny_cifar), batch_size=2 * PER_PROCESS, **DDP), out=out, progress=False)
     return out
 
 
@@ -162,9 +162,9 @@ def test_streaming_loader_yields_the_in_memory_batches(tiny_cifar, tmp_path):
     for (xm, ym), (xs, ys) in zip(eval_batches(mem.test, 40, CPU), eval_batches(streamed.test, 40, CPU)):
         assert torch.equal(xm, xs) and torch.equal(ym, ys)
     # One loop serves both: whole runs agree.
-    a = fit(base.replace(loader="memory", epochs=1, threads=1), out=tmp_path / "mem", progress=False, report=False)
+    a = fit(base.replace(loader="memory", epochs=1, threads=1), out=tmp_path / "mem", progress=False)
     b = fit(base.replace(loader="stream", epochs=1, threads=1, workers=0), out=tmp_path / "stream",
-            progress=False, report=False)
+            progress=False)
     assert_identical_weights(a.path, b.path)
     assert a.metrics["test_accuracy"] == b.metrics["test_accuracy"]
 
@@ -234,13 +234,13 @@ def test_imagenet_style_folder_trains_through_the_streaming_path(tmp_path):
     data = make_imagenet_style(tmp_path / "imagenet")
     cfg = Config(data=str(data), image_size=64, crop="random_resized", flip="random", workers=1,
                  epochs=2, batch_size=8, val_split=0.0, lr=3e-3, threads=1, seed=2)
-    run = fit(cfg, out=tmp_path / "run", progress=False, report=False)
+    run = fit(cfg, out=tmp_path / "run", progress=False)
     assert run.card["input_size"] == [64, 64] and run.card["in_channels"] == 3
     assert len(run.history["loss"]) == 2 and all(np.isfinite(run.history["loss"]))
     assert run.metrics["test_images"] == 6
     ev = np.load(run.path / "evaluation.npz")
     assert ev["sample_images"].shape[1:] == (64, 64, 3) and len(ev["sample_images"]) == 18
-    again = fit(cfg, out=tmp_path / "again", progress=False, report=False)
+    again = fit(cfg, out=tmp_path / "again", progress=False)
     assert_identical_weights(run.path, again.path)                     # seeded crops: reproducible
 
 
@@ -334,14 +334,14 @@ def test_data_parallel_run_killed_then_resumed_matches_one_process(tiny_cifar, t
 
 
 def test_resume_refuses_another_process_count(tmp_path):
-    from cnnlab.train import distributed
+    from cnnlab.engine import distributed
     with pytest.raises(CnnlabError, match="trained by 2 process"):
         distributed.check_resume_world(2, tmp_path)
 
 
 # ----------------------------------------------------------------------------- recipe
 def test_imagenet_recipe_is_the_standard_schedule():
-    from cnnlab.train.optim import effective_lr
+    from cnnlab.engine.optim import effective_lr
     cfg = resolve(overrides={"recipe": "imagenet"})
     assert (cfg.model, cfg.optimizer, cfg.epochs, cfg.warmup, cfg.schedule) == ("resnet50", "sgd", 90, 5, "cosine")
     assert (cfg.loader, cfg.image_size, cfg.label_smoothing, cfg.batch_size) == ("stream", 224, 0.1, 32)

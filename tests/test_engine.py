@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab.config import Config, list_recipes, resolve
+from cnnlab.core.config import Config, list_recipes, resolve
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.hardware import autocast
+from cnnlab.data import augment
+from cnnlab.data.batches import Augmentation, BatchStream
 from cnnlab.data.dataset import Split
-from cnnlab.errors import CnnlabError
+from cnnlab.engine.ema import WeightAverage
+from cnnlab.engine.optim import Schedule, build_optimizer, decay_weights
 from cnnlab.models import create_model
-from cnnlab.train import augment
-from cnnlab.train.batches import Augmentation, BatchStream
-from cnnlab.train.ema import WeightAverage
-from cnnlab.train.hardware import autocast
-from cnnlab.train.optim import Schedule, build_optimizer, decay_weights
 
 
 @pytest.mark.parametrize("model", ["speednet_xs", "speednet"])   # linear, and in +/- pairs
@@ -44,12 +44,13 @@ def test_whitening_makes_patch_covariance_near_identity(model):
 
 def test_whitening_bias_trains_for_its_epochs_then_stays_put(tiny_cifar, tmp_path):
     from safetensors.torch import load_file
-    from cnnlab.train.loop import fit
+
+    from cnnlab.engine.loop import fit
     base = dict(data=str(tiny_cifar), model="speednet_xs", whiten=True, optimizer="nesterov", lr=0.05,
                 weight_decay=5e-3, batch_size=50, seed=3)
 
     def trained(name: str, **changes) -> dict[str, torch.Tensor]:
-        fit(Config(**base, **changes), out=tmp_path / name, progress=False, report=False)
+        fit(Config(**base, **changes), out=tmp_path / name, progress=False)
         return load_file(tmp_path / name / "model.safetensors")
 
     one = trained("one", epochs=1)
@@ -184,7 +185,7 @@ def test_every_recipe_resolves_and_names_a_real_model(recipe):
 
 
 def test_speed_recipe_trains_end_to_end_on_a_subset(tiny_cifar, tmp_path):
-    from cnnlab.train.loop import fit
+    from cnnlab.engine.loop import fit
     cfg = resolve(recipe="speed70", overrides={"data": str(tiny_cifar), "batch_size": 32, "epochs": 10})
     run = fit(cfg, out=tmp_path / "run", progress=False)
     assert run.metrics["test_accuracy"] > 0.2 and run.config.whiten   # chance: 0.1
@@ -192,7 +193,7 @@ def test_speed_recipe_trains_end_to_end_on_a_subset(tiny_cifar, tmp_path):
 
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_momentum_sgd_matches_torch_sgd_and_round_trips_its_state(nesterov):
-    from cnnlab.train.optim import MomentumSGD
+    from cnnlab.engine.optim import MomentumSGD
     torch.manual_seed(0)
     ours, ref = nn.Linear(4, 3), nn.Linear(4, 3)
     ref.load_state_dict(ours.state_dict())

@@ -16,17 +16,24 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cnnlab.apps.explain import explain_image, explain_run, gradcam_overlay_png
 from cnnlab.cli import main
-from cnnlab.config import Config
-from cnnlab.errors import CnnlabError
-from cnnlab.explain import (CHANNELS_PER_STAGE, explain_image, explain_run, feature_stages,
-                            filter_tiles, find_target_layer, first_conv, gradcam,
-                            gradcam_overlay_png, layer_names)
+from cnnlab.core.config import Config
+from cnnlab.core.errors import CnnlabError
+from cnnlab.engine.runs import load_run, model_card, save_config, save_model
 from cnnlab.models import list_models
 from cnnlab.models.classifier import build_classifier
 from cnnlab.models.googlenet import INCEPTION_TABLE
+from cnnlab.models.inspect import (
+    CHANNELS_PER_STAGE,
+    feature_stages,
+    filter_tiles,
+    find_target_layer,
+    first_conv,
+    gradcam,
+    layer_names,
+)
 from cnnlab.models.summary import layer_table
-from cnnlab.run import load_run, model_card, save_config, save_model
 
 SIDE = 16                 # constructed cases: 16x16 grey images
 SMALL = 28                # zoo models: the smallest size every family takes

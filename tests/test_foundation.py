@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnlab.config import Config, merge, resolve
+from cnnlab.core.config import Config, merge, resolve
+from cnnlab.core.errors import CnnlabError
 from cnnlab.data.dataset import Dataset, Split, prepare_splits, stratified_indices
 from cnnlab.data.folder import load_image_folder
-from cnnlab.errors import CnnlabError
-from cnnlab.run import HISTORY_KEYS, load_run
+from cnnlab.engine.runs import HISTORY_KEYS, load_run
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -117,8 +117,9 @@ def test_folder_layout_errors(tmp_path, layout, message):
 
 
 def test_second_load_of_shared_cifar_comes_from_the_cache(tmp_path, monkeypatch):
-    from cnnlab.data import folder
     from tests.conftest import CIFAR_FOLDER
+
+    from cnnlab.data import folder
     if not CIFAR_FOLDER.is_dir():
         pytest.skip("../shared/data/cifar10 absent")
     cache = tmp_path / "cache"
@@ -177,7 +178,8 @@ def test_train_cli_writes_the_run_folder_contract(tiny_cifar, tmp_path):
 
 def test_same_seed_gives_identical_weights(tiny_cifar, tmp_path):
     from safetensors.torch import load_file
-    from cnnlab.train.loop import fit
+
+    from cnnlab.engine.loop import fit
     cfg = Config(data=str(tiny_cifar), epochs=1, batch_size=32, flip="random", translate=2, seed=7)
     a = fit(cfg, out=tmp_path / "a", progress=False)
     b = fit(cfg, out=tmp_path / "b", progress=False)

@@ -12,10 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cnnlab.config import Config
-from cnnlab.errors import CnnlabError
-from cnnlab.train import hardware, loop
-from cnnlab.train.hardware import Precision, choose_precision, pick_device
+from cnnlab.core import hardware
+from cnnlab.core.config import Config
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.hardware import Precision, choose_precision, pick_device
+from cnnlab.engine import loop
 
 CPU = torch.device("cpu")
 
@@ -125,7 +126,7 @@ def fp16_on_cpu(monkeypatch):
 def test_float16_overflow_is_skipped_not_divergence(fp16_on_cpu, tiny_cifar, tmp_path):
     cfg = Config(data=str(tiny_cifar), model="tutorial", optimizer="sgd", lr=0.05, epochs=2, seed=1, threads=1,
                  train_size=160)
-    run = loop.fit(cfg, out=tmp_path / "r", progress=False, report=False)
+    run = loop.fit(cfg, out=tmp_path / "r", progress=False)
     scale = _scaler_state(run.path)["scale"]
     # Each overflow halves the scale: the first steps were skipped, then training went on.
     assert 2.0 ** 16 < scale < 2.0 ** 30
@@ -138,8 +139,8 @@ def test_float16_overflow_is_skipped_not_divergence(fp16_on_cpu, tiny_cifar, tmp
 def test_float16_resume_restores_the_loss_scale_exactly(fp16_on_cpu, tiny_cifar, tmp_path):
     cfg = Config(data=str(tiny_cifar), model="tutorial", optimizer="nesterov", lr=0.05, weight_decay=5e-3,
                  epochs=2, seed=2, threads=1, train_size=160)
-    whole = loop.fit(cfg, out=tmp_path / "whole", progress=False, report=False)
-    loop.fit(cfg, out=tmp_path / "cut", progress=False, report=False, on_epoch=lambda epoch, h: epoch == 1)
+    whole = loop.fit(cfg, out=tmp_path / "whole", progress=False)
+    loop.fit(cfg, out=tmp_path / "cut", progress=False, on_epoch=lambda epoch, h: epoch == 1)
     after_one = _scaler_state(tmp_path / "cut")["scale"]
     assert after_one < 2.0 ** 30                           # the state to restore is not the initial one
     resumed = loop.resume(tmp_path / "cut", progress=False)
@@ -150,8 +151,8 @@ def test_float16_resume_restores_the_loss_scale_exactly(fp16_on_cpu, tiny_cifar,
 
 # ----------------------------------------------------------------------------- recipe estimates
 def test_recipe_estimate_probes_once_per_machine(monkeypatch, tmp_path):
-    from cnnlab.config import resolve
-    from cnnlab.train import estimate
+    from cnnlab.core.config import resolve
+    from cnnlab.engine import estimate
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
     real = estimate.probe
@@ -186,6 +187,6 @@ def test_recipes_command_names_the_machine_of_each_measurement(monkeypatch, caps
     assert "measured: 71.84% test accuracy (mean) in 18 s (median), 3 seeds, on Intel Xeon" in out
     assert "estimate:" not in out
     for name in ("tutorial", "speed70", "speed85", "speed90", "speed92"):
-        from cnnlab.config import recipe_document
+        from cnnlab.core.config import recipe_document
         for m in recipe_document(name)["measured"]:
             assert {"machine", "precision", "date", "test_accuracy", "wall_seconds", "seeds"} <= set(m)

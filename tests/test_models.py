@@ -8,10 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 from cnnlab.models import create_model, list_models, model_info, register_model
-from cnnlab.models.summary import (count_flops, count_parameters, format_summary, layer_table,
-                                   zoo_table)
+from cnnlab.models.summary import count_flops, count_parameters, format_summary, layer_table, zoo_table
 
 NUM_CLASSES = 7          # not 10, so a hard-coded class count would show
 BATCH = 2                # batch norm needs more than one value per channel in train mode

@@ -26,20 +26,19 @@ import torch
 from PIL import Image
 
 from cnnlab.cli import main
-from cnnlab.config import Config
+from cnnlab.core.config import Config
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.hardware import choose_precision
 from cnnlab.data.images import load_image
-from cnnlab.errors import CnnlabError
+from cnnlab.engine.inference import predict_files
+from cnnlab.engine.runs import environment, load_run, model_card, save_config, save_model
 from cnnlab.models import list_models
 from cnnlab.models.classifier import build_classifier
-from cnnlab.predict import predict_files
-from cnnlab.run import environment, load_run, model_card, save_config, save_model
-from cnnlab.train.hardware import choose_precision
-
 from conftest import CIFAR_FOLDER
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-export = pytest.importorskip("cnnlab.export")
+export = pytest.importorskip("cnnlab.apps.export")
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -51,7 +50,7 @@ UPLOAD_LIMIT_MB = 1
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def trained_run(tiny_cifar, tmp_path_factory):
-    from cnnlab.train.loop import fit
+    from cnnlab.engine.loop import fit
     tmp = tmp_path_factory.mktemp("issue9")
     with pytest.MonkeyPatch.context() as mp:       # keep the folder cache out of the user's
         mp.setenv("CNNLAB_DATA", str(tmp / "cache"))

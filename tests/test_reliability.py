@@ -26,10 +26,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from cnnlab.cli import main
-from cnnlab.config import Config
-from cnnlab.errors import CnnlabError
-from cnnlab.train import checkpoint as ckpt
-from cnnlab.train import loop
+from cnnlab.core.config import Config
+from cnnlab.core.errors import CnnlabError
+from cnnlab.engine import checkpoint as ckpt
+from cnnlab.engine import loop
 
 # Shared by every run: one thread (identical kernels in and out of process, and fast on
 # busy cores), shuffling and all three augmentations on, a fixed seed.
@@ -59,7 +59,7 @@ def flags(settings: dict) -> list[str]:
 
 def reference(data: Path, out: Path, **settings) -> dict[str, torch.Tensor]:
     """An uninterrupted in-process run of the same config: its weights, history, metrics."""
-    run = loop.fit(Config(data=str(data), **settings), out=out, progress=False, report=False)
+    run = loop.fit(Config(data=str(data), **settings), out=out, progress=False)
     return load_file(run.path / "model.safetensors")
 
 
@@ -200,7 +200,7 @@ def test_crash_between_last_step_and_epoch_end_resumes_exactly(tiny_cifar, tmp_p
     monkeypatch.setattr(loop, "evaluate", crash)
     run = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        loop.fit(Config(data=str(tiny_cifar), **settings), out=run, progress=False, report=False)
+        loop.fit(Config(data=str(tiny_cifar), **settings), out=run, progress=False)
     assert position(run) == (0, 12)
     monkeypatch.setattr(loop, "evaluate", real_evaluate)
     loop.resume(run, progress=False)
@@ -219,7 +219,7 @@ def finished_run(tiny_cifar, tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:  # the function-scoped cache fixture is not active yet
         mp.setenv("CNNLAB_DATA", str(tmp_path_factory.mktemp("cnnlab-data")))
         loop.fit(Config(data=str(tiny_cifar), **dict(BASE, train_size=30, epochs=1, schedule="cosine")),
-                 out=out, progress=False, report=False)
+                 out=out, progress=False)
     torch.set_num_threads(n)
     return out
 
@@ -259,7 +259,7 @@ class _DiskFullWriter:
 
 def test_disk_full_half_way_through_a_checkpoint_keeps_the_previous_one(tiny_cifar, tmp_path,
                                                                          monkeypatch, capsys):
-    from cnnlab import fileio
+    from cnnlab.core import files as fileio
     writes = []
 
     def open_filling_the_disk(file, mode="r", *a, **k):
@@ -282,7 +282,7 @@ def test_disk_full_half_way_through_a_checkpoint_keeps_the_previous_one(tiny_cif
 
 
 def test_failed_write_of_any_run_file_leaves_the_old_version(tmp_path, monkeypatch):
-    from cnnlab import fileio
+    from cnnlab.core import files as fileio
     fileio.write_json(tmp_path / "model.json", {"version": 1})
     monkeypatch.setattr(fileio, "open", lambda file, mode="r", *a, **k: _DiskFullWriter(open(file, mode, *a, **k))
                         if "w" in mode else open(file, mode, *a, **k), raising=False)
@@ -333,7 +333,7 @@ def test_nan_mid_training_keeps_the_last_finite_weights(tiny_cifar, tmp_path, mo
     run = tmp_path / "nan"
     with pytest.raises(CnnlabError, match=r"became (nan at|non-finite \(nan or inf\) by) epoch 2, step \d.*"
                                           r"model.safetensors holds the last finite weights"):
-        loop.fit(Config(data=str(tiny_cifar), **settings), out=run, progress=False, report=False)
+        loop.fit(Config(data=str(tiny_cifar), **settings), out=run, progress=False)
     model = load_file(run / "model.safetensors")
     assert all(t.isfinite().all() for t in model.values())
     tensors, meta = ckpt.read_checkpoint(run / "checkpoints" / "last.safetensors")

@@ -22,10 +22,10 @@ import pytest
 from PIL import Image
 
 from cnnlab.cli import main
-from cnnlab.config import Config
+from cnnlab.core.config import Config
+from cnnlab.engine.loop import fit
 from cnnlab.report import compare_runs, read_curves, write_report
 from cnnlab.report.plots import PLOT_FILES, samples_figure
-from cnnlab.train.loop import fit
 
 HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -41,6 +41,8 @@ def runs(tiny_cifar, tmp_path_factory) -> tuple[Path, Path]:
             out=root / "run-a", progress=False).path
     b = fit(Config(data=str(tiny_cifar), epochs=1, batch_size=32, val_split=0.2, lr=3e-3, train_size=100),
             out=root / "run-b", progress=False).path
+    for run in (a, b):
+        write_report(run)
     return a, b
 
 
@@ -100,9 +102,11 @@ def test_report_escapes_names_and_fetches_nothing(moved_run):
     text = (moved_run / "report.html").read_text()
     assert HOSTILE not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
     assert "http://" not in text and "https://" not in text
-    # Copied without its weights: every plot but the Grad-CAM one, which needs the model.
-    assert text.count('src="data:image/png;base64,') == len(PLOT_FILES) - 1
-    assert "Grad-CAM" not in text
+    # Copied without its weights: every plot still, the Grad-CAM of the mistakes included (its
+    # heatmaps were computed at the end of training and stored; the report runs no model).
+    assert not (moved_run / "model.safetensors").exists()
+    assert text.count('src="data:image/png;base64,') == len(PLOT_FILES)
+    assert "Grad-CAM" in text
 
 
 def test_report_shows_the_gradcam_of_the_mistakes(runs):
@@ -327,7 +331,7 @@ def test_browser_check_catches_a_broken_page(browser, tmp_path):
 def test_report_html_in_chromium(runs, moved_run, browser):
     assert_page_ok(browser.open(runs[0] / "report.html"), images=len(PLOT_FILES))
     page = browser.open(moved_run / "report.html")
-    assert_page_ok(page, images=len(PLOT_FILES) - 1)     # no weights, no Grad-CAM
+    assert_page_ok(page, images=len(PLOT_FILES))         # no weights, yet Grad-CAM: stored at training
     if os.environ.get("CNNLAB_SCREENSHOT"):       # for looking at the page yourself
         Path(os.environ["CNNLAB_SCREENSHOT"]).write_bytes(browser.screenshot(page["session"]))
 

@@ -18,11 +18,11 @@ import yaml
 
 optuna = pytest.importorskip("optuna")
 
+from cnnlab.apps.tune import parse_space, tune  # noqa: E402
+from cnnlab.apps.tune.study import database_url  # noqa: E402
 from cnnlab.cli import main  # noqa: E402
-from cnnlab.config import resolve  # noqa: E402
-from cnnlab.errors import CnnlabError  # noqa: E402
-from cnnlab.tune import parse_space, tune  # noqa: E402
-from cnnlab.tune.study import database_url  # noqa: E402
+from cnnlab.core.config import resolve  # noqa: E402
+from cnnlab.core.errors import CnnlabError  # noqa: E402
 
 # 200 images: 160 to train, 40 to score on; one thread each so workers can run side by side.
 TINY = ["--model", "tutorial", "--train-size", "200", "--val-split", "0.2", "--threads", "1"]
@@ -61,7 +61,7 @@ def test_space_file_forms_and_flags_fixing_keys(tmp_path):
         "lr: {low: 1.0e-4, high: 1.0e-1, log: true}\nepochs: {low: 1, high: 3, type: int}\n"
         "weight-decay: {low: 1.0e-6, high: 1.0e-2, log: true, zero: true}\nbatch_size: [32, 64]\n"
         "optimizer: {choices: [adam, nesterov]}\nmomentum: 0.95\ntranslate: {low: 0, high: 4, step: 2}\n")
-    from cnnlab.tune import load_space
+    from cnnlab.apps.tune import load_space
     space = load_space(tmp_path / "space.yaml")
     assert space.searched == ["lr", "epochs", "weight_decay", "batch_size", "optimizer", "translate"]
     assert space.params["momentum"].value == 0.95

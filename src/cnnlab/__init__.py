@@ -1,2 +1,4 @@
 """cnnlab: train, compare, tune, understand and ship convolutional image classifiers."""
-__version__ = "0.1.0"
+from cnnlab.core.version import __version__
+
+__all__ = ["__version__"]

@@ -8,7 +8,7 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-from cnnlab.errors import CnnlabError, TrainingInterrupted
+from cnnlab.core.errors import CnnlabError, TrainingInterrupted
 
 EXIT_BAD_INPUT = 2
 HELP = {"recipe": "start from a named recipe (see `cnnlab recipes`)",
@@ -33,7 +33,7 @@ HELP = {"recipe": "start from a named recipe (see `cnnlab recipes`)",
 # ----------------------------------------------------------------------------- helpers
 def _config_flags(parser: argparse.ArgumentParser, *, only: Sequence[str] | None = None) -> None:
     """One ``--flag`` per Config field, so every key can be set from the command line."""
-    from cnnlab.config import FIELDS, _HINTS
+    from cnnlab.core.config import _HINTS, FIELDS
     group = parser.add_argument_group("config keys (override --recipe and --config)")
     for name in FIELDS:
         if only is not None and name not in only:
@@ -68,9 +68,9 @@ def _print_json(obj: Any) -> None:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from cnnlab.config import FIELDS, resolve
-    from cnnlab.train import distributed
-    from cnnlab.train.loop import fit, resume
+    from cnnlab.core.config import FIELDS, resolve
+    from cnnlab.engine import distributed
+    from cnnlab.engine.loop import fit, resume
     overrides = _overrides(args, FIELDS)
     if args.resume:
         given = [flag for flag, value in (("--config", args.config), ("--out", args.out), ("--name", args.name))
@@ -81,17 +81,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         nproc = distributed.saved_nproc(args.resume)
         if nproc > 1 and not distributed.launched():   # --nproc N: start N copies of this command
             return distributed.launch_local(args.argv, nproc)
-        resume(args.resume, changes=overrides)   # refuses any change but a safe --epochs
+        run = resume(args.resume, changes=overrides)   # refuses any change but a safe --epochs
+        _write_report(run.path)
         return 0
     cfg = resolve(config_file=args.config, overrides=overrides)
     if cfg.nproc > 1 and not distributed.launched():
         return distributed.launch_local(args.argv, cfg.nproc)
-    fit(cfg, out=args.out, name=args.name)
+    run = fit(cfg, out=args.out, name=args.name)
+    _write_report(run.path)
     return 0
 
 
+def _write_report(run: Path) -> None:
+    """plots/ and report.html, drawn from the finished run folder (by one process of several)."""
+    from cnnlab.engine import distributed
+    from cnnlab.report import write_report
+    if distributed.is_main():
+        write_report(run)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cnnlab.evaluate import evaluate_run
+    from cnnlab.apps.evaluate import evaluate_run
     result = evaluate_run(args.run, data=args.data, data_dir=args.data_dir, device=args.device)
     if args.json:
         _print_json(result)
@@ -105,9 +115,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cnnlab.predict import no_prediction_error, predict_files, write_results_csv
-    from cnnlab.run import load_run
-    from cnnlab.train.hardware import pick_device
+    from cnnlab.core.hardware import pick_device
+    from cnnlab.engine.inference import (
+        no_prediction_error,
+        predict_files,
+        write_results_csv,
+    )
+    from cnnlab.engine.runs import load_run
     run = load_run(args.run)
     results, good, bad = [], 0, 0
     for r in predict_files(run, args.paths, top_k=args.top_k, device=pick_device(args.device),
@@ -135,7 +149,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_data_show(args: argparse.Namespace) -> int:
-    from cnnlab.data.show import write_sample_grid
+    from cnnlab.report.samples import write_sample_grid
     out = write_sample_grid(args.spec, args.out, data_dir=args.data_dir, per_class=args.per_class,
                             seed=args.seed)
     print(f"wrote {out}")
@@ -143,7 +157,7 @@ def cmd_data_show(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from cnnlab.data.check import check_dataset
+    from cnnlab.data.sources import check_dataset
     report = check_dataset(args.spec, data_dir=args.data_dir)
     if args.json:
         _print_json(report.to_dict())
@@ -177,11 +191,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from cnnlab.config import list_recipes, recipe_document, resolve
+    from cnnlab.core.config import list_recipes, recipe_document, resolve
     docs = {name: recipe_document(name) for name in list_recipes()}
     estimates = {}
     if args.estimate:
-        from cnnlab.train.estimate import estimate
+        from cnnlab.engine.estimate import estimate
         for name in docs:
             cfg = resolve(recipe=name)
             if cfg.data == "cifar10" and cfg.image_size in (None, 32):   # the probe times CIFAR-sized steps
@@ -191,7 +205,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         _print_json({name: {**doc, "estimate_here": asdict(estimates[name]) if name in estimates else None}
                      for name, doc in docs.items()})
         return 0
-    from cnnlab.train.estimate import describe
+    from cnnlab.engine.estimate import describe
     for name, doc in docs.items():
         print(f"{name:<10} {doc.get('model', ''):<12} {doc.get('epochs', ''):>5} epochs  {doc.get('description', '')}")
         for m in doc.get("measured") or []:
@@ -222,7 +236,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from cnnlab.export import export_onnx
+    from cnnlab.apps.export import export_onnx
     r = export_onnx(args.run, args.out, exporter=args.exporter, check_images=args.check_images or ())
     print(f"wrote {r.path} ({r.bytes / 1e6:.1f} MB, {r.exporter} exporter); ONNX Runtime matches PyTorch "
           f"on {r.samples} sample inputs ({r.real_images} real images): largest logit difference "
@@ -232,7 +246,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from cnnlab.serve.app import serve
+        from cnnlab.apps.serve.app import serve
     except ImportError as e:
         raise CnnlabError(f"cnnlab serve needs the web packages ({e}): "
                           f"pip install fastapi uvicorn python-multipart") from None
@@ -243,8 +257,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from cnnlab.config import FIELDS, resolve
-    from cnnlab.tune import tune
+    from cnnlab.apps.tune import tune
+    from cnnlab.core.config import FIELDS, resolve
     overrides = _overrides(args, FIELDS)
     cfg = resolve(config_file=args.config, overrides=overrides)
     # Flags fix a key (taking it out of the search space); --recipe and --config only set defaults.
@@ -261,15 +275,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from cnnlab.config import FIELDS, resolve
-    from cnnlab.tune import lr_find
+    from cnnlab.apps.tune import lr_find
+    from cnnlab.core.config import FIELDS, resolve
     cfg = resolve(config_file=args.config, overrides=_overrides(args, FIELDS))
     lr_find(cfg, start=args.start, end=args.end, steps=args.steps, out=args.out)
     return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from cnnlab.explain import explain_run
+    from cnnlab.apps.explain import explain_run
     results = explain_run(args.run, args.images, out=args.out, layer=args.layer, class_name=args.class_name,
                           top_k=args.top_k, device=args.device)
     for r in results:
@@ -281,7 +295,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from cnnlab.config import DEVICES
+    from cnnlab.core.config import DEVICES
     p = argparse.ArgumentParser(prog="cnnlab", description="Train, compare, tune, understand and ship "
                                 "convolutional image classifiers.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -388,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--trials", type=int, default=None, metavar="N", help="trials this command runs (each worker runs N)")
     tu.add_argument("--timeout", type=float, default=None, metavar="S", help="start no new trial after S seconds")
     tu.add_argument("--space", default=None, metavar="FILE", help="YAML search space (default: lr, batch_size, epochs, "
-                    "weight_decay, optimizer, label_smoothing); format in `python -m pydoc cnnlab.tune.space`")
+                    "weight_decay, optimizer, label_smoothing); format in `python -m pydoc cnnlab.apps.tune.space`")
     tu.add_argument("--study", default=None, metavar="NAME", help="study name (default: MODEL-DATA)")
     tu.add_argument("--storage", default=None, metavar="URL", help="e.g. postgresql://user:pw@host/db to share "
                     "the study between machines (default: sqlite file OUT/study.db)")

@@ -2,7 +2,7 @@
 
 torchvision's ImageFolder crashes mid-epoch on a corrupt file and Keras silently skips hidden
 folders but not broken images; here one walk lists every problem up front. The walk is
-``folder.list_folder``'s (layout, hidden entries, symlinks, other file types), and every image
+``listing.list_folder``'s (layout, hidden entries, symlinks, other file types), and every image
 is fully decoded through ``images.open_image`` (the loader's own code, so the report and the
 loader cannot disagree): a truncated JPEG opens fine and only fails when its pixels are read.
 
@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from cnnlab.data import folder, images
+from cnnlab.core.errors import CnnlabError
+from cnnlab.data import images
 from cnnlab.data.dataset import Dataset
-from cnnlab.errors import CnnlabError
+from cnnlab.data.listing import SPLITS, FolderListing, _map_chunks, list_folder
 
 # Per-file errors: --bad-images skip leaves these files out. Every other error (layout,
 # empty classes) blocks training whatever the policy.
@@ -138,13 +139,13 @@ class CheckReport:
 
 
 # ----------------------------------------------------------------------------- image folders
-FolderScan = tuple[folder.FolderListing, CheckReport]
+FolderScan = tuple[FolderListing, CheckReport]
 
 
 def scan_folder(root: str | Path) -> FolderScan:
     """The walk without decoding: layout, hidden entries, symlinks, other file types."""
     report = CheckReport(str(Path(root).expanduser()))
-    listing = folder.list_folder(root, report=report.add)
+    listing = list_folder(root, report=report.add)
     report.class_names = list(listing.class_names)
     return listing, report
 
@@ -174,7 +175,7 @@ def _inspect_chunk(task: tuple[list[str], int, tuple[int, int] | None, int]):
     return batch, results
 
 
-def inspect_files(listing: folder.FolderListing, report: CheckReport, *, max_pixels: int | None = None,
+def inspect_files(listing: FolderListing, report: CheckReport, *, max_pixels: int | None = None,
                   decode: tuple[tuple[int, int], int] | None = None) -> tuple[np.ndarray | None, np.ndarray]:
     """Decode every listed file, adding per-file problems, duplicates, counts and imbalance
     to ``report``. Returns (images, usable): the (N, H, W, C) images in listing order when
@@ -183,7 +184,7 @@ def inspect_files(listing: folder.FolderListing, report: CheckReport, *, max_pix
     entries = [(split, path, label) for split, files in listing.files.items() for path, label in files]
     paths = [path for _, path, _ in entries]
     size, channels = decode if decode is not None else (None, 3)
-    chunks = folder._map_chunks(_inspect_chunk, paths, limit, size, channels)
+    chunks = _map_chunks(_inspect_chunk, paths, limit, size, channels)
     results = [r for _, chunk in chunks for r in chunk]
     usable = np.array([r[0] is None for r in results], dtype=bool)
     report.files_checked += len(paths)
@@ -284,7 +285,7 @@ def enforce(report: CheckReport, bad_images: str, *, limit: int = 50) -> None:
 def report_for_dataset(source: str, ds: Dataset) -> CheckReport:
     """Counts and imbalance of an already loaded dataset (official ones are validated by their readers)."""
     report = CheckReport(source, list(ds.class_names))
-    for split in folder.SPLITS:
+    for split in SPLITS:
         part = getattr(ds, split)
         if part is not None:
             per = np.bincount(part.labels, minlength=ds.num_classes)
@@ -293,16 +294,4 @@ def report_for_dataset(source: str, ds: Dataset) -> CheckReport:
     h, w, _ = ds.image_shape
     report.image_sizes = {f"{w}x{h}": report.files_checked}
     _add_imbalance(report)
-    return report
-
-
-def check_dataset(spec: str, *, data_dir: str | Path | None = None, max_pixels: int | None = None) -> CheckReport:
-    """Check ``--data SPEC``: an image folder in full, an official dataset by its loaded arrays."""
-    if Path(spec).expanduser().is_dir():
-        return check_folder(spec, max_pixels=max_pixels)
-    from cnnlab.data.sources import load_dataset
-    start = time.perf_counter()
-    ds = load_dataset(spec, data_dir=data_dir)   # anything else raises the error training gives
-    report = report_for_dataset(spec, ds)
-    report.seconds = time.perf_counter() - start
     return report

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnlab.core.errors import CnnlabError
 from cnnlab.data.dataset import Dataset, Split
 from cnnlab.data.download import default_data_dir, fetch, safe_extract_tar
-from cnnlab.errors import CnnlabError
 
 __all__ = ["load_cifar", "CIFAR_KINDS", "read_cifar_pickle"]
 

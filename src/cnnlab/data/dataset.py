@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 
 
 @dataclass

@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 
 __all__ = ["default_data_dir", "md5sum", "fetch", "safe_extract_tar"]
 

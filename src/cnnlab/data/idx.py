@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnlab.core.errors import CnnlabError
 from cnnlab.data.dataset import Dataset, Split
 from cnnlab.data.download import default_data_dir, fetch
-from cnnlab.errors import CnnlabError
 
 __all__ = ["load_idx_dataset", "read_idx", "IDX_KINDS"]
 

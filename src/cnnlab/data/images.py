@@ -1,6 +1,6 @@
 """Reading one image file correctly, whatever its mode, depth or orientation.
 
-Pillow's defaults get several cases wrong (see ../shared/notes/reliability.md): 16-bit
+Pillow's defaults get several cases wrong (as of Pillow 13): 16-bit
 greyscale clips to white when converted naively, RGBA drops alpha and shows hidden colours,
 EXIF orientation is ignored. Everything that reads an image (training data, predict,
 the web API, the data checker) goes through ``load_image``.
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 # Refuse images above this many pixels (decompression bombs). Pillow only warns below ~179M.

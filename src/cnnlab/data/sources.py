@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import difflib
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from cnnlab.core.errors import CnnlabError
+from cnnlab.data import check
+from cnnlab.data.check import FolderScan
 from cnnlab.data.dataset import Dataset
-from cnnlab.errors import CnnlabError
-
-if TYPE_CHECKING:
-    from cnnlab.data.check import FolderScan
 
 OFFICIAL = ("cifar10", "cifar100", "mnist", "fashion-mnist")
 
@@ -37,3 +36,14 @@ def load_dataset(spec: str, *, data_dir: str | Path | None = None, image_size: i
     from cnnlab.data.folder import load_image_folder
     return load_image_folder(spec, image_size=image_size, cache_dir=root / "cache", bad_images=bad_images,
                              scan=scan)
+
+
+def check_dataset(spec: str, *, data_dir: str | Path | None = None, max_pixels: int | None = None) -> check.CheckReport:
+    """Check ``--data SPEC``: an image folder in full, an official dataset by its loaded arrays."""
+    if Path(spec).expanduser().is_dir():
+        return check.check_folder(spec, max_pixels=max_pixels)
+    start = time.perf_counter()
+    ds = load_dataset(spec, data_dir=data_dir)   # anything else raises the error training gives
+    report = check.report_for_dataset(spec, ds)
+    report.seconds = time.perf_counter() - start
+    return report

@@ -35,11 +35,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cnnlab.config import Config
+from cnnlab.core.config import Config
+from cnnlab.core.errors import CnnlabError
+from cnnlab.data.batches import Augmentation, BatchStream, derive_seed
 from cnnlab.data.dataset import Dataset, Split, prepare_splits
 from cnnlab.data.images import GREY_MODES, ImageError, open_image
-from cnnlab.errors import CnnlabError
-from cnnlab.train.batches import Augmentation, BatchStream, derive_seed
 
 if TYPE_CHECKING:
     from cnnlab.data.check import FolderScan
@@ -219,7 +219,7 @@ class FileSplit:
 
     def eval_batches(self, batch_size: int, device: torch.device, channels_last: bool = False,
                      shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """As ``train.batches.eval_batches``: items ``rank::world`` in order, centre-cropped."""
+        """As ``cnnlab.data.batches.eval_batches``: items ``rank::world`` in order, centre-cropped."""
         rank, world = shard
         index = list(range(rank, len(self), world))
         keys = _KeyBatches()
@@ -340,7 +340,7 @@ def choose_loader(cfg: Config, listing=None, processes: int = 1) -> str:
 
 def decoded_bytes(cfg: Config, listing=None) -> int:
     """What the in-memory path would hold: every listed image at its decoded size."""
-    from cnnlab.data.folder import list_folder
+    from cnnlab.data.listing import list_folder
     listing = listing or list_folder(cfg.data)
     paths = [p for files in listing.files.values() for p, _ in files]
     headers = _sample_headers(paths)
@@ -354,7 +354,7 @@ def decoded_bytes(cfg: Config, listing=None) -> int:
 
 def default_workers(processes: int = 1) -> int:
     """Decode processes per training process: its share of the cores, less one for itself."""
-    from cnnlab.train.hardware import available_cores
+    from cnnlab.core.hardware import available_cores
     return max(0, available_cores() // max(1, processes) - 1)
 
 

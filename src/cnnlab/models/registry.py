@@ -13,7 +13,10 @@ from typing import Callable
 
 from torch import nn
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
+
+# Every family is registered before this module can be used: importing cnnlab.models.registry
+# first runs cnnlab/models/__init__.py, which imports each family module.
 
 
 @dataclass(frozen=True)
@@ -41,18 +44,11 @@ def register_model(name: str, *, family: str, year: int, paper: str,
     return wrap
 
 
-def _ensure_loaded() -> None:
-    # Importing the package registers every family (each file decorates its factories).
-    import cnnlab.models  # noqa: F401
-
-
 def list_models() -> list[str]:
-    _ensure_loaded()
     return sorted(_REGISTRY)
 
 
 def model_info(name: str) -> ModelInfo:
-    _ensure_loaded()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(close)}?" if close else "run `cnnlab models` to list them"

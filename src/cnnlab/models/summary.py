@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 from cnnlab.models.registry import create_model, list_models, model_info
 
 __all__ = ["count_parameters", "layer_table", "count_flops", "format_summary", "zoo_table"]

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cnnlab.errors import CnnlabError
-from cnnlab.fileio import write_text
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.files import write_text
 from cnnlab.report.folder import RunRecord, finite, read_run
 from cnnlab.report.html import esc, fmt, img, page, table
 from cnnlab.report.plots import clean_series, figure, plain, save_figure

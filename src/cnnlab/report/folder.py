@@ -2,7 +2,7 @@
 
 Reports must be rebuildable anywhere the folder is copied, and must not fail on a run
 written by an older or newer cnnlab, so this reads the files as they are instead of
-re-validating the config (``cnnlab.run.load_run`` does that for commands that train or
+re-validating the config (``cnnlab.engine.runs.load_run`` does that for commands that train or
 predict).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 
 REQUIRED = ("model.json", "history.json")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import math
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +20,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from cnnlab.fileio import write_bytes  # noqa: E402
+from cnnlab.core.files import write_bytes  # noqa: E402
 from cnnlab.report.folder import RunRecord, read_run  # noqa: E402
 
 DPI = 110
@@ -31,9 +30,11 @@ MAX_SAMPLE_CLASSES = 20      # beyond this a samples grid stops being readable
 MIN_TICK_POINTS = 5.0        # smallest class-name font on the confusion matrix before naming sparsely
 ANNOTATE_CLASSES = 15        # write the rate in each confusion-matrix cell up to this many classes
 MISTAKE_COLUMNS = 6
-GRADCAM_MISTAKES = 12        # mistakes shown with their Grad-CAM (one backward pass each)
 CAPTION_POINTS = 7           # font of the captions under each mistake
 PAD = 2                      # pixels of white between mosaic tiles
+# Grad-CAM colour map and blend weight: "jet" is the convention of the paper's figures.
+HEAT_CMAP = "jet"
+HEAT_ALPHA = 0.5
 
 PLOT_FILES = ("accuracy.png", "loss.png", "lr.png", "samples.png", "confusion_matrix.png",
               "per_class_accuracy.png", "mistakes.png", "gradcam_mistakes.png")
@@ -212,6 +213,15 @@ def mistakes_figure(images: np.ndarray, true: np.ndarray, pred: np.ndarray, conf
     return fig
 
 
+def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = HEAT_ALPHA) -> np.ndarray:
+    """uint8 (H, W, 3): ``image`` (uint8 (H, W) or (H, W, 1|3)) blended with ``heatmap``
+    ((H, W) in [0, 1]) coloured by HEAT_CMAP."""
+    img = image[..., None] if image.ndim == 2 else image
+    rgb = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[..., :3]
+    heat = plt.get_cmap(HEAT_CMAP)(np.clip(heatmap, 0, 1))[..., :3] * 255.0
+    return np.clip((1 - alpha) * rgb.astype(np.float32) + alpha * heat, 0, 255).round().astype(np.uint8)
+
+
 def gradcam_mistakes_figure(images: np.ndarray, overlays: np.ndarray, true: np.ndarray, pred: np.ndarray,
                             conf: np.ndarray, class_names: list[str]) -> Figure:
     """Each mistake as a pair, the image then its Grad-CAM overlay for the predicted class,
@@ -225,23 +235,13 @@ def gradcam_mistakes_figure(images: np.ndarray, overlays: np.ndarray, true: np.n
                                  f"that class's score)")
 
 
-def gradcam_mistakes(rec: RunRecord, images: np.ndarray, true: np.ndarray, pred: np.ndarray,
-                     conf: np.ndarray) -> Figure | None:
-    """``gradcam_mistakes_figure`` for the first ``GRADCAM_MISTAKES`` mistakes, with the run's
-    model on the CPU; None (the plot is skipped, with a note) when the model cannot be loaded."""
-    from cnnlab.errors import CnnlabError
-    from cnnlab.explain import gradcam_overlays
-    from cnnlab.predict import fit_to_model
-    from cnnlab.run import load_run
-    n = min(GRADCAM_MISTAKES, len(images))
-    try:
-        run = load_run(rec.path)
-        images = fit_to_model(run, images[:n])
-        overlays = gradcam_overlays(run.model("cpu"), images, [int(k) for k in pred[:n]])
-    except (CnnlabError, OSError, RuntimeError, ValueError, KeyError) as e:
-        print(f"cnnlab: note: report without gradcam_mistakes.png: {e}", file=sys.stderr)
-        return None
-    return gradcam_mistakes_figure(images, overlays, true[:n], pred[:n], conf[:n], rec.class_names)
+def gradcam_mistakes(rec: RunRecord, images: np.ndarray, heatmaps: np.ndarray, true: np.ndarray,
+                     pred: np.ndarray, conf: np.ndarray) -> Figure:
+    """``gradcam_mistakes_figure`` for the mistakes whose heatmaps training stored (the first
+    ``len(heatmaps)``, most confident first)."""
+    n = len(heatmaps)
+    overlays = np.stack([overlay(img, heat.astype(np.float32)) for img, heat in zip(images[:n], heatmaps)])
+    return gradcam_mistakes_figure(images[:n], overlays, true[:n], pred[:n], conf[:n], rec.class_names)
 
 
 def _empty(message: str) -> Figure:
@@ -380,10 +380,10 @@ def write_plots(run: str | Path | RunRecord) -> list[Path]:
                 probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
                 figs["mistakes.png"] = mistakes_figure(ev["mistake_images"], labels[idx], preds[idx],
                                                        probs.max(1), names)
-                if len(idx) and (rec.path / "model.safetensors").is_file():
-                    fig = gradcam_mistakes(rec, ev["mistake_images"], labels[idx], preds[idx], probs.max(1))
-                    if fig is not None:
-                        figs["gradcam_mistakes.png"] = fig
+                heatmaps = ev.get("mistake_heatmaps")   # absent in runs from before cnnlab stored them
+                if heatmaps is not None and len(heatmaps):
+                    figs["gradcam_mistakes.png"] = gradcam_mistakes(rec, ev["mistake_images"], heatmaps,
+                                                                    labels[idx], preds[idx], probs.max(1))
     acc = per_class_accuracy(rec)
     if acc:
         overall = rec.metrics.get("test_accuracy")

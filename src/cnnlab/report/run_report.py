@@ -5,7 +5,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from cnnlab.fileio import write_text
+from cnnlab.core.files import write_text
 from cnnlab.report.diagnose import Finding, read_curves
 from cnnlab.report.folder import RunRecord, finite
 from cnnlab.report.html import esc, fmt, img, kv_table, page, table
@@ -89,7 +89,7 @@ def metrics_table(rec: RunRecord) -> str:
 
 
 def config_table(config: dict[str, Any]) -> str:
-    from cnnlab.config import FIELDS
+    from cnnlab.core.config import FIELDS
     rows, classes = [], []
     for k, v in config.items():
         changed = k in FIELDS and FIELDS[k].default is not dataclasses.MISSING and FIELDS[k].default != v

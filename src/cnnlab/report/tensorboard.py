@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 from cnnlab.report.folder import finite, read_run
 
 TAGS = {  # history key -> TensorBoard tag (train and validation of one quantity share a section)

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from cnnlab.config import Config, validate
-from cnnlab.errors import CnnlabError
-from cnnlab.fileio import write_json
-from cnnlab.run import default_run_name, run_path
+from cnnlab.core.config import Config, validate
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.files import write_json
+from cnnlab.engine.runs import default_run_name, run_path
 
 DIVERGE = 4.0          # stop once the smoothed loss passes this multiple of its best
 SMOOTHING = 0.98       # EMA factor for the loss (fastai's choice: about 50 steps of memory)
@@ -52,10 +52,10 @@ def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int =
     """Run the range test for ``cfg`` (its model, data, optimizer, batch size)."""
     from tqdm import tqdm
 
+    from cnnlab.core.hardware import pick_device, set_threads
+    from cnnlab.engine.loop import Trainer, load_data
+    from cnnlab.engine.optim import Schedule
     from cnnlab.models.registry import model_info
-    from cnnlab.train.hardware import pick_device, set_threads
-    from cnnlab.train.loop import Trainer, load_data
-    from cnnlab.train.optim import Schedule
 
     if not (0 < start < end and math.isfinite(end)):
         raise CnnlabError(f"--start and --end must satisfy 0 < start < end; got start {start:g}, end {end:g}")
@@ -133,7 +133,7 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float, float]:
 def _save(result: LrFindResult, cfg: Config, start: float, end: float, steps: int) -> None:
     import matplotlib.pyplot as plt
 
-    from cnnlab.report.plots import save_figure   # also selects the Agg backend
+    from cnnlab.report.plots import save_figure  # also selects the Agg backend
 
     doc: dict[str, Any] = {
         "suggested_lr": result.suggested_lr, "min_loss_lr": result.min_loss_lr,

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 
 _TEMP_SUFFIX = ".tmp"
 

@@ -7,7 +7,7 @@ epoch ``e`` is the same whether the run was interrupted or not.
 
 Data-parallel: with ``shard=(rank, world)`` each process takes every ``world``-th item of
 the same global batch of ``batch_size * world`` items, so N processes see exactly the items
-one process would see with an N times larger batch (``cnnlab.train.distributed``).
+one process would see with an N times larger batch (``cnnlab.engine.distributed``).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from cnnlab.data import augment
 from cnnlab.data.dataset import Split
-from cnnlab.train import augment
 
 
 def derive_seed(*keys: int) -> int:

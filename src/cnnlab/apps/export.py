@@ -10,7 +10,7 @@ The file holds the whole ``Classifier``: normalisation and network. Its contract
                        ``input`` (the contract in words), ``cnnlab`` (version)
 
 Weights are embedded (no external data files: ONNX external data paths are a path-traversal
-risk, see ../shared/notes/reliability.md, and a single file is what apps ship), so a model
+risk, and a single file is what apps ship), so a model
 must serialise under protobuf's 2 GiB limit. Before anything is written, ONNX Runtime runs
 the exported graph on sample inputs (random, smooth, constant and real images) and its
 logits must match PyTorch's; otherwise ``CnnlabError`` and no file.
@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnlab import __version__
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.files import write_bytes
+from cnnlab.core.version import __version__
 from cnnlab.data.images import is_image_name, load_image
-from cnnlab.errors import CnnlabError
-from cnnlab.fileio import write_bytes
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # Opset 17: run by every ONNX Runtime since 1.13 (2022) and by onnxruntime-web / mobile.
@@ -316,7 +316,7 @@ def export_onnx(run, out: str | Path | None = None, *, exporter: Exporter = "aut
     ``run`` is a ``Run`` or a run folder. The check uses ``check_images`` as its real
     images, or a few from the run's image folder when none are given.
     """
-    from cnnlab.run import Run, load_run
+    from cnnlab.engine.runs import Run, load_run
     run = run if isinstance(run, Run) else load_run(run)
     out = Path(out) if out is not None else run.path / "model.onnx"
     if out.is_dir():

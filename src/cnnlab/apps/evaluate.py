@@ -4,16 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.hardware import choose_precision, pick_device
 from cnnlab.data.dataset import prepare_splits
 from cnnlab.data.sources import load_dataset
-from cnnlab.errors import CnnlabError
-from cnnlab.run import load_run
-from cnnlab.train.hardware import choose_precision, pick_device
+from cnnlab.engine.runs import load_run
 
 
 def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str | None = None,
                  device: str = "auto") -> dict[str, Any]:
-    from cnnlab.train.loop import evaluate
+    from cnnlab.engine.loop import evaluate
     run = load_run(run_path)
     cfg = run.config
     spec = data or cfg.data

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlab.config import Config
+from cnnlab.core.config import Config
 
 
 @dataclass

@@ -23,24 +23,42 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cnnlab import config as config_mod
-from cnnlab.config import Config
+from cnnlab.core import config as config_mod
+from cnnlab.core import hardware
+from cnnlab.core.config import Config
+from cnnlab.core.errors import CnnlabError, TrainingInterrupted
+from cnnlab.core.files import discard_temps, write_bytes, write_json
+from cnnlab.core.hardware import (
+    autocast,
+    choose_precision,
+    grad_scaler,
+    pick_device,
+    set_threads,
+)
+from cnnlab.data.batches import derive_seed, eval_batches
 from cnnlab.data.dataset import Dataset, Split, prepare_splits
 from cnnlab.data.sources import load_dataset
 from cnnlab.data.stream import describe as describe_streaming
 from cnnlab.data.stream import images_of, open_streaming, scan_data_folder, stats_sample
-from cnnlab.errors import CnnlabError, TrainingInterrupted
-from cnnlab.fileio import discard_temps, write_bytes, write_json
+from cnnlab.engine import checkpoint as ckpt
+from cnnlab.engine import distributed
+from cnnlab.engine.ema import WeightAverage
+from cnnlab.engine.optim import build_optimizer, build_schedule, decay_weights, set_lr
+from cnnlab.engine.runs import (
+    Run,
+    check_new_run_folder,
+    default_run_name,
+    empty_history,
+    environment,
+    load_run,
+    model_card,
+    run_path,
+    save_config,
+    save_history,
+    save_model,
+)
 from cnnlab.models.classifier import Classifier, build_classifier
-from cnnlab.run import (Run, check_new_run_folder, default_run_name, empty_history, environment,
-                        load_run, model_card, run_path, save_config, save_history, save_model)
-from cnnlab.train import checkpoint as ckpt
-from cnnlab.train import distributed
-from cnnlab.train.batches import derive_seed, eval_batches
-from cnnlab.train.ema import WeightAverage
-from cnnlab.train import hardware
-from cnnlab.train.hardware import autocast, choose_precision, grad_scaler, pick_device, set_threads
-from cnnlab.train.optim import build_optimizer, build_schedule, decay_weights, set_lr
+from cnnlab.models.inspect import gradcam_heatmaps
 
 EVAL_BATCH = 500
 WHITENING_SAMPLE = 2000  # images whose 2x2 patches set the whitening layer
@@ -447,12 +465,13 @@ def load_data(cfg: Config) -> Dataset:
 
 def fit(config: Config | None = None, *, out: str | Path | None = None, name: str | None = None,
         progress: bool = True, on_epoch: Callable[[int, dict[str, list]], bool] | None = None,
-        report: bool = True, **overrides: Any) -> Run:
+        **overrides: Any) -> Run:
     """Train a model as ``config`` (plus keyword overrides) says and return the finished run.
 
     ``on_epoch(epoch, history)`` is called after each epoch; returning True stops training
-    (the tuner's pruner uses it). ``report=False`` skips plots/ and report.html (3 s a run on
-    a CPU; the tuner draws them for its best trial only).
+    (the tuner's pruner uses it). The run folder holds everything the report draws
+    (``cnnlab.report.write_report``, a layer above, draws it: the command line does after
+    training, the tuner for its best trial only).
     """
     cfg = config_mod.merge(config or Config(), overrides, source="fit()") if overrides else (config or Config())
     cfg = config_mod.validate(cfg)
@@ -473,7 +492,7 @@ def fit(config: Config | None = None, *, out: str | Path | None = None, name: st
         save_config(path, cfg, environment(device, trainer.precision))
     if progress:
         _print_header(cfg, data, trainer, path, device)
-    return _train_and_save(trainer, on_epoch, report)
+    return _train_and_save(trainer, on_epoch)
 
 
 def resume(run: str | Path, *, progress: bool = True, changes: dict[str, Any] | None = None,
@@ -522,7 +541,7 @@ def hardware_line(device: torch.device, precision: hardware.Precision) -> str:
     return f"device {device}: {hardware.device_name(device)} ({where}), precision {precision}"
 
 
-def _train_and_save(trainer: Trainer, on_epoch, report: bool = True) -> Run:
+def _train_and_save(trainer: Trainer, on_epoch) -> Run:
     cfg, path, s = trainer.cfg, trainer.run, trainer.state
     try:
         trainer.fit(on_epoch)
@@ -549,10 +568,7 @@ def _train_and_save(trainer: Trainer, on_epoch, report: bool = True) -> Run:
     metrics = _metrics(trainer, test)
     if main:
         write_json(path / "metrics.json", metrics)
-        save_evaluation(path, trainer.data, test)
-    if report and main:
-        from cnnlab.report import write_report
-        write_report(path)
+        save_evaluation(path, trainer.data, test, model)
     if trainer.progress:
         print(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
               f"trained {s.train_seconds:.1f}s over {s.epoch} epochs  -> {path}", flush=True)
@@ -571,10 +587,14 @@ SAMPLES_PER_CLASS = 8
 # (report.plots.MAX_SAMPLE_CLASSES): 1,000 ImageNet classes x 8 at 224 px would be 1.2 GB.
 STREAMED_SAMPLE_CLASSES = 20
 MISTAKES_KEPT = 36
+# The most confident of them get a Grad-CAM heatmap for the report (one backward pass each):
+# computed here, with the model at hand, so the report draws from the folder alone.
+MISTAKE_HEATMAPS = 12
 
 
-def save_evaluation(run: Path, data: Dataset, test: Evaluation) -> None:
-    """``evaluation.npz``: test logits and labels, plus the few images the plots show.
+def save_evaluation(run: Path, data: Dataset, test: Evaluation, model: torch.nn.Module) -> None:
+    """``evaluation.npz``: test logits and labels, plus the few images the plots show and the
+    Grad-CAM heatmaps (for the predicted class) of the most confident mistakes.
 
     Plots and reports read only the run folder, so they can be rebuilt after the data moved.
     """
@@ -585,9 +605,12 @@ def save_evaluation(run: Path, data: Dataset, test: Evaluation) -> None:
     labels = data.train.labels
     kept = data.num_classes if isinstance(data.train, Split) else min(data.num_classes, STREAMED_SAMPLE_CLASSES)
     samples = np.concatenate([np.flatnonzero(labels == c)[:SAMPLES_PER_CLASS] for c in range(kept)])
+    mistakes = images_of(data.test, worst)
+    shown = worst[:MISTAKE_HEATMAPS]
+    heatmaps = gradcam_heatmaps(model, mistakes[:len(shown)], [int(pred[i]) for i in shown])   # (n, H, W)
     buf = io.BytesIO()
     np.savez(buf, logits=test.logits.numpy().astype(np.float32), labels=test.labels.numpy(),
-             mistake_index=worst, mistake_images=images_of(data.test, worst),
+             mistake_index=worst, mistake_images=mistakes, mistake_heatmaps=heatmaps.astype(np.float16),
              sample_images=images_of(data.train, samples), sample_labels=labels[samples])
     write_bytes(run / "evaluation.npz", buf.getvalue())
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnlab.core.errors import CnnlabError
 from cnnlab.data.sources import load_dataset
-from cnnlab.errors import CnnlabError
 
 
 def write_sample_grid(spec: str, out: str | Path, *, data_dir: str | None = None, per_class: int = 8,

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 
 
 @dataclass
@@ -191,17 +191,23 @@ def closest_key(name: str) -> str | None:
     return close[0] if close else None
 
 
+def config_key(raw: Any, source: str, what: str = "config key") -> str:
+    """``raw`` (``lr``, ``batch-size``) as a config key, or a CnnlabError naming the closest one."""
+    key = str(raw).replace("-", "_")
+    if key not in FIELDS:
+        close = closest_key(key)
+        hint = f"; did you mean {close!r}?" if close else ""
+        raise CnnlabError(f"{source}: unknown {what} {raw!r}{hint} (run `cnnlab train --help` for all keys)")
+    return key
+
+
 def merge(cfg: Config, changes: dict[str, Any], *, source: str) -> Config:
     """A new Config with ``changes`` applied; unknown keys name the closest known one."""
     if not isinstance(changes, dict):
         raise CnnlabError(f"{source}: expected a mapping of config keys to values, got {type(changes).__name__}")
     values = cfg.to_dict()
-    for key, value in changes.items():
-        key = str(key).replace("-", "_")
-        if key not in FIELDS:
-            close = closest_key(key)
-            hint = f"; did you mean {close!r}?" if close else ""
-            raise CnnlabError(f"{source}: unknown config key {key!r}{hint} (run `cnnlab train --help` for all keys)")
+    for raw, value in changes.items():
+        key = config_key(raw, source)
         values[key] = _check_value(key, value, source)
     return validate(Config(**values))
 

@@ -2,6 +2,6 @@
 
 Needs the web extras: fastapi, uvicorn and python-multipart.
 """
-from cnnlab.serve.app import DEFAULT_MAX_BYTES, create_app, serve
+from cnnlab.apps.serve.app import DEFAULT_MAX_BYTES, create_app, serve
 
 __all__ = ["DEFAULT_MAX_BYTES", "create_app", "serve"]

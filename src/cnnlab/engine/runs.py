@@ -24,13 +24,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from cnnlab import __version__
-from cnnlab.config import Config, merge
-from cnnlab.errors import CnnlabError
-from cnnlab.fileio import read_json, write_bytes, write_json, write_text
+from cnnlab.core.config import Config, merge
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.files import read_json, write_bytes, write_json, write_text
+from cnnlab.core.hardware import Precision
+from cnnlab.core.hardware import describe as describe_hardware
+from cnnlab.core.version import __version__
 from cnnlab.models.classifier import Classifier, build_classifier
-from cnnlab.train.hardware import Precision
-from cnnlab.train.hardware import describe as describe_hardware
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
 RUNS_ROOT = Path("runs")
@@ -138,7 +138,9 @@ class Run:
     def predict(self, inputs: Sequence[str | Path] | np.ndarray, top_k: int = 5,
                 device: str | torch.device = "cpu", batch_size: int = 256) -> list[dict[str, Any]]:
         """Top-k predictions for image files or a uint8 (N, H, W, C) array (any size/mode for files)."""
-        from cnnlab.predict import predict  # local: predict imports this module
+        from cnnlab.engine.inference import (
+            predict,  # local: predict imports this module
+        )
         return predict(self, inputs, top_k=top_k, device=device, batch_size=batch_size)
 
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from cnnlab.config import FIELDS, Config, closest_key, load_yaml_file, merge
-from cnnlab.errors import CnnlabError
+from cnnlab.core.config import Config, config_key, load_yaml_file, merge
+from cnnlab.core.errors import CnnlabError
 
 # The data, the hold-out and the seed define what a trial is scored on; searching them would
 # compare trials on different validation images (or pick the luckiest seed).
@@ -194,11 +194,7 @@ def parse_space(doc: Any, *, base: Config | None = None, source: str = "space") 
                           f"{' (empty)' if doc in ({}, None) else ''}")
     params: dict[str, Param] = {}
     for raw_name, spec in doc.items():
-        name = str(raw_name).replace("-", "_")
-        if name not in FIELDS:
-            close = closest_key(name)
-            hint = f"; did you mean {close!r}?" if close else " (run `cnnlab train --help` for all keys)"
-            raise CnnlabError(f"{source}: unknown parameter {raw_name!r}: not a config key{hint}")
+        name = config_key(raw_name, source, what="parameter")
         if name in NOT_SEARCHABLE:
             raise CnnlabError(f"{source}: {name} cannot be searched: it decides which images a trial is "
                               f"scored on; set it once with --{name.replace('_', '-')}")

@@ -41,8 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cnnlab.config import Config
-from cnnlab.errors import CnnlabError
+from cnnlab.core.config import Config
+from cnnlab.core.errors import CnnlabError
 
 LAUNCH_ENV = ("RANK", "WORLD_SIZE")        # set by torchrun (and by launch_local) for each process
 GRACE_SECONDS = 30     # after one process fails, how long the others get to exit before SIGKILL
@@ -88,7 +88,7 @@ def rank_key() -> tuple[int, ...]:
 
 def threads_per_process() -> int:
     """This process's share of the machine's cores: N processes on a CPU must not oversubscribe."""
-    from cnnlab.train.hardware import available_cores
+    from cnnlab.core.hardware import available_cores
     return max(1, available_cores() // local_world_size())
 
 
@@ -204,8 +204,8 @@ def global_batch_config(cfg: Config) -> Config:
 
 def training_batches(cfg: Config, data, device: torch.device):
     """This process's training batches: in memory or streamed, sharded when data-parallel."""
+    from cnnlab.data.batches import Augmentation, BatchStream
     from cnnlab.data.stream import FileSplit, StreamBatches
-    from cnnlab.train.batches import Augmentation, BatchStream
     r, world = shard()
     if world > 1 and getattr(cfg, "time_limit", None):
         # Each process would read its own clock for the stop and the lr schedule: replicas

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cnnlab.config import DEVICES
-from cnnlab.errors import CnnlabError
+from cnnlab.core.config import DEVICES
+from cnnlab.core.errors import CnnlabError
 
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below the first one with bfloat16 instructions.
 _ISA_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")

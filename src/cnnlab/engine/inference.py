@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.files import write_text
 from cnnlab.data.images import IMAGE_SUFFIXES, is_image_name, load_image, to_array
-from cnnlab.errors import CnnlabError
-from cnnlab.fileio import write_text
 
 # Images decoded and classified together: bounds memory whatever the folder holds.
 DEFAULT_BATCH = 64

@@ -1,4 +1,6 @@
-"""Look inside a network: first-layer filters, per-stage feature maps, and Grad-CAM.
+"""Look inside a network through forward hooks: its stages, its layers, first-layer filters,
+feature maps and Grad-CAM heatmaps. Numbers only; the pictures are drawn by
+``cnnlab.report.explain``, and the command is ``cnnlab.apps.explain``.
 
 Everything here works on any zoo model, bare or wrapped in a ``Classifier``, through forward
 hooks alone (no model needs to cooperate). Layer names are the qualified module names that
@@ -28,47 +30,26 @@ Gradient-based Localization", ICCV): with ``A`` the layer's ``(C, h, w)`` output
 the class logit, weights ``a_k = mean_ij dy_c/dA_kij``; heatmap ``ReLU(sum_k a_k A_k)``,
 bilinearly upsampled to the input size and divided by its maximum (all zeros when no
 location raises the score).
-
-Reusable by the report and the web page: ``gradcam``, ``gradcam_overlays``, ``gradcam_overlay_png``,
-``overlay``.
 """
 from __future__ import annotations
 
 import difflib
-import io
-import math
-import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from cnnlab.errors import CnnlabError
-from cnnlab.fileio import write_json
+from cnnlab.core.errors import CnnlabError
 from cnnlab.models.classifier import Classifier
-from cnnlab.report.plots import plt, save_figure
-
-__all__ = ["LayerChoice", "Stage", "find_target_layer", "layer_names", "first_conv", "filter_tiles",
-           "feature_stages", "gradcam", "class_index", "overlay", "gradcam_overlays", "gradcam_overlay_png",
-           "explain_image", "explain_run"]
 
 # Side (pixels) of the zero image used to probe shapes when no input shape is given.
 DEFAULT_PROBE_SIZE = 32
 # Feature-map channels shown per stage, and first-layer kernels shown (of possibly 192).
 CHANNELS_PER_STAGE = 8
 MAX_FILTERS = 64
-FILTER_COLUMNS = 8
-# Grad-CAM colour map and blend weight: "jet" is the convention of the paper's figures.
-HEAT_CMAP = "jet"
-HEAT_ALPHA = 0.5
-# Overlays for web/HTML are upscaled (nearest for pixels, bilinear for heat) to at least this.
-OVERLAY_MIN_SIDE = 128
-_SAFE_STEM = re.compile(r"[^A-Za-z0-9._-]")
 # Error messages list every valid layer name up to this many; beyond, the outer ones.
 _MAX_NAMES_LISTED = 60
 
@@ -388,249 +369,41 @@ def gradcam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module | str | N
     return heats[0], logits
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = HEAT_ALPHA) -> np.ndarray:
-    """uint8 (H, W, 3): ``image`` (uint8 (H, W) or (H, W, 1|3)) blended with ``heatmap``
-    ((H, W) in [0, 1]) coloured by HEAT_CMAP."""
-    img = image[..., None] if image.ndim == 2 else image
-    rgb = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[..., :3]
-    heat = plt.get_cmap(HEAT_CMAP)(np.clip(heatmap, 0, 1))[..., :3] * 255.0
-    return np.clip((1 - alpha) * rgb.astype(np.float32) + alpha * heat, 0, 255).round().astype(np.uint8)
-
-
-def _to_tensor(image: np.ndarray) -> torch.Tensor:
+def image_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, C) -> float (C, H, W) in [0, 1], what a Classifier takes."""
     return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(255)
 
 
-def gradcam_overlays(model: nn.Module, images: np.ndarray, class_indices: Sequence[int | None], *,
-                     layer: str | None = None, alpha: float = HEAT_ALPHA) -> np.ndarray:
-    """uint8 (N, H, W, 3): each uint8 (H, W, C) image of ``images`` (already at the model's
-    input shape) overlaid with its Grad-CAM for the matching ``class_indices`` entry (None:
-    the predicted class). The target layer is found once for the whole batch."""
+def gradcam_heatmaps(model: nn.Module, images: np.ndarray, class_indices: Sequence[int | None], *,
+                     layer: str | None = None) -> np.ndarray:
+    """float32 (N, H, W) in [0, 1]: the Grad-CAM of each uint8 (H, W, C) image of ``images``
+    (already at the model's input shape) for the matching ``class_indices`` entry (None: the
+    predicted class). The target layer is found once for the whole batch."""
     if len(images) == 0:
-        return np.zeros((0, *images.shape[1:3], 3), np.uint8)
-    target = find_target_layer(model, layer, tuple(_to_tensor(images[0]).shape)).module
-    return np.stack([overlay(img, gradcam(model, _to_tensor(img), target, k)[0], alpha)
-                     for img, k in zip(images, class_indices)])
+        return np.zeros((0, *images.shape[1:3]), np.float32)
+    target = find_target_layer(model, layer, tuple(image_tensor(images[0]).shape)).module
+    return np.stack([gradcam(model, image_tensor(img), target, k)[0] for img, k in zip(images, class_indices)])
 
 
-def _load_for_run(run, image) -> np.ndarray:
-    from cnnlab.data.images import load_image
-    from cnnlab.predict import fit_to_model
-    h, w = run.input_size
-    if isinstance(image, np.ndarray):
-        return fit_to_model(run, image[None])[0]
-    return load_image(image if isinstance(image, bytes) else Path(image), (w, h), run.in_channels)
+@dataclass
+class Inspection:
+    """Everything ``cnnlab explain`` shows of one image, from two forward passes and one
+    backward pass per Grad-CAM class."""
+    target: LayerChoice                 # the Grad-CAM layer
+    first_conv_name: str
+    first_conv: nn.Conv2d
+    stages: list[Stage]
+    heatmaps: list[np.ndarray]          # (H, W) in [0, 1], one per entry of ``classes``
+    logits: np.ndarray                  # (classes,)
 
 
-def gradcam_overlay_png(run, image: str | Path | bytes | np.ndarray, class_index: int | None = None, *,
-                        layer: str | None = None, device: str | torch.device = "cpu",
-                        alpha: float = HEAT_ALPHA, min_side: int = OVERLAY_MIN_SIDE) -> bytes:
-    """PNG bytes of ``image`` (a file, encoded bytes, or a uint8 (H, W[, C]) array; resized to
-    the run's input as predict does) with its Grad-CAM for ``class_index`` (default: the
-    predicted class) overlaid, upscaled to at least ``min_side`` pixels. For the HTML report
-    and the web page; unreadable images raise CnnlabError."""
-    img = _load_for_run(run, image)                          # (H, W, C) uint8 at the input size
-    model = run.model(device)
-    heat, _ = gradcam(model, _to_tensor(img), layer, class_index)
-    h, w = img.shape[:2]
-    scale = max(1, math.ceil(min_side / min(h, w)))
-    size = (w * scale, h * scale)
-    big = np.asarray(Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).resize(size, Image.Resampling.NEAREST))
-    big_heat = np.asarray(Image.fromarray(heat, "F").resize(size, Image.Resampling.BILINEAR))
-    buf = io.BytesIO()
-    Image.fromarray(overlay(big, big_heat, alpha), "RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-# ----------------------------------------------------------------------------- figures
-def _mosaic(tiles: np.ndarray, pad: int, fill: float) -> tuple[np.ndarray, list[float]]:
-    """Tiles (n, h, w[, c]) side by side with ``pad`` pixels of ``fill`` between them; returns
-    the image and the x centre of each tile (for its label)."""
-    n, h, w = tiles.shape[:3]
-    out = np.full((h, n * w + (n - 1) * pad, *tiles.shape[3:]), fill, dtype=np.float32)
-    centres = []
-    for i, t in enumerate(tiles):
-        x0 = i * (w + pad)
-        out[:, x0:x0 + w] = t
-        centres.append(x0 + (w - 1) / 2)
-    return out, centres
-
-
-def _show_image(ax, image: np.ndarray, title: str) -> None:
-    grey = image.ndim == 2 or image.shape[-1] == 1
-    ax.imshow(image[..., 0] if grey and image.ndim == 3 else image, cmap="gray" if grey else None,
-              vmin=0, vmax=255, interpolation="nearest")
-    ax.set_title(title, fontsize=8)
-    ax.axis("off")
-
-
-def _tile_row(ax, img: np.ndarray, centres: list[float], labels: list[str], **imshow) -> None:
-    """One axes: a mosaic row with a small label under each tile (text, not ticks: cheaper)."""
-    ax.imshow(img, interpolation="nearest", **imshow)
-    ax.set_anchor("W")
-    ax.axis("off")
-    for x, label in zip(centres, labels):
-        ax.text(x, img.shape[0] - 0.5, label, ha="center", va="top", fontsize=6)
-
-
-def filters_figure(name: str, conv: nn.Conv2d, tiles: np.ndarray):
-    shown = tiles[:MAX_FILTERS]
-    rows = math.ceil(len(shown) / FILTER_COLUMNS)
-    k = shown.shape[1]
-    fig, axes = plt.subplots(rows, 1, figsize=(FILTER_COLUMNS * 0.75, rows * 0.9 + 0.7), squeeze=False)
-    for r, ax in enumerate(axes[:, 0]):
-        part = shown[r * FILTER_COLUMNS:(r + 1) * FILTER_COLUMNS]
-        img, centres = _mosaic(part, pad=max(1, k // 3), fill=1.0)
-        _tile_row(ax, img[..., 0] if img.shape[-1] == 1 else img, centres,
-                  [str(r * FILTER_COLUMNS + i) for i in range(len(part))], cmap="gray", vmin=0, vmax=1)
-    colour = "RGB" if tiles.shape[-1] == 3 else ("grey" if conv.in_channels == 1 else
-                                                 f"mean of {conv.in_channels} channels")
-    more = f", first {len(shown)} shown" if len(tiles) > len(shown) else ""
-    fig.suptitle(f"first convolution {name}: {conv.out_channels} kernels {k}x{shown.shape[2]} "
-                 f"over {colour}{more}\neach scaled to its own min-max", fontsize=9)
-    fig.subplots_adjust(hspace=0.45, top=1 - 0.55 / fig.get_figheight())
-    return fig
-
-
-def feature_maps_figure(image: np.ndarray, stages: list[Stage]):
-    fig, axes = plt.subplots(len(stages) + 1, 1, figsize=(8, 1.5 * (len(stages) + 1)), squeeze=False)
-    axes = axes[:, 0]
-    h, w, c = image.shape
-    _show_image(axes[0], image, "")
-    axes[0].set_anchor("W")
-    axes[0].set_title(f"input {c}x{h}x{w} (C x H x W)", loc="left", fontsize=8)
-    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
-    for n, (ax, st) in enumerate(zip(axes[1:], stages), 1):
-        img, centres = _mosaic(st.maps, pad=max(1, st.maps.shape[1] // 16), fill=np.nan)
-        _tile_row(ax, img, centres, [f"ch {i}" for i in st.channels], cmap=cmap,
-                  vmin=float(np.nanmin(img)), vmax=float(np.nanmax(img)) + 1e-12)
-        C, H, W = st.output_shape
-        ax.set_title(f"stage {n}: {st.name} ({st.type}) -> {C}x{H}x{W}; strongest {len(st.channels)} "
-                     f"of {C} channels, one colour scale per row", loc="left", fontsize=8)
-    fig.subplots_adjust(hspace=0.5, top=1 - 0.1 / fig.get_figheight(), bottom=0.2 / fig.get_figheight())
-    return fig
-
-
-def gradcam_figure(image: np.ndarray, panels: list[tuple[str, np.ndarray]], top: list[dict],
-                   layer: LayerChoice, predicted: str):
-    n = 2 + len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(2.9 * n, 3.3), gridspec_kw={"width_ratios": [1] * (n - 1) + [1.3]})
-    h, w, c = image.shape
-    _show_image(axes[0], image, f"input {w}x{h}")
-    for ax, (title, heat) in zip(axes[1:], panels):
-        _show_image(ax, overlay(image, heat), title)
-    ax = axes[-1]
-    names = [t["class"] for t in top][::-1]
-    probs = [t["probability"] for t in top][::-1]
-    ax.barh(range(len(names)), probs, color=["tab:red" if nm == predicted else "tab:blue" for nm in names])
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("probability", fontsize=7)
-    ax.tick_params(axis="x", labelsize=7)
-    for i, p in enumerate(probs):
-        ax.text(min(p + 0.02, 0.8), i, f"{p:.1%}", va="center", fontsize=7)
-    ax.set_title(f"top {len(top)}", fontsize=8)
-    C, H, W = layer.output_shape
-    fig.suptitle(f"Grad-CAM at {layer.name} ({type(layer.module).__name__}, {C}x{H}x{W}): "
-                 f"red = regions that raise the class's score", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-# ----------------------------------------------------------------------------- commands
-def class_index(class_names: list[str], name: str, given_as: str = "--class") -> int:
-    """The index of class ``name`` (or of a number given as text); CnnlabError with close names.
-    ``given_as`` names the option or field the user typed it into, for the message."""
-    if name in class_names:
-        return class_names.index(name)
-    if name.isdigit() and int(name) < len(class_names):
-        return int(name)
-    close = difflib.get_close_matches(name, class_names, n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise CnnlabError(f"{given_as} {name!r} is not one of the run's classes: {hint}"
-                      f"known: {', '.join(class_names)}")
-
-
-def explain_image(model: nn.Module, image: np.ndarray, class_names: list[str], out: str | Path, *,
-                  layer: str | None = None, class_name: str | None = None, top_k: int = 5,
-                  info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write filters.png, feature_maps.png, gradcam.png and summary.json into ``out`` for one
-    uint8 (H, W, C) image already at the model's input shape; return the summary (``info``,
-    e.g. the run and image paths, goes first in it). Two forward passes and one backward pass
-    per Grad-CAM class."""
-    if top_k < 1:
-        raise CnnlabError(f"--top-k must be at least 1, got {top_k}")
-    out = Path(out)
-    x = _to_tensor(image)
-    shape = tuple(x.shape)
-    extra = class_index(class_names, class_name) if class_name is not None else None
+def inspect_image(model: nn.Module, x: torch.Tensor, *, layer: str | None = None,
+                  classes: Sequence[int | None] = (None,), top: int = CHANNELS_PER_STAGE) -> Inspection:
+    """Stages, first convolution and Grad-CAM of ``x`` (C, H, W) for each of ``classes``."""
     calls, _ = _trace(model, _as_batch(x, model))          # shapes and order, on this image
     target = _choose_layer(model, calls, layer)
     conv_name, conv = _first_conv(calls, model)
     stage_calls = [calls[i] for _, i in _stages(calls)]
-    heats, logits, kept = _gradcams(model, x, target.module, [None, extra] if extra is not None else [None],
-                                    keep=[c.module for c in stage_calls])
-    stages = [_stage(c, kept[id(c.module)], CHANNELS_PER_STAGE) for c in stage_calls]
-    probs = torch.softmax(torch.from_numpy(logits), 0).numpy()
-    pred = int(probs.argmax())
-    order = np.argsort(-probs, kind="stable")[:min(top_k, len(probs))]
-    top = [{"class": class_names[i], "probability": float(probs[i])} for i in order]
-    panels = [(f"predicted: {class_names[pred]} {probs[pred]:.1%}", heats[0])]
-    if extra is not None and extra != pred:
-        panels.append((f"--class {class_names[extra]} {probs[extra]:.1%}", heats[1]))
-
-    save_figure(filters_figure(conv_name, conv, filter_tiles(conv)), out / "filters.png")
-    save_figure(feature_maps_figure(image, stages), out / "feature_maps.png")
-    save_figure(gradcam_figure(image, panels, top, target, class_names[pred]), out / "gradcam.png")
-    summary = {
-        **(info or {}),
-        "input_shape": list(shape),
-        "predicted": {"class": class_names[pred], "index": pred, "probability": float(probs[pred])},
-        "top": top,
-        "probabilities": {n: float(p) for n, p in zip(class_names, probs)},
-        "layer": {"name": target.name, "type": type(target.module).__name__,
-                  "output_shape": list(target.output_shape), "default": layer is None},
-        "gradcam_classes": [class_names[pred]] + ([class_names[extra]] if len(panels) > 1 else []),
-        "first_conv": {"name": conv_name, "weight_shape": list(conv.weight.shape)},
-        "stages": [{"name": s.name, "type": s.type, "output_shape": list(s.output_shape),
-                    "channels_shown": s.channels} for s in stages],
-        "files": ["filters.png", "feature_maps.png", "gradcam.png", "summary.json"],
-    }
-    write_json(out / "summary.json", summary)
-    return summary
-
-
-def _folder_names(images: Sequence[Path]) -> list[str]:
-    """One safe, distinct folder name per image: its stem, then -2, -3 for repeats."""
-    seen: dict[str, int] = {}
-    names = []
-    for p in images:
-        stem = _SAFE_STEM.sub("_", Path(p).stem).lstrip(".") or "image"
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return names
-
-
-def explain_run(run_path: str | Path, images: Sequence[str | Path], *, out: str | Path | None = None,
-                layer: str | None = None, class_name: str | None = None, top_k: int = 5,
-                device: str = "auto") -> list[dict[str, Any]]:
-    """``cnnlab explain``: for each image, a folder ``out/<image stem>/`` (default out:
-    ``RUN/explain``) with the three pictures and summary.json. Every image is read before
-    anything is written, so an unreadable one leaves no partial output."""
-    from cnnlab.data.images import load_image
-    from cnnlab.run import load_run
-    from cnnlab.train.hardware import pick_device
-    run = load_run(run_path)
-    dev = pick_device(device)
-    h, w = run.input_size
-    arrays = [load_image(Path(p), (w, h), run.in_channels) for p in images]
-    root = Path(out) if out is not None else run.path / "explain"
-    model = run.model(dev)
-    results = []
-    for path, folder, image in zip(images, _folder_names([Path(p) for p in images]), arrays):
-        info = {"run": str(run.path), "arch": run.card["arch"], "image": str(path), "device": str(dev)}
-        summary = explain_image(model, image, run.class_names, root / folder, layer=layer,
-                                class_name=class_name, top_k=top_k, info=info)
-        results.append({**summary, "folder": str(root / folder)})
-    return results
+    heats, logits, kept = _gradcams(model, x, target.module, list(classes), keep=[c.module for c in stage_calls])
+    stages = [_stage(c, kept[id(c.module)], top) for c in stage_calls]
+    return Inspection(target, conv_name, conv, stages, heats, logits)

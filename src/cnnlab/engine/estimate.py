@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlab import __version__
-from cnnlab.config import Config
+from cnnlab.core import hardware
+from cnnlab.core.config import Config
+from cnnlab.core.files import read_json, write_json
+from cnnlab.core.version import __version__
 from cnnlab.data.dataset import Dataset, Split
-from cnnlab.fileio import read_json, write_json
-from cnnlab.train import hardware
 
 PROBE_BATCH = 64      # images a probe step; CPU throughput is about flat from here up
 PROBE_STEPS = 3       # timed one by one after an untimed warm-up step (oneDNN builds its kernels
@@ -67,7 +67,10 @@ def _sync(device: torch.device) -> None:
 
 def probe(cfg: Config, *, batch: int = PROBE_BATCH, steps: int = PROBE_STEPS) -> Probe:
     """Time the recipe's training step and evaluation on synthetic CIFAR-sized batches."""
-    from cnnlab.train.loop import Trainer, evaluate   # the loop imports this module's neighbours
+    from cnnlab.engine.loop import (  # the loop imports this module's neighbours
+        Trainer,
+        evaluate,
+    )
     device = hardware.pick_device(cfg.device)
     hardware.set_threads(cfg.threads)
     rng = np.random.default_rng(0)

@@ -47,11 +47,11 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from cnnlab.config import FIELDS, Config, merge
-from cnnlab.errors import CnnlabError, TrainingInterrupted
-from cnnlab.fileio import read_json, write_json, write_text
-from cnnlab.run import RUNS_ROOT
-from cnnlab.tune.space import SearchSpace, default_space, load_space, parse_space
+from cnnlab.apps.tune.space import SearchSpace, default_space, load_space, parse_space
+from cnnlab.core.config import FIELDS, Config, merge
+from cnnlab.core.errors import CnnlabError, TrainingInterrupted
+from cnnlab.core.files import read_json, write_json, write_text
+from cnnlab.engine.runs import RUNS_ROOT
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -193,8 +193,8 @@ def _claim_folder(out: Path, study_name: str, storage_label: str) -> None:
 
 def _check_validation(cfg: Config) -> int:
     """The number of validation images; none is an error (trials are never scored on test)."""
+    from cnnlab.engine.loop import load_data
     from cnnlab.models.registry import model_info
-    from cnnlab.train.loop import load_data
     model_info(cfg.model)
     data = load_data(cfg)
     n = 0 if data.val is None else len(data.val)
@@ -305,7 +305,7 @@ class _Objective:
         self.base, self.space, self.out, self.grid = base, space, out, grid
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from cnnlab.train.loop import fit
+        from cnnlab.engine.loop import fit
         run_dir = self.out / "trials" / f"trial-{trial.number:04d}"
         trial.set_user_attr("run", str(run_dir))
         trial.set_user_attr("host", socket.gethostname())
@@ -326,7 +326,7 @@ class _Objective:
                     return True
                 return False
 
-            run = fit(cfg, out=run_dir, progress=False, on_epoch=on_epoch, report=False)
+            run = fit(cfg, out=run_dir, progress=False, on_epoch=on_epoch)
             history = run.history
             trial.set_user_attr("epochs_run", len(history.get("loss", [])))
             if pruned_at:

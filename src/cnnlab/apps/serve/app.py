@@ -7,7 +7,7 @@
                     the image with its Grad-CAM overlaid (same upload rules and errors as /predict;
                     422 for an unknown class)
 
-Upload rules (../shared/notes/reliability.md: FastAPI has no per-file cap of its own):
+Upload rules (FastAPI has no per-file cap of its own):
 
     413  request body over ``max_bytes``: refused from its Content-Length header before any
          of the body is read; a chunked body without a length is counted as it streams and
@@ -40,11 +40,11 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.hardware import available_cores
 from cnnlab.data.images import MAX_PIXELS, open_image, to_array
-from cnnlab.errors import CnnlabError
-from cnnlab.predict import logits_for, top_classes
-from cnnlab.run import load_run
-from cnnlab.train.hardware import available_cores
+from cnnlab.engine.inference import logits_for, top_classes
+from cnnlab.engine.runs import load_run
 
 # Default upload limit in bytes (10 MB): above any photo a phone takes, far below memory trouble.
 DEFAULT_MAX_BYTES = 10_000_000
@@ -210,7 +210,7 @@ class Predictor:
             return self._classify(data, k, filename)
 
     def gradcam_png(self, data: bytes, class_name: str | None, filename: str | None) -> bytes:
-        from cnnlab.explain import class_index, gradcam_overlay_png
+        from cnnlab.apps.explain import class_index, gradcam_overlay_png
         try:
             k = None if class_name is None else class_index(self.run.class_names, class_name, "class")
         except CnnlabError as e:
@@ -245,7 +245,7 @@ class Predictor:
 
 # ----------------------------------------------------------------------------- app
 def _static_dir() -> Path:
-    return Path(str(resources.files("cnnlab.serve") / STATIC))
+    return Path(str(resources.files("cnnlab.apps.serve") / STATIC))
 
 
 def create_app(run_path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, *, max_pixels: int = MAX_PIXELS):

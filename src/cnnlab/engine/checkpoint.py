@@ -22,10 +22,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from cnnlab.config import FIELDS, Config, merge
-from cnnlab.errors import CnnlabError
-from cnnlab.fileio import write_bytes
-from cnnlab.train.optim import Optimizer
+from cnnlab.core.config import FIELDS, Config, merge
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.files import write_bytes
+from cnnlab.engine.optim import Optimizer
 
 FORMAT = "cnnlab-checkpoint-1"
 

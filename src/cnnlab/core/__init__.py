@@ -1,0 +1,1 @@
+"""The bottom layer: errors, the typed config, atomic files, devices and precision."""

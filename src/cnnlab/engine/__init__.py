@@ -1,0 +1,1 @@
+"""Training and inference: the one loop, its optimizers, checkpoints, run folders, prediction."""
