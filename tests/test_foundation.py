@@ -209,3 +209,30 @@ def test_data_show_writes_a_grid(tiny_cifar, tmp_path):
     r = cli("data", "show", str(tiny_cifar), "--out", str(tmp_path / "grid.png"), "--per-class", "3")
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "grid.png").size[0] > 100
+
+
+# ----------------------------------------------------------------------------- config as the source of truth
+def test_every_config_key_carries_its_help_and_the_command_line_shows_it(capsys):
+    from cnnlab.cli import build_parser
+    from cnnlab.core.config import FIELDS, field_help
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    flags = {a.dest: a for a in train._actions}
+    for name, f in FIELDS.items():
+        assert f.metadata.get("help") and f.metadata.get("group"), name
+        assert flags[name].help.replace("%%", "%") == field_help(name)       # argparse reads the field
+    assert flags["device"].choices == ("auto", "cpu", "cuda", "mps")
+    assert "(default: 0.001)" in flags["lr"].help
+
+
+def test_print_config_reads_back_as_the_same_config(tmp_path, capsys):
+    from cnnlab.cli import main
+    from cnnlab.core.config import resolve
+    assert main(["train", "--recipe", "speed70", "--epochs", "2", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "c.yaml").write_text(text)
+    cfg = resolve(config_file=tmp_path / "c.yaml")
+    assert cfg == resolve(recipe="speed70", overrides={"epochs": 2}) and cfg.epochs == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("cnnlab ")

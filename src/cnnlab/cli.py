@@ -4,58 +4,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import typing
 from pathlib import Path
 from typing import Any, Sequence
 
 from cnnlab.core.errors import CnnlabError, TrainingInterrupted
 
 EXIT_BAD_INPUT = 2
-HELP = {"recipe": "start from a named recipe (see `cnnlab recipes`)",
-        "data": "cifar10, cifar100, mnist, fashion-mnist, or a folder with train/<class>/<image> and test/...",
-        "device": "auto picks a CUDA GPU, else an Apple GPU (mps), else the CPU",
-        "loader": "memory decodes the folder once into RAM; stream decodes from disk in worker processes "
-                  "(ImageNet-size data); auto picks memory when the decoded images fit in ~2 GiB",
-        "workers": "streaming: decode processes per training process (default: its cores - 1)",
-        "crop": "streaming training crop: random_resized (8-100%% of the area, aspect 3/4-4/3) or center; "
-                "auto: random_resized",
-        "center_crop": "streaming evaluation: resize the shorter side to image_size / this, crop the "
-                       "centre (default 0.875: 256 -> 224)",
-        "nproc": "data-parallel processes on this machine (one per GPU, or cores shared on CPU); "
-                 "--batch-size is per process. Several machines: torchrun, see docs/distributed.md",
-        "whiten_bias_epochs": "epochs the whitening layer's bias trains before it freezes (airbench: 3); "
-                              "default: it trains throughout",
-        "sync_bn": "BatchNorm statistics over every process's batch (CUDA only); default: per process",
-        "bad_images": "image folders are checked first (as `cnnlab data check` does): error stops with the "
-                      "list of problems; skip leaves out unusable files and says how many"}
-
-
+TOP_K = 5   # classes listed per image, by predict and explain alike
 # ----------------------------------------------------------------------------- helpers
-def _config_flags(parser: argparse.ArgumentParser, *, only: Sequence[str] | None = None) -> None:
-    """One ``--flag`` per Config field, so every key can be set from the command line."""
-    from cnnlab.core.config import _HINTS, FIELDS
-    group = parser.add_argument_group("config keys (override --recipe and --config)")
-    for name in FIELDS:
-        if only is not None and name not in only:
-            continue
-        hint = _HINTS[name]
-        choices = None
-        for arg in typing.get_args(hint) or (hint,):
-            if typing.get_origin(arg) is typing.Literal:
-                choices = typing.get_args(arg)
-        if typing.get_origin(hint) is typing.Literal:
-            choices = typing.get_args(hint)
-        flag = "--" + name.replace("_", "-")
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per Config field, with the help, choices and section the field declares."""
+    from cnnlab.core.config import FIELDS, field_help, field_type
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, f in FIELDS.items():
+        group = f.metadata["group"]
+        if group not in groups:
+            groups[group] = parser.add_argument_group(f"config: {group} (override --recipe and --config)")
+        choices = field_type(name).choices
         kwargs: dict[str, Any] = {"dest": name, "default": None}
-        if hint is bool:
+        if field_type(name).base is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         elif choices:
             kwargs.update(choices=choices)
         else:
             kwargs.update(metavar=name.upper())
-        default = FIELDS[name].default
-        kwargs["help"] = HELP.get(name, f"default: {default}")
-        group.add_argument(flag, **kwargs)
+        groups[group].add_argument("--" + name.replace("_", "-"), help=field_help(name).replace("%", "%%"),
+                                   **kwargs)
 
 
 def _overrides(args: argparse.Namespace, names) -> dict[str, Any]:
@@ -85,6 +59,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         _write_report(run.path)
         return 0
     cfg = resolve(config_file=args.config, overrides=overrides)
+    if args.print_config:   # a file that --config reads back unchanged
+        import yaml
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     if cfg.nproc > 1 and not distributed.launched():
         return distributed.launch_local(args.argv, cfg.nproc)
     run = fit(cfg, out=args.out, name=args.name)
@@ -295,37 +273,41 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from cnnlab.core.config import DEVICES
+    from cnnlab.core.config import DEVICES, FIELDS
     p = argparse.ArgumentParser(prog="cnnlab", description="Train, compare, tune, understand and ship "
                                 "convolutional image classifiers.")
+    from cnnlab.core.version import __version__
+    p.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model; leaves a run folder with model, history, plots, report")
     t.add_argument("--config", default=None, metavar="FILE", help="YAML (or a run's config.json); flags override it")
     t.add_argument("--out", default=None, metavar="PATH", help="the run folder")
     t.add_argument("--name", default=None, help="run name, under runs/")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (defaults < recipe < --config < flags) as YAML and exit")
     t.add_argument("--resume", default=None, metavar="RUN", help="continue RUN from its last checkpoint, with the config it started with; "
                    "only --epochs may change, and only for a constant learning-rate schedule")
-    _config_flags(t, only=None)
+    _config_flags(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate a run on its test split (or another dataset's)")
     e.add_argument("run")
     e.add_argument("--data", default=None, metavar="SPEC")
     e.add_argument("--data-dir", default=None)
-    e.add_argument("--device", default="auto", choices=DEVICES)
+    e.add_argument("--device", default="auto", choices=DEVICES, help=FIELDS["device"].metadata["help"])
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="classify image files and folders (recursive) with a trained run")
     pr.add_argument("run")
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
-    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--top-k", type=int, default=TOP_K, help=f"classes listed per image (default {TOP_K})")
     pr_out = pr.add_mutually_exclusive_group()
     pr_out.add_argument("--csv", default=None, metavar="FILE", help="write one row per file to FILE")
     pr_out.add_argument("--json", action="store_true", help="print a JSON list, errors included")
     pr.add_argument("--batch-size", type=int, default=64, help="images decoded and classified at a time")
-    pr.add_argument("--device", default="cpu", choices=DEVICES)
+    pr.add_argument("--device", default="auto", choices=DEVICES, help=FIELDS["device"].metadata["help"])
     pr.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("data", help="look at datasets")
@@ -343,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "entries, symlinks leaving the folder, oversized images, duplicates across splits. "
                          "Exit status: 0 when nothing blocks training (warnings allowed), 1 when errors do, "
                          "2 when SPEC cannot be read at all.")
-    dc.add_argument("spec", metavar="SPEC", help=HELP["data"])
+    dc.add_argument("spec", metavar="SPEC", help=FIELDS["data"].metadata["help"])
     dc.add_argument("--json", action="store_true", help="the full report as JSON")
     dc.add_argument("--data-dir", default=None, help="where official datasets are stored")
     dc.set_defaults(func=cmd_data_check)
@@ -411,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--out", default=None, metavar="DIR", help="the tune folder (default: runs/tune-STUDY)")
     tu.add_argument("--config", default=None, metavar="FILE", help="base config; flags override it and fix "
                     "searched keys (e.g. --epochs 5 stops epochs being searched)")
-    _config_flags(tu, only=None)
+    _config_flags(tu)
     tu.set_defaults(func=cmd_tune)
 
     lf = sub.add_parser("lr-find", help="learning-rate range test: loss vs exponentially rising lr, and a suggestion")
@@ -420,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     lf.add_argument("--steps", type=int, default=100, help="training steps, one batch each (default 100)")
     lf.add_argument("--out", default=None, metavar="DIR", help="where lr_find.png/.json go (default: runs/lr-find-...)")
     lf.add_argument("--config", default=None, metavar="FILE", help="base config; flags override it")
-    _config_flags(lf, only=None)
+    _config_flags(lf)
     lf.set_defaults(func=cmd_lr_find)
 
     ex = sub.add_parser("explain", help="look inside a run's network: first-layer filters, feature maps "
@@ -431,10 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "names it (default: the output of the last convolutional stage larger than 1x1)")
     ex.add_argument("--class", dest="class_name", default=None, metavar="NAME",
                     help="also show Grad-CAM for this class")
-    ex.add_argument("--top-k", type=int, default=5, help="probabilities shown (default 5)")
+    ex.add_argument("--top-k", type=int, default=TOP_K, help=f"probabilities shown (default {TOP_K})")
     ex.add_argument("--out", default=None, metavar="DIR", help="one folder per image goes here "
                     "(default: RUN/explain)")
-    ex.add_argument("--device", default="auto", choices=DEVICES, help=HELP["device"])
+    ex.add_argument("--device", default="auto", choices=DEVICES, help=FIELDS["device"].metadata["help"])
     ex.set_defaults(func=cmd_explain)
     return p
 

@@ -13,7 +13,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -23,72 +23,117 @@ import yaml
 from cnnlab.core.errors import CnnlabError
 
 
+def option(default: Any, help: str, *, group: str) -> Any:
+    """A config field with its help text and ``--help`` section: argparse, the tuner's space
+    checks and the docs all read them from here (``FIELDS[name].metadata``)."""
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+DATA, MODEL, OPTIM, AUGMENT, AVERAGE, SPEED, RUN = ("data", "model", "optimisation", "augmentation",
+                                                    "weight averaging, whitening, test-time augmentation",
+                                                    "speed", "run control")
+
+
 @dataclass
 class Config:
     # --- data -------------------------------------------------------------------------
-    data: str = "cifar10"                 # cifar10 | cifar100 | mnist | fashion-mnist | path to an image folder
-    data_dir: str | None = None           # where official archives live (else $CNNLAB_DATA, else user cache)
-    val_split: float = 0.1                # hold-out fraction of train when the data has no val/
-    train_size: int | None = None         # stratified subset of train (before the hold-out)
-    test_size: int | None = None          # stratified subset of test
-    image_size: int | None = None         # image folders: resize to this (default: most common size; 224 streaming)
-    bad_images: Literal["error", "skip"] = "error"
-    normalize: Literal["dataset", "none"] = "dataset"   # per-channel standardisation, or the lesson's /255 only
+    data: str = option("cifar10", "cifar10, cifar100, mnist, fashion-mnist, or a folder with train/<class>/<image> "
+                                  "and test/... (optional val/)", group=DATA)
+    data_dir: str | None = option(None, "where official archives are kept (default: $CNNLAB_DATA, else "
+                                        "~/.cache/cnnlab/data)", group=DATA)
+    val_split: float = option(0.1, "fraction of train held out for validation when the data has no val/", group=DATA)
+    train_size: int | None = option(None, "a stratified subset of train, in images, before the hold-out (default: all of it)", group=DATA)
+    test_size: int | None = option(None, "a stratified subset of test, in images (default: all of it)", group=DATA)
+    image_size: int | None = option(None, "image folders: resize to this many pixels (default: the most common "
+                                          "size; 224 when streaming)", group=DATA)
+    bad_images: Literal["error", "skip"] = option(
+        "error", "image folders are checked first (as `cnnlab data check` does): error stops with the list of "
+                 "problems; skip leaves out unusable files and says how many", group=DATA)
+    normalize: Literal["dataset", "none"] = option(
+        "dataset", "dataset: standardise each channel by the training set's mean and std; none: the lesson's "
+                   "/255 only", group=DATA)
     # Streaming (cnnlab.data.stream): decode image folders from disk in worker processes when
-    # they would not fit in memory decoded; auto picks by size, memory/stream force one path.
-    loader: Literal["auto", "memory", "stream"] = "auto"
-    workers: int | None = None            # decode processes per training process (default: its cores - 1)
-    crop: Literal["auto", "random_resized", "center"] = "auto"   # streamed training crop (auto: random_resized)
-    center_crop: float = 0.875            # evaluation: centre square of this fraction of the shorter side
+    # they would not fit in memory decoded.
+    loader: Literal["auto", "memory", "stream"] = option(
+        "auto", "memory decodes the folder once into RAM; stream decodes from disk in worker processes "
+                "(ImageNet-size data); auto picks memory when the decoded images fit in ~2 GiB", group=DATA)
+    workers: int | None = option(None, "streaming: decode processes per training process (default: its cores "
+                                       "- 1)", group=DATA)
+    crop: Literal["auto", "random_resized", "center"] = option(
+        "auto", "streaming training crop: random_resized (8-100% of the area, aspect 3/4-4/3) or center; "
+                "auto: random_resized", group=DATA)
+    center_crop: float = option(0.875, "streaming evaluation: resize the shorter side to image_size / this, "
+                                       "crop the centre (0.875: 256 -> 224)", group=DATA)
     # --- model ------------------------------------------------------------------------
-    model: str = "tutorial"
+    model: str = option("tutorial", "a zoo model (`cnnlab models` lists them)", group=MODEL)
     # --- optimisation -----------------------------------------------------------------
-    epochs: float = 10                    # fractional epochs allowed (a recipe's schedule length)
-    batch_size: int = 32
-    optimizer: Literal["adam", "adamw", "sgd", "nesterov"] = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    # SGD/Nesterov: the fraction each weight shrinks per step, decoupled from the gradient (a
-    # coupled L2 term lambda shrinks by lr * lambda / (1 - momentum) once momentum builds up).
-    # Adam/AdamW: torch's own weight_decay.
-    weight_decay: float = 0.0
-    # Express lr and weight decay per 1024 examples and divide by the batch size (airbench's
-    # convention), so a change of batch size keeps the same per-example step.
-    lr_per_1024: bool = False
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup: float = 0.0                   # epochs of linear warm-up from zero
-    final_lr_fraction: float = 0.0        # where linear/cosine decay ends, as a fraction of lr
-    label_smoothing: float = 0.0
-    bias_lr_scale: float = 1.0            # BatchNorm/bias parameters learn this many times faster
+    epochs: float = option(10, "passes over the training set; fractional allowed (a recipe's schedule length)",
+                           group=OPTIM)
+    batch_size: int = option(32, "images a step (per process when data-parallel)", group=OPTIM)
+    optimizer: Literal["adam", "adamw", "sgd", "nesterov"] = option("adam", "the update rule", group=OPTIM)
+    lr: float = option(1e-3, "learning rate (per 1024 examples with --lr-per-1024)", group=OPTIM)
+    momentum: float = option(0.9, "SGD/Nesterov momentum", group=OPTIM)
+    # A coupled L2 term lambda shrinks weights by lr * lambda / (1 - momentum) per step once
+    # momentum builds up: that product is what this decoupled decay states directly.
+    weight_decay: float = option(0.0, "SGD/Nesterov: the fraction each weight shrinks per step, decoupled from "
+                                      "the gradient (per 1024 examples with --lr-per-1024); Adam/AdamW: torch's "
+                                      "own weight_decay", group=OPTIM)
+    lr_per_1024: bool = option(False, "state lr and weight decay per 1024 examples and divide by the batch size "
+                                      "(airbench's convention): a new batch size keeps the per-example step",
+                               group=OPTIM)
+    schedule: Literal["constant", "linear", "cosine"] = option("constant", "learning-rate decay after the warm-up",
+                                                               group=OPTIM)
+    warmup: float = option(0.0, "epochs of linear warm-up from zero", group=OPTIM)
+    final_lr_fraction: float = option(0.0, "where linear/cosine decay ends, as a fraction of lr", group=OPTIM)
+    label_smoothing: float = option(0.0, "weight of the uniform distribution mixed into the targets", group=OPTIM)
+    bias_lr_scale: float = option(1.0, "BatchNorm and bias parameters learn this many times faster", group=OPTIM)
     # --- augmentation (on whole batches, on the training device) --------------------
-    flip: Literal["none", "random", "alternating"] = "none"
-    translate: int = 0                    # random shift of up to this many pixels (reflect-padded)
-    cutout: int = 0                       # side of a zeroed square, 0 for none
+    flip: Literal["none", "random", "alternating"] = option(
+        "none", "horizontal mirroring: random per image, or alternating (each image mirrored every other epoch)",
+        group=AUGMENT)
+    translate: int = option(0, "random shift of up to this many pixels (reflect-padded)", group=AUGMENT)
+    cutout: int = option(0, "side in pixels of a zeroed square at a random place; 0 for none", group=AUGMENT)
     # --- weight averaging, whitening, test-time augmentation --------------------------
-    ema: float = 0.0                      # decay of an exponential moving average of weights (0: off)
-    ema_every: int = 5                    # steps between EMA updates
-    ema_start: float = 0.0                # fraction of training before EMA starts
-    ema_ramp: bool = False                # decay grows as ema * progress**3: averages only late in training
-    lookahead: bool = False               # reset the live weights to the average at each EMA update
-    whiten: bool = False                  # initialise the first conv from patch whitening (models that have it)
-    whiten_bias_epochs: float | None = None   # train the whitening layer's bias this long, then freeze it (None: always)
-    tta: Literal["none", "flip", "flip_translate"] = "none"
+    ema: float = option(0.0, "decay of an exponential moving average of the weights, which is evaluated "
+                             "(0: off)", group=AVERAGE)
+    ema_every: int = option(5, "steps between EMA updates", group=AVERAGE)
+    ema_start: float = option(0.0, "fraction of training before the EMA starts", group=AVERAGE)
+    ema_ramp: bool = option(False, "the decay grows as ema * progress**3: averages only late in training",
+                            group=AVERAGE)
+    lookahead: bool = option(False, "reset the live weights to the average at each EMA update", group=AVERAGE)
+    whiten: bool = option(False, "initialise the first conv from the training images' patch whitening (models "
+                                 "that have one, e.g. speednet)", group=AVERAGE)
+    whiten_bias_epochs: float | None = option(None, "epochs the whitening layer's bias trains before it freezes "
+                                                    "(airbench: 3); default: it trains throughout", group=AVERAGE)
+    tta: Literal["none", "flip", "flip_translate"] = option(
+        "none", "test-time augmentation: average the logits over mirrored (and 1-pixel shifted) views",
+        group=AVERAGE)
     # --- speed ------------------------------------------------------------------------
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
-    channels_last: bool = True           # NHWC tensors: 25% faster for the lesson's net on this CPU
-    compile: bool = False
-    threads: int | None = None            # torch intra-op threads (default: cores available / processes)
-    nproc: int = 1                        # `cnnlab train --nproc N`: data-parallel processes on this machine
-    sync_bn: bool = False                 # BatchNorm statistics over all processes (CUDA only; default per process)
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = option(
+        "fp32", "auto: bf16 where the hardware has it, fp16 with loss scaling on GPUs without it, else fp32",
+        group=SPEED)
+    channels_last: bool = option(True, "NHWC tensors (25% faster for the lesson's net on a CPU)", group=SPEED)
+    compile: bool = option(False, "torch.compile the model", group=SPEED)
+    threads: int | None = option(None, "torch intra-op threads (default: cores available / processes)",
+                                 group=SPEED)
+    nproc: int = option(1, "data-parallel processes on this machine (one per GPU, or cores shared on a CPU); "
+                           "--batch-size is per process. Several machines: torchrun, see docs/distributed.md",
+                        group=SPEED)
+    sync_bn: bool = option(False, "BatchNorm statistics over every process's batch (CUDA only); default: per "
+                                  "process", group=SPEED)
     # --- run control ------------------------------------------------------------------
-    time_limit: float | None = None       # seconds of training; stops mid-epoch, lr decays over the time
-    early_stop: int | None = None         # stop after this many epochs without val improvement
-    keep: Literal["last", "best"] = "last"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"   # auto: cuda, then mps, then cpu
-    checkpoint_every: int = 0             # also checkpoint every N steps (0: only each epoch)
-    recipe: str | None = None             # the recipe this config started from, for the record
-    tensorboard: bool = False
+    time_limit: float | None = option(None, "seconds of training; stops mid-epoch, and the lr decays over the "
+                                            "time (default: no limit)", group=RUN)
+    early_stop: int | None = option(None, "stop after this many epochs without a better validation accuracy (default: never)",
+                                    group=RUN)
+    keep: Literal["last", "best"] = option("last", "the weights saved: the last epoch's, or the best on "
+                                                   "validation", group=RUN)
+    seed: int = option(0, "seeds initialisation, shuffling, augmentation and dropout", group=RUN)
+    device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "auto picks a CUDA GPU, else an Apple GPU "
+                                                                   "(mps), else the CPU", group=RUN)
+    checkpoint_every: int = option(0, "also checkpoint every N steps (0: at each epoch's end only)", group=RUN)
+    recipe: str | None = option(None, "start from a named recipe (see `cnnlab recipes`; default: none)", group=RUN)
+    tensorboard: bool = option(False, "also write TensorBoard event files into the run folder", group=RUN)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,22 +144,50 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
-DEVICES: tuple[str, ...] = typing.get_args(_HINTS["device"])
+DEVICES: tuple[str, ...] = typing.get_args(_HINTS["device"])   # the one list of device names
+
+
+@dataclass(frozen=True)
+class FieldType:
+    """A config field's type, unwrapped once: ``int | None`` is (int, optional); a Literal is
+    its choices (base: str)."""
+    base: type
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+
+    @property
+    def kind(self) -> str:
+        """'choice' | 'bool' | 'int' | 'float' | 'str'"""
+        return "choice" if self.choices else {bool: "bool", int: "int", float: "float"}.get(self.base, "str")
+
+
+def field_type(key: str) -> FieldType:
+    hint, optional = _HINTS[key], False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint, optional = next(a for a in typing.get_args(hint) if a is not type(None)), True
+    if typing.get_origin(hint) is Literal:
+        return FieldType(str, typing.get_args(hint), optional)
+    return FieldType(hint, (), optional)
+
+
+def field_help(key: str) -> str:
+    """The field's help text with its default, as ``--help`` and the docs show it."""
+    text, default = FIELDS[key].metadata["help"], FIELDS[key].default
+    if "default" in text:   # the text says what an unset value means
+        return text
+    return f"{text} (default: {'unset' if default is None else default})"
 
 
 def _check_value(key: str, value: Any, source: str) -> Any:
     """Coerce ``value`` to the field's type or raise a CnnlabError naming what is allowed."""
-    hint = _HINTS[key]
-    optional = False
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional, hint = True, args[0]
+    kind = field_type(key)
+    hint, optional = kind.base, kind.optional
     if value is None:
         if optional:
             return None
         raise CnnlabError(f"{source}: {key} cannot be empty")
-    if typing.get_origin(hint) is Literal:
-        allowed = typing.get_args(hint)
+    if kind.choices:
+        allowed = kind.choices
         if value not in allowed:
             raise CnnlabError(f"{source}: {key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
         return value

@@ -27,12 +27,11 @@ The grid sampler needs a finite set: lists, int ranges, or float ranges with a `
 from __future__ import annotations
 
 import math
-import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from cnnlab.core.config import Config, config_key, load_yaml_file, merge
+from cnnlab.core.config import Config, config_key, field_type, load_yaml_file, merge
 from cnnlab.core.errors import CnnlabError
 
 # The data, the hold-out and the seed define what a trial is scored on; searching them would
@@ -161,13 +160,8 @@ def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
 # ----------------------------------------------------------------------------- parsing
 def _field_type(name: str) -> tuple[str, tuple]:
     """('int' | 'float' | 'bool' | 'str' | 'choice', allowed choices) of a Config key."""
-    hint = typing.get_type_hints(Config)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is not Literal else []
-    if args:
-        hint = args[0]
-    if typing.get_origin(hint) is Literal:
-        return "choice", typing.get_args(hint)
-    return {int: "int", float: "float", bool: "bool"}.get(hint, "str"), ()
+    kind = field_type(name)
+    return kind.kind, kind.choices
 
 
 def _coerce(base: Config, name: str, value: Any, what: str, source: str) -> Any:
