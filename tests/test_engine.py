@@ -215,3 +215,45 @@ def test_momentum_sgd_matches_torch_sgd_and_round_trips_its_state(nesterov):
     # vectorise them differently: at most an ulp each, 15 over 5 steps (1.8e-6 relative).
     for a, b in zip(ours.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=16 * 2 ** -23, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- callbacks
+def test_a_callback_sees_every_hook_and_can_stop_the_run(tiny_cifar, tmp_path):
+    from cnnlab.engine.callbacks import Callback
+    from cnnlab.engine.loop import fit
+
+    class Recorder(Callback):
+        def __init__(self):
+            self.calls = []
+
+        def on_epoch_begin(self, trainer, steps):
+            self.calls.append(("begin", trainer.state.epoch, steps))
+
+        def on_step_end(self, trainer):
+            self.calls.append(("step", trainer.state.global_step))
+
+        def on_epoch_end(self, trainer, logs):
+            self.calls.append(("end", trainer.state.epoch, logs["improved"]))
+            if trainer.state.epoch == 2:
+                trainer.request_stop("recorder: enough")
+
+    rec = Recorder()
+    run = fit(Config(data=str(tiny_cifar), epochs=4, batch_size=64, threads=1), out=tmp_path / "r",
+              progress=False, callbacks=[rec])
+    steps = 270 // 64 + 1                                     # 270 training images, the last batch short
+    assert [c for c in rec.calls if c[0] == "begin"] == [("begin", 0, steps), ("begin", 1, steps)]
+    assert [c[1] for c in rec.calls if c[0] == "step"] == list(range(1, 2 * steps + 1))
+    assert [c[:2] for c in rec.calls if c[0] == "end"] == [("end", 1), ("end", 2)]
+    assert len(run.history["loss"]) == 2 and run.metrics["epochs"] == 2    # stopped, then saved
+
+
+def test_early_stop_and_time_limit_end_the_run(tiny_cifar, tmp_path, capsys):
+    from cnnlab.engine.loop import fit
+    base = dict(data=str(tiny_cifar), epochs=6, batch_size=64, threads=1)
+    # A rate too small to change any prediction: validation never improves after epoch 1.
+    run = fit(Config(**base, lr=1e-12, early_stop=2), out=tmp_path / "early")
+    assert len(run.history["loss"]) == 3 and "early stop: validation accuracy has not improved for 2" \
+        in capsys.readouterr().out
+    run = fit(Config(**base, time_limit=1e-6), out=tmp_path / "timed")
+    assert run.metrics["steps"] == 1 and len(run.history["loss"]) == 1
+    assert "time limit: stopped after" in capsys.readouterr().out

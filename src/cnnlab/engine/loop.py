@@ -11,17 +11,15 @@ import copy
 import io
 import math
 import signal
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from cnnlab.core import config as config_mod
 from cnnlab.core import hardware
@@ -42,6 +40,7 @@ from cnnlab.data.stream import describe as describe_streaming
 from cnnlab.data.stream import images_of, open_streaming, scan_data_folder, stats_sample
 from cnnlab.engine import checkpoint as ckpt
 from cnnlab.engine import distributed
+from cnnlab.engine.callbacks import Callback, default_callbacks
 from cnnlab.engine.ema import WeightAverage
 from cnnlab.engine.optim import build_optimizer, build_schedule, decay_weights, set_lr
 from cnnlab.engine.runs import (
@@ -177,8 +176,17 @@ def _dataset_stats(train: Split, normalize: str) -> tuple[list[float], list[floa
     return [float(m) for m in mean], [float(max(s, 1e-3)) for s in std]
 
 
+@dataclass
+class EpochSums:
+    """Running sums of the epoch in progress (on the device: no sync a step)."""
+    loss: torch.Tensor          # sum of loss x batch size
+    correct: torch.Tensor
+    seen: int
+    start: float                # perf_counter at the epoch's (virtual) start, resumed seconds included
+
+
 class Trainer:
-    """The loop's moving parts, gathered so checkpointing can see them all."""
+    """The loop's moving parts, gathered so checkpointing and callbacks can see them all."""
 
     def __init__(self, cfg: Config, data: Dataset, run: Path, device: torch.device,
                  progress: bool = True):
@@ -219,7 +227,10 @@ class Trainer:
         self._ema_model: torch.nn.Module | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.state = LoopState()
-        self.out_of_time = False
+        self.callbacks: list[Callback] = []
+        self.sums: EpochSums | None = None
+        self._stop: tuple[bool, str | None] = (False, None)   # (stopping, reason to print)
+        self._end_epoch = False
         self._epoch_start = time.perf_counter()
         replica = distributed.wrap_model(self.model, device, sync_bn=cfg.sync_bn,   # DDP when data-parallel
                                          unused_parameters=cfg.whiten_bias_epochs is not None)
@@ -277,12 +288,28 @@ class Trainer:
                                 f"{', ...' if len(bad) > 3 else ''}): the learning rate ({self.cfg.lr}) is "
                                 f"probably too high for {self.cfg.model}; try one ten times smaller")
 
-    def _keep_partial(self, loss_sum: torch.Tensor, correct_sum: torch.Tensor, seen: int, start: float) -> None:
-        s = self.state
+    def keep_partial_epoch(self) -> None:
+        """Put the epoch-so-far sums in the state, for a mid-epoch checkpoint."""
+        s, sums = self.state, self.sums
+        assert sums is not None
         # Data-parallel: the sums over every process (called at steps they all reach together).
-        loss, correct, seen_all = distributed.sum_over_ranks(loss_sum, correct_sum, seen)
+        loss, correct, seen_all = distributed.sum_over_ranks(sums.loss, sums.correct, sums.seen)
         s.epoch_loss, s.epoch_correct = loss, int(correct)
-        s.epoch_seen, s.epoch_seconds = int(seen_all), time.perf_counter() - start
+        s.epoch_seen, s.epoch_seconds = int(seen_all), time.perf_counter() - sums.start
+
+    # -- what callbacks may ask ----------------------------------------------------------
+    def request_stop(self, reason: str | None) -> None:
+        """End training after this epoch; ``reason`` is printed (the first one asked wins)."""
+        if not self._stop[0]:
+            self._stop = (True, reason)
+
+    def end_epoch_now(self) -> None:
+        """End the epoch after the current step (it is then evaluated and saved as usual)."""
+        self._end_epoch = True
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
 
     # -- training ----------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,59 +351,59 @@ class Trainer:
     def run_epoch(self, stop: list[int], epoch_steps: int) -> tuple[float, float, float, int]:
         """Train from the current position to the end of the epoch (or ``epoch_steps``): the
         epoch's mean loss, accuracy, seconds and images (over every process)."""
-        s, cfg = self.state, self.cfg
+        s = self.state
         self.model.train()
         # Resumed mid-epoch: carry on from the sums and seconds of the steps done before.
-        loss_sum = torch.full((), s.epoch_loss, device=self.device)
-        correct_sum = torch.full((), s.epoch_correct, device=self.device, dtype=torch.long)
-        seen = s.epoch_seen
-        start = self._epoch_start = time.perf_counter() - s.epoch_seconds
-        bar = tqdm(total=epoch_steps, initial=s.step_in_epoch, disable=not self.progress, leave=False,
-                   desc=f"epoch {s.epoch + 1}/{math.ceil(cfg.epochs)}", unit="batch",
-                   dynamic_ncols=True, file=sys.stderr)
+        sums = self.sums = EpochSums(torch.full((), s.epoch_loss, device=self.device),
+                                     torch.full((), s.epoch_correct, device=self.device, dtype=torch.long),
+                                     s.epoch_seen, time.perf_counter() - s.epoch_seconds)
+        self._epoch_start = sums.start
+        self._end_epoch = False
+        self._call("on_epoch_begin", epoch_steps)
         for x, y in self.batches.epoch(s.epoch, s.step_in_epoch):
             if s.step_in_epoch >= epoch_steps:
                 break
             loss, correct = self.train_step(x, y)
-            loss_sum += loss * len(y)
-            correct_sum += correct
-            seen += len(y)
+            sums.loss += loss * len(y)
+            sums.correct += correct
+            sums.seen += len(y)
             s.step_in_epoch += 1
             s.global_step += 1
             if s.step_in_epoch % LOG_EVERY == 0 or s.step_in_epoch == epoch_steps:
-                mean_loss = loss_sum.item() / seen
-                if not math.isfinite(mean_loss):
-                    raise NonFiniteLoss(f"training loss became {mean_loss} at epoch {s.epoch + 1}, step "
-                                        f"{s.step_in_epoch}: the learning rate ({cfg.lr}) is probably too "
-                                        f"high for {cfg.model}; try one ten times smaller")
-                if self.scaler is not None and self.scaler.get_scale() < MIN_LOSS_SCALE:
-                    raise NonFiniteLoss(f"float16 gradients overflow at every loss scale (down to "
-                                        f"{self.scaler.get_scale():.2g}) by epoch {s.epoch + 1}, step "
-                                        f"{s.step_in_epoch}: the learning rate ({cfg.lr}) is probably too "
-                                        f"high for {cfg.model}, or use --precision bf16 or fp32")
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{correct_sum.item() / seen:.3f}",
-                                img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
-                bar.update(s.step_in_epoch - bar.n)
-            if cfg.checkpoint_every and s.global_step % cfg.checkpoint_every == 0:
-                self._keep_partial(loss_sum, correct_sum, seen, start)
-                self.checkpoint()
-            if cfg.time_limit and self.elapsed() >= cfg.time_limit:
-                self.out_of_time = True
+                self._log()
+            self._call("on_step_end")
+            if self._end_epoch:
                 break
             if distributed.any_rank(bool(stop)):   # every process stops after the same step
-                bar.close()
-                self._keep_partial(loss_sum, correct_sum, seen, start)
+                self._call("on_interrupt")
+                self.keep_partial_epoch()
                 self.checkpoint()
                 raise TrainingInterrupted(self.run, stop[0] if stop else signal.SIGTERM)
-        bar.close()
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - sums.start
         s.train_seconds += elapsed
         s.epoch_loss, s.epoch_correct, s.epoch_seen, s.epoch_seconds = 0.0, 0, 0, 0.0
-        if seen == 0:
+        if sums.seen == 0:
             return float("nan"), float("nan"), elapsed, 0
-        loss_total, correct_total, seen = distributed.sum_over_ranks(loss_sum, correct_sum, seen)
+        loss_total, correct_total, seen = distributed.sum_over_ranks(sums.loss, sums.correct, sums.seen)
         return loss_total / seen, correct_total / seen, elapsed, int(seen)
+
+    def _log(self) -> None:
+        """Every LOG_EVERY steps (each syncs the device): refuse a diverged run, tell callbacks."""
+        s, cfg, sums = self.state, self.cfg, self.sums
+        assert sums is not None
+        mean_loss = sums.loss.item() / sums.seen
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLoss(f"training loss became {mean_loss} at epoch {s.epoch + 1}, step "
+                                f"{s.step_in_epoch}: the learning rate ({cfg.lr}) is probably too "
+                                f"high for {cfg.model}; try one ten times smaller")
+        if self.scaler is not None and self.scaler.get_scale() < MIN_LOSS_SCALE:
+            raise NonFiniteLoss(f"float16 gradients overflow at every loss scale (down to "
+                                f"{self.scaler.get_scale():.2g}) by epoch {s.epoch + 1}, step "
+                                f"{s.step_in_epoch}: the learning rate ({cfg.lr}) is probably too "
+                                f"high for {cfg.model}, or use --precision bf16 or fp32")
+        elapsed = time.perf_counter() - sums.start
+        self._call("on_log", {"loss": mean_loss, "accuracy": sums.correct.item() / sums.seen,
+                              "img_s": sums.seen / max(elapsed, 1e-9)})
 
     def elapsed(self) -> float:
         """Training seconds so far, this epoch included."""
@@ -391,7 +418,9 @@ class Trainer:
         self.ema.copy_to(self._ema_model)
         return self._ema_model
 
-    def fit(self, on_epoch: Callable[[int, dict[str, list]], bool] | None = None) -> None:
+    def fit(self, callbacks: Sequence[Callback] = ()) -> None:
+        """Train to the end of the schedule, or until a callback stops it."""
+        self.callbacks = list(callbacks)
         cfg, s = self.cfg, self.state
         total_epochs = math.ceil(cfg.epochs)
         with _catch_stop_signals() as stop:
@@ -414,34 +443,12 @@ class Trainer:
                 improved = val is not None and val.accuracy > s.best_val
                 if improved:
                     s.best_val, s.best_epoch = val.accuracy, s.epoch
-                    if cfg.keep == "best":
-                        self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                self._print_epoch(total_epochs, images)
-                self.checkpoint()
-                if on_epoch is not None and on_epoch(s.epoch, h):
+                self._call("on_epoch_end", {"val": val, "improved": improved, "model": model, "images": images})
+                stopping, reason = self._stop
+                if stopping:
+                    if reason and self.progress:
+                        print(reason, flush=True)
                     break
-                if self.out_of_time:
-                    if self.progress:
-                        print(f"time limit: stopped after {s.train_seconds:.0f} s of training "
-                              f"(--time-limit {cfg.time_limit:g})", flush=True)
-                    break
-                if (cfg.early_stop and val is not None and s.epoch - s.best_epoch >= cfg.early_stop):
-                    if self.progress:
-                        print(f"early stop: validation accuracy has not improved for {cfg.early_stop} "
-                              f"epochs (best {s.best_val:.4f} at epoch {s.best_epoch})", flush=True)
-                    break
-
-    def _print_epoch(self, total: int, images: int) -> None:
-        """``images``: trained this epoch, this session (a resumed or fractional epoch trains fewer)."""
-        if not self.progress:
-            return
-        h, s = self.state.history, self.state
-        imgs = images if h["seconds"][-1] else 0
-        line = (f"epoch {s.epoch}/{total}  loss {h['loss'][-1]:.4f}  accuracy {h['accuracy'][-1]:.4f}")
-        if h["val_loss"][-1] is not None:
-            line += f"  val_loss {h['val_loss'][-1]:.4f}  val_accuracy {h['val_accuracy'][-1]:.4f}"
-        line += f"  lr {h['lr'][-1]:.3g}  {h['seconds'][-1]:.1f}s ({imgs / max(h['seconds'][-1], 1e-9):.0f} img/s)"
-        print(line, flush=True)
 
     def final_model(self) -> torch.nn.Module:
         model = self.eval_model()
@@ -465,11 +472,12 @@ def load_data(cfg: Config) -> Dataset:
 
 def fit(config: Config | None = None, *, out: str | Path | None = None, name: str | None = None,
         progress: bool = True, on_epoch: Callable[[int, dict[str, list]], bool] | None = None,
-        **overrides: Any) -> Run:
+        callbacks: Sequence[Callback] = (), **overrides: Any) -> Run:
     """Train a model as ``config`` (plus keyword overrides) says and return the finished run.
 
     ``on_epoch(epoch, history)`` is called after each epoch; returning True stops training
-    (the tuner's pruner uses it). The run folder holds everything the report draws
+    (the tuner's pruner uses it). ``callbacks`` run after the config's own (progress,
+    checkpoints, keep-best, time limit, early stop: ``cnnlab.engine.callbacks``). The run folder holds everything the report draws
     (``cnnlab.report.write_report``, a layer above, draws it: the command line does after
     training, the tuner for its best trial only).
     """
@@ -492,11 +500,12 @@ def fit(config: Config | None = None, *, out: str | Path | None = None, name: st
         save_config(path, cfg, environment(device, trainer.precision))
     if progress:
         _print_header(cfg, data, trainer, path, device)
-    return _train_and_save(trainer, on_epoch)
+    return _train_and_save(trainer, on_epoch, callbacks)
 
 
 def resume(run: str | Path, *, progress: bool = True, changes: dict[str, Any] | None = None,
-           on_epoch: Callable[[int, dict[str, list]], bool] | None = None) -> Run:
+           on_epoch: Callable[[int, dict[str, list]], bool] | None = None,
+           callbacks: Sequence[Callback] = ()) -> Run:
     """Continue ``run`` from its last checkpoint with its saved config. ``changes`` may repeat
     saved values or change ``epochs`` (see ``checkpoint.resumed_config``); others are refused."""
     path = Path(run)
@@ -516,7 +525,7 @@ def resume(run: str | Path, *, progress: bool = True, changes: dict[str, Any] | 
               flush=True)
     if distributed.is_main():
         save_config(path, cfg, environment(device, trainer.precision))
-    return _train_and_save(trainer, on_epoch)
+    return _train_and_save(trainer, on_epoch, callbacks)
 
 
 def _print_header(cfg: Config, data: Dataset, trainer: Trainer, path: Path, device: torch.device) -> None:
@@ -541,10 +550,10 @@ def hardware_line(device: torch.device, precision: hardware.Precision) -> str:
     return f"device {device}: {hardware.device_name(device)} ({where}), precision {precision}"
 
 
-def _train_and_save(trainer: Trainer, on_epoch) -> Run:
+def _train_and_save(trainer: Trainer, on_epoch, callbacks: Sequence[Callback] = ()) -> Run:
     cfg, path, s = trainer.cfg, trainer.run, trainer.state
     try:
-        trainer.fit(on_epoch)
+        trainer.fit([*default_callbacks(cfg, progress=trainer.progress, on_epoch=on_epoch), *callbacks])
     except NonFiniteLoss as e:
         # No checkpoint holds a NaN (Trainer.checkpoint checks): the last one's weights (averaged
         # or best, as the config asks) become the model, and its history the history.
