@@ -18,13 +18,24 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
+import torch
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from cnnlab.core.config import Config
-    from cnnlab.engine.loop import Trainer
+from cnnlab.core.config import Config
+
+
+class Trainer(Protocol):
+    """What callbacks see of ``cnnlab.engine.loop.Trainer`` (which imports this module)."""
+    state: Any                  # LoopState: epoch, step_in_epoch, global_step, history, best_val, best_epoch
+    best_state: dict[str, torch.Tensor] | None
+
+    def checkpoint(self) -> None: ...
+    def keep_partial_epoch(self) -> None: ...
+    def elapsed(self) -> float: ...
+    def request_stop(self, reason: str | None) -> None: ...
+    def end_epoch_now(self) -> None: ...
 
 
 class Callback:

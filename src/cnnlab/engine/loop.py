@@ -57,10 +57,10 @@ from cnnlab.engine.runs import (
     save_model,
 )
 from cnnlab.models.classifier import Classifier, build_classifier
+from cnnlab.models.hooks import TrainingHook
 from cnnlab.models.inspect import gradcam_heatmaps
 
 EVAL_BATCH = 500
-WHITENING_SAMPLE = 2000  # images whose 2x2 patches set the whitening layer
 LOG_EVERY = 10           # steps between progress-bar refreshes (each one syncs the device)
 # float16: the loss scale halves on every overflowing step; this far down, gradients overflow
 # at any scale and the weights no longer move (30 halvings from the initial 2**16).
@@ -200,18 +200,17 @@ class Trainer:
         self.model: Classifier = build_classifier(cfg.model, data.num_classes, c, h, self.mean, self.std).to(device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        if cfg.whiten:
-            init = getattr(self.model.net, "init_whitening", None)
-            if init is None:
-                raise CnnlabError(f"--whiten needs a model with a patch-whitening first layer; "
-                                  f"{cfg.model!r} has none (try --model speednet)")
-            # Evenly spaced: image folders list the training set class by class.
-            spread = np.arange(0, len(data.train), max(1, len(data.train) // WHITENING_SAMPLE))[:WHITENING_SAMPLE]
-            sample = torch.as_tensor(images_of(data.train, spread)).permute(0, 3, 1, 2).float().div(255)
-            init(((sample - self.model.mean.cpu()) / self.model.std.cpu()).to(device))
         # In memory or streamed from disk; this process's shard when data-parallel.
         self.batches = distributed.training_batches(cfg, data, device)
         self.steps_per_epoch = len(self.batches)
+        # What the network itself asks of training (models/hooks.py): SpeedNet's whitening.
+        offered = getattr(self.model.net, "training_hooks", None)
+        if offered is None and (cfg.whiten or cfg.whiten_bias_epochs is not None):
+            raise CnnlabError(f"--whiten needs a model with a patch-whitening first layer; "
+                              f"{cfg.model!r} has none (try --model speednet)")
+        self.model_hooks: list[TrainingHook] = offered(cfg, self.steps_per_epoch) if offered else []
+        for hook in self.model_hooks:
+            hook.setup(self.model.net, self.training_sample)
         self.total_steps = max(1, round(cfg.epochs * self.steps_per_epoch))
         self.opt_cfg = distributed.global_batch_config(cfg)   # lr/decay scaling see the global batch
         self.schedule = build_schedule(self.opt_cfg, self.steps_per_epoch)
@@ -220,10 +219,6 @@ class Trainer:
                                   ramp_steps=self.total_steps if cfg.ema_ramp else 0)
                     if cfg.ema > 0 else None)
         self.ema_start_step = round(cfg.ema_start * self.total_steps)
-        # The whitening bias settles within a few epochs (airbench freezes it after 3); frozen,
-        # it also spares the backward pass its path through the first convolution.
-        self.whiten_bias_steps = (None if cfg.whiten_bias_epochs is None
-                                  else round(cfg.whiten_bias_epochs * self.steps_per_epoch))
         self._ema_model: torch.nn.Module | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.state = LoopState()
@@ -233,8 +228,16 @@ class Trainer:
         self._end_epoch = False
         self._epoch_start = time.perf_counter()
         replica = distributed.wrap_model(self.model, device, sync_bn=cfg.sync_bn,   # DDP when data-parallel
-                                         unused_parameters=cfg.whiten_bias_epochs is not None)
+                                         unused_parameters=any(h.unused_parameters for h in self.model_hooks))
         self.forward = torch.compile(replica) if cfg.compile else replica
+
+    def training_sample(self, n: int) -> torch.Tensor:
+        """Up to ``n`` training images, evenly spaced (image folders list the training set class
+        by class), normalised as the network sees them: float (N, C, H, W) on the device."""
+        train = self.data.train
+        spread = np.arange(0, len(train), max(1, len(train) // n))[:n]
+        sample = torch.as_tensor(images_of(train, spread)).permute(0, 3, 1, 2).float().div(255)
+        return ((sample - self.model.mean.cpu()) / self.model.std.cpu()).to(self.device)
 
     # -- checkpoint --------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -319,16 +322,15 @@ class Trainer:
         set_lr(self.optimizer, self.schedule.base_lr * mult)
         # Dropout and other in-model randomness, reproducible per step for exact resume.
         torch.manual_seed(derive_seed(cfg.seed, s.epoch, s.step_in_epoch, 0xD0, *distributed.rank_key()))
-        bias_frozen = self.whiten_bias_steps is not None and s.global_step >= self.whiten_bias_steps
-        if self.whiten_bias_steps is not None:
-            self.model.net.whiten.bias.requires_grad_(not bias_frozen)
+        for hook in self.model_hooks:
+            hook.before_step(self.model.net, s.global_step)
         with autocast(self.device, self.dtype):
             logits = self.forward(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-        if bias_frozen:   # DDP hands unused parameters a zero gradient; None keeps momentum off it
-            self.model.net.whiten.bias.grad = None
+        for hook in self.model_hooks:
+            hook.after_backward(self.model.net, s.global_step)
         if self.scaler is None:
             decay_weights(self.optimizer, self.opt_cfg, mult)
             self.optimizer.step()

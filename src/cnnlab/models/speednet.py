@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cnnlab.core.config import Config
 from cnnlab.models.conv import Conv3x3
+from cnnlab.models.hooks import TrainingHook
 from cnnlab.models.registry import register_model
 
 # name -> (widths of the three blocks, activation, whitening filters in +/- pairs through the
@@ -104,6 +106,41 @@ class SpeedNet(nn.Module):
             x = self.act(x)
         x = self.blocks(x)
         return self.head(self.pool(x).flatten(1)) * self.logit_scale
+
+
+    def training_hooks(self, cfg: Config, steps_per_epoch: int) -> list[TrainingHook]:
+        """``--whiten``: the patch conv set from the training images; ``--whiten-bias-epochs``:
+        its bias frozen after that many epochs."""
+        hooks: list[TrainingHook] = []
+        if cfg.whiten:
+            hooks.append(PatchWhitening())
+        if cfg.whiten_bias_epochs is not None:
+            hooks.append(FreezeWhiteningBias(round(cfg.whiten_bias_epochs * steps_per_epoch)))
+        return hooks
+
+
+WHITENING_SAMPLE = 2000  # images whose 2x2 patches set the whitening layer
+
+
+class PatchWhitening(TrainingHook):
+    def setup(self, net: nn.Module, sample) -> None:
+        net.init_whitening(sample(WHITENING_SAMPLE))
+
+
+class FreezeWhiteningBias(TrainingHook):
+    """The whitening bias settles within a few epochs (airbench freezes it after 3); frozen, it
+    also spares the backward pass its path through the first convolution."""
+    unused_parameters = True
+
+    def __init__(self, after_steps: int):
+        self.after_steps = after_steps
+
+    def before_step(self, net: nn.Module, step: int) -> None:
+        net.whiten.bias.requires_grad_(step < self.after_steps)
+
+    def after_backward(self, net: nn.Module, step: int) -> None:
+        if step >= self.after_steps:   # DDP hands unused parameters a zero gradient; None keeps momentum off it
+            net.whiten.bias.grad = None
 
 
 def _factory(widths, act_layer, whiten_pairs):
