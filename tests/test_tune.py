@@ -221,3 +221,21 @@ def test_lr_find_writes_plot_and_suggestion(tiny_cifar, tmp_path, capsys):
 def test_lr_find_refuses_a_backwards_range(tiny_cifar, tmp_path):
     assert main(["lr-find", "--data", str(tiny_cifar), "--start", "1", "--end", "1e-3",
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_trials_that_agree_on_the_data_load_it_once(tiny_cifar, tmp_path, monkeypatch):
+    from cnnlab.engine import loop
+    loads = []
+    real = loop.load_data
+
+    def counted(cfg):
+        loads.append(cfg.image_size)
+        return real(cfg)
+
+    monkeypatch.setattr(loop, "load_data", counted)
+    cfg = resolve(overrides={"data": str(tiny_cifar), "model": "tutorial", "train_size": 200,
+                             "val_split": 0.2, "threads": 1, "epochs": 1})
+    space = parse_space({"lr": [1e-3, 3e-3, 1e-2], "batch_size": 64})
+    result = tune(cfg, trials=3, space=space, sampler="grid", out=tmp_path / "t", progress=False)
+    assert result.states == {"COMPLETE": 3}
+    assert len(loads) == 2     # the validation check before the study, then one load for all 3 trials

@@ -460,7 +460,18 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- fit
+# The config keys that decide what ``load_data`` returns: runs that agree on these train on
+# the same images (the tuner loads them once for all its trials).
+DATA_KEYS = ("data", "data_dir", "image_size", "bad_images", "loader", "workers", "crop", "center_crop",
+             "val_split", "train_size", "test_size", "seed", "nproc")
+
+
+def data_key(cfg: Config) -> tuple:
+    return tuple(getattr(cfg, k) for k in DATA_KEYS)
+
+
 def load_data(cfg: Config) -> Dataset:
+    """The splits ``cfg`` trains, validates and tests on (``DATA_KEYS`` decide them)."""
     with distributed.main_first():   # rank 0 fills the decoded-image cache, the others read it
         scan = scan_data_folder(cfg)   # one walk of an image folder, whichever loader reads it
         streamed = open_streaming(cfg, distributed.local_world_size(), scan)
@@ -472,13 +483,14 @@ def load_data(cfg: Config) -> Dataset:
                           test_size=cfg.test_size, seed=cfg.seed)
 
 
-def fit(config: Config | None = None, *, out: str | Path | None = None, name: str | None = None,
-        progress: bool = True, on_epoch: Callable[[int, dict[str, list]], bool] | None = None,
+def fit(config: Config | None = None, data: Dataset | None = None, *, out: str | Path | None = None,
+        name: str | None = None, progress: bool = True, on_epoch: Callable[[int, dict[str, list]], bool] | None = None,
         callbacks: Sequence[Callback] = (), **overrides: Any) -> Run:
     """Train a model as ``config`` (plus keyword overrides) says and return the finished run.
 
     ``on_epoch(epoch, history)`` is called after each epoch; returning True stops training
-    (the tuner's pruner uses it). ``callbacks`` run after the config's own (progress,
+    (the tuner's pruner uses it). ``data``: what ``load_data(config)`` returns, for a caller
+    that trains several times on the same images (the tuner). ``callbacks`` run after the config's own (progress,
     checkpoints, keep-best, time limit, early stop: ``cnnlab.engine.callbacks``). The run folder holds everything the report draws
     (``cnnlab.report.write_report``, a layer above, draws it: the command line does after
     training, the tuner for its best trial only).
@@ -493,7 +505,7 @@ def fit(config: Config | None = None, *, out: str | Path | None = None, name: st
     model_info(cfg.model)
     path = distributed.from_main(run_path(out=out, name=name, default_name=default_run_name(cfg)))
     check_new_run_folder(path)
-    data = load_data(cfg)
+    data = load_data(cfg) if data is None else data
     if data.skipped and progress:
         print(f"skipped {data.skipped} unreadable image(s) (--bad-images skip)", flush=True)
     trainer = Trainer(cfg, data, path, device, progress)

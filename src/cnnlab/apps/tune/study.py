@@ -51,6 +51,7 @@ from cnnlab.apps.tune.space import SearchSpace, default_space, load_space, parse
 from cnnlab.core.config import FIELDS, Config, merge
 from cnnlab.core.errors import CnnlabError, TrainingInterrupted
 from cnnlab.core.files import read_json, write_json, write_text
+from cnnlab.data.dataset import Dataset, Split
 from cnnlab.engine.runs import RUNS_ROOT
 
 SAMPLERS = ("tpe", "random", "grid")
@@ -303,6 +304,19 @@ class _Objective:
 
     def __init__(self, base: Config, space: SearchSpace, out: Path, grid: bool):
         self.base, self.space, self.out, self.grid = base, space, out, grid
+        self._data: tuple[tuple, Dataset] | None = None   # the last trial's images, by data_key
+
+    def data_for(self, cfg: Config) -> Dataset:
+        """Trials that agree on the data keys share one load (in memory: streamed data is
+        reopened per trial, its worker processes belong to one run)."""
+        from cnnlab.engine.loop import data_key, load_data
+        if self._data is None or self._data[0] != data_key(cfg):
+            self._data = None   # the old images go before the new ones load
+            data = load_data(cfg)
+            if not isinstance(data.train, Split):
+                return data
+            self._data = (data_key(cfg), data)
+        return self._data[1]
 
     def __call__(self, trial: optuna.Trial) -> float:
         from cnnlab.engine.loop import fit
@@ -326,7 +340,7 @@ class _Objective:
                     return True
                 return False
 
-            run = fit(cfg, out=run_dir, progress=False, on_epoch=on_epoch)
+            run = fit(cfg, self.data_for(cfg), out=run_dir, progress=False, on_epoch=on_epoch)
             history = run.history
             trial.set_user_attr("epochs_run", len(history.get("loss", [])))
             if pruned_at:
