@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import types
 import typing
@@ -345,6 +344,3 @@ def resolve(*, recipe: str | None = None, config_file: str | Path | None = None,
         cfg = merge(cfg, {k: v for k, v in overrides.items() if v is not None}, source="command line")
     return cfg
 
-
-def to_json(cfg: Config) -> str:
-    return json.dumps(cfg.to_dict(), indent=2)

@@ -38,10 +38,6 @@ def is_image_name(name: str) -> bool:
     return dot > 0 and not name.startswith(".") and name[dot:].lower() in IMAGE_SUFFIXES
 
 
-def is_image_file(path: Path) -> bool:
-    return is_image_name(path.name)
-
-
 def _flatten_alpha(img: Image.Image) -> Image.Image:
     """Composite transparent pixels onto white, so hidden colours never show."""
     grey = img.mode == "LA"
