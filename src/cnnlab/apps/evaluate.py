@@ -6,6 +6,7 @@ from typing import Any
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.hardware import choose_precision, pick_device
+from cnnlab.core.metrics import per_class_accuracy
 from cnnlab.data.dataset import prepare_splits
 from cnnlab.data.sources import load_dataset
 from cnnlab.engine.runs import load_run
@@ -13,7 +14,7 @@ from cnnlab.engine.runs import load_run
 
 def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str | None = None,
                  device: str = "auto") -> dict[str, Any]:
-    from cnnlab.engine.loop import evaluate
+    from cnnlab.engine.evaluation import evaluate
     run = load_run(run_path)
     cfg = run.config
     spec = data or cfg.data
@@ -31,10 +32,6 @@ def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str
                         seed=cfg.seed)
     dev = pick_device(device)
     result = evaluate(run.model(dev), ds.test, dev, dtype=choose_precision(cfg.precision, dev, strict=False).dtype, tta=cfg.tta)
-    preds = result.predictions
-    per_class = {}
-    for i, name in enumerate(run.class_names):
-        mask = result.labels == i
-        per_class[name] = float((preds[mask] == i).float().mean()) if mask.any() else None
+    per_class = per_class_accuracy(result.labels.numpy(), result.predictions.numpy(), run.class_names)
     return {"run": str(run.path), "data": spec, "test_accuracy": result.accuracy, "test_loss": result.loss,
             "test_images": len(result.labels), "per_class_accuracy": per_class}

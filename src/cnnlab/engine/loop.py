@@ -8,11 +8,9 @@ be resumed exactly, evaluates the test split once at the end, and writes the run
 from __future__ import annotations
 
 import copy
-import io
 import math
 import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,7 +23,7 @@ from cnnlab.core import config as config_mod
 from cnnlab.core import hardware
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError, TrainingInterrupted
-from cnnlab.core.files import discard_temps, write_bytes, write_json
+from cnnlab.core.files import discard_temps, write_json
 from cnnlab.core.hardware import (
     autocast,
     choose_precision,
@@ -33,7 +31,8 @@ from cnnlab.core.hardware import (
     pick_device,
     set_threads,
 )
-from cnnlab.data.batches import derive_seed, eval_batches
+from cnnlab.core.metrics import per_class_accuracy
+from cnnlab.data.batches import derive_seed
 from cnnlab.data.dataset import Dataset, Split, prepare_splits
 from cnnlab.data.sources import load_dataset
 from cnnlab.data.stream import describe as describe_streaming
@@ -42,6 +41,7 @@ from cnnlab.engine import checkpoint as ckpt
 from cnnlab.engine import distributed
 from cnnlab.engine.callbacks import Callback, default_callbacks
 from cnnlab.engine.ema import WeightAverage
+from cnnlab.engine.evaluation import Evaluation, evaluate
 from cnnlab.engine.optim import build_optimizer, build_schedule, decay_weights, set_lr
 from cnnlab.engine.runs import (
     Run,
@@ -53,14 +53,14 @@ from cnnlab.engine.runs import (
     model_card,
     run_path,
     save_config,
+    save_evaluation,
     save_history,
     save_model,
 )
+from cnnlab.engine.signals import catch_stop_signals
 from cnnlab.models.classifier import Classifier, build_classifier
 from cnnlab.models.hooks import TrainingHook
-from cnnlab.models.inspect import gradcam_heatmaps
 
-EVAL_BATCH = 500
 LOG_EVERY = 10           # steps between progress-bar refreshes (each one syncs the device)
 # float16: the loss scale halves on every overflowing step; this far down, gradients overflow
 # at any scale and the weights no longer move (30 halvings from the initial 2**16).
@@ -69,75 +69,6 @@ MIN_LOSS_SCALE = 2.0 ** -14
 
 class NonFiniteLoss(CnnlabError):
     pass
-
-
-# ----------------------------------------------------------------------------- evaluation
-@dataclass
-class Evaluation:
-    loss: float
-    accuracy: float
-    logits: torch.Tensor          # float32 (N, classes), on the CPU
-    labels: torch.Tensor
-
-    @property
-    def predictions(self) -> torch.Tensor:
-        return self.logits.argmax(1)
-
-
-def tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
-    """Average logits over the image and its mirror (and 1-pixel shifts of both)."""
-    logits = model(x)
-    if tta == "none":
-        return logits
-    views = [x.flip(-1)]
-    if tta == "flip_translate":
-        pad = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        h, w = x.shape[-2:]
-        shifted = [pad[..., 0:h, 0:w], pad[..., 2:h + 2, 2:w + 2]]
-        views += shifted + [v.flip(-1) for v in shifted]
-    for v in views:
-        logits = logits + model(v)
-    return logits / (1 + len(views))
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Split, device: torch.device, *, dtype: torch.dtype | None = None,
-             tta: str = "none", batch_size: int = EVAL_BATCH, channels_last: bool = False) -> Evaluation:
-    was_training = model.training
-    model.eval()
-    outs = []
-    for x, _ in eval_batches(split, batch_size, device, channels_last, shard=distributed.shard()):
-        with autocast(device, dtype):
-            outs.append(tta_logits(model, x, tta).float().cpu())
-    model.train(was_training)
-    logits = torch.cat(outs) if outs else torch.zeros(0, 1)
-    logits = distributed.gather_shards(logits, len(split))   # each process evaluated rows rank::world
-    labels = torch.as_tensor(split.labels)
-    loss = F.cross_entropy(logits, labels).item() if len(labels) else float("nan")
-    acc = (logits.argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
-    return Evaluation(loss, acc, logits, labels)
-
-
-# ----------------------------------------------------------------------------- signals
-@contextmanager
-def _catch_stop_signals():
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each step."""
-    caught: list[int] = []
-    handlers = {}
-
-    def handler(signum, frame):
-        caught.append(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            handlers[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. inside a tuner worker thread)
-            pass
-    try:
-        yield caught
-    finally:
-        for sig, old in handlers.items():
-            signal.signal(sig, old)
 
 
 # ----------------------------------------------------------------------------- state
@@ -425,7 +356,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         cfg, s = self.cfg, self.state
         total_epochs = math.ceil(cfg.epochs)
-        with _catch_stop_signals() as stop:
+        with catch_stop_signals() as stop:
             while s.epoch < total_epochs:
                 epoch_steps = min(self.steps_per_epoch, self.total_steps - s.epoch * self.steps_per_epoch)
                 loss, acc, seconds, images = self.run_epoch(stop, epoch_steps)
@@ -605,51 +536,13 @@ def _write_model(trainer: Trainer, model: torch.nn.Module) -> None:
     save_history(trainer.run, trainer.state.history)
 
 
-SAMPLES_PER_CLASS = 8
-# Streamed data: samples of the first 20 classes only, which the samples grid shows
-# (report.plots.MAX_SAMPLE_CLASSES): 1,000 ImageNet classes x 8 at 224 px would be 1.2 GB.
-STREAMED_SAMPLE_CLASSES = 20
-MISTAKES_KEPT = 36
-# The most confident of them get a Grad-CAM heatmap for the report (one backward pass each):
-# computed here, with the model at hand, so the report draws from the folder alone.
-MISTAKE_HEATMAPS = 12
-
-
-def save_evaluation(run: Path, data: Dataset, test: Evaluation, model: torch.nn.Module) -> None:
-    """``evaluation.npz``: test logits and labels, plus the few images the plots show and the
-    Grad-CAM heatmaps (for the predicted class) of the most confident mistakes.
-
-    Plots and reports read only the run folder, so they can be rebuilt after the data moved.
-    """
-    probs = torch.softmax(test.logits, 1)
-    conf, pred = probs.max(1)
-    wrong = torch.nonzero(pred != test.labels).squeeze(1)
-    worst = wrong[conf[wrong].argsort(descending=True)][:MISTAKES_KEPT].numpy()
-    labels = data.train.labels
-    kept = data.num_classes if isinstance(data.train, Split) else min(data.num_classes, STREAMED_SAMPLE_CLASSES)
-    samples = np.concatenate([np.flatnonzero(labels == c)[:SAMPLES_PER_CLASS] for c in range(kept)])
-    mistakes = images_of(data.test, worst)
-    shown = worst[:MISTAKE_HEATMAPS]
-    heatmaps = gradcam_heatmaps(model, mistakes[:len(shown)], [int(pred[i]) for i in shown])   # (n, H, W)
-    buf = io.BytesIO()
-    np.savez(buf, logits=test.logits.numpy().astype(np.float32), labels=test.labels.numpy(),
-             mistake_index=worst, mistake_images=mistakes, mistake_heatmaps=heatmaps.astype(np.float16),
-             sample_images=images_of(data.train, samples), sample_labels=labels[samples])
-    write_bytes(run / "evaluation.npz", buf.getvalue())
-
-
 def _metrics(trainer: Trainer, test: Evaluation) -> dict[str, Any]:
-    names = trainer.data.class_names
-    preds, labels = test.predictions, test.labels
-    per_class = {}
-    for i, n in enumerate(names):
-        mask = labels == i
-        per_class[n] = float((preds[mask] == i).float().mean()) if mask.any() else None
+    per_class = per_class_accuracy(test.labels.numpy(), test.predictions.numpy(), trainer.data.class_names)
     s = trainer.state
     h = s.history
     return {"test_accuracy": test.accuracy, "test_loss": test.loss, "per_class_accuracy": per_class,
             "train_seconds": s.train_seconds, "epochs": s.epoch, "steps": s.global_step,
             "best_val_accuracy": None if not math.isfinite(s.best_val) else s.best_val,
             "best_epoch": s.best_epoch or None, "final_val_accuracy": h["val_accuracy"][-1] if h["val_accuracy"] else None,
-            "test_images": len(labels), "tta": trainer.cfg.tta, "keep": trainer.cfg.keep,
+            "test_images": len(test.labels), "tta": trainer.cfg.tta, "keep": trainer.cfg.keep,
             "parameters": sum(p.numel() for p in trainer.model.net.parameters())}

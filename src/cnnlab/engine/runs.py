@@ -30,7 +30,11 @@ from cnnlab.core.files import read_json, write_bytes, write_json, write_text
 from cnnlab.core.hardware import Precision
 from cnnlab.core.hardware import describe as describe_hardware
 from cnnlab.core.version import __version__
+from cnnlab.data.dataset import Dataset, Split
+from cnnlab.data.stream import images_of
+from cnnlab.engine.evaluation import Evaluation
 from cnnlab.models.classifier import Classifier, build_classifier
+from cnnlab.models.inspect import gradcam_heatmaps
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
 RUNS_ROOT = Path("runs")
@@ -178,3 +182,36 @@ def load_run(path: str | Path) -> Run:
         raise CnnlabError(f"cannot read run folder {path}: {e}") from None
     cfg = merge(Config(), cfg_doc.get("config", {}), source=f"{path}/config.json")
     return Run(path, cfg, card, history, metrics)
+
+
+SAMPLES_PER_CLASS = 8
+# Streamed data: samples of the first 20 classes only, which the samples grid shows
+# (report.plots.MAX_SAMPLE_CLASSES): 1,000 ImageNet classes x 8 at 224 px would be 1.2 GB.
+STREAMED_SAMPLE_CLASSES = 20
+MISTAKES_KEPT = 36
+# The most confident of them get a Grad-CAM heatmap for the report (one backward pass each):
+# computed here, with the model at hand, so the report draws from the folder alone.
+MISTAKE_HEATMAPS = 12
+
+
+def save_evaluation(run: Path, data: Dataset, test: Evaluation, model: torch.nn.Module) -> None:
+    """``evaluation.npz``: test logits and labels, plus the few images the plots show and the
+    Grad-CAM heatmaps (for the predicted class) of the most confident mistakes.
+
+    Plots and reports read only the run folder, so they can be rebuilt after the data moved.
+    """
+    probs = torch.softmax(test.logits, 1)
+    conf, pred = probs.max(1)
+    wrong = torch.nonzero(pred != test.labels).squeeze(1)
+    worst = wrong[conf[wrong].argsort(descending=True)][:MISTAKES_KEPT].numpy()
+    labels = data.train.labels
+    kept = data.num_classes if isinstance(data.train, Split) else min(data.num_classes, STREAMED_SAMPLE_CLASSES)
+    samples = np.concatenate([np.flatnonzero(labels == c)[:SAMPLES_PER_CLASS] for c in range(kept)])
+    mistakes = images_of(data.test, worst)
+    shown = worst[:MISTAKE_HEATMAPS]
+    heatmaps = gradcam_heatmaps(model, mistakes[:len(shown)], [int(pred[i]) for i in shown])   # (n, H, W)
+    buf = io.BytesIO()
+    np.savez(buf, logits=test.logits.numpy().astype(np.float32), labels=test.labels.numpy(),
+             mistake_index=worst, mistake_images=mistakes, mistake_heatmaps=heatmaps.astype(np.float16),
+             sample_images=images_of(data.train, samples), sample_labels=labels[samples])
+    write_bytes(run / "evaluation.npz", buf.getvalue())

@@ -21,6 +21,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from cnnlab.core.files import write_bytes  # noqa: E402
+from cnnlab.core.metrics import confusion_matrix  # noqa: E402
+from cnnlab.core.metrics import per_class_accuracy as per_class  # noqa: E402
 from cnnlab.report.folder import RunRecord, read_run  # noqa: E402
 
 DPI = 110
@@ -252,12 +254,6 @@ def _empty(message: str) -> Figure:
 
 
 # ----------------------------------------------------------------------------- test results
-def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts (true, predicted) as int64 (num_classes, num_classes)."""
-    return np.bincount(labels.astype(np.int64) * num_classes + preds.astype(np.int64),
-                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
 def row_normalise(counts: np.ndarray) -> np.ndarray:
     totals = counts.sum(1, keepdims=True)
     return np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64), where=totals > 0)
@@ -349,9 +345,7 @@ def per_class_accuracy(rec: RunRecord) -> dict[str, float | None]:
     ev = rec.evaluation
     if ev is None or "logits" not in ev:
         return {}
-    counts = confusion_matrix(ev["labels"], ev["logits"].argmax(1), len(rec.class_names))
-    totals = counts.sum(1)
-    return {n: (float(counts[i, i] / totals[i]) if totals[i] else None) for i, n in enumerate(rec.class_names)}
+    return per_class(ev["labels"], ev["logits"].argmax(1), rec.class_names)
 
 
 # ----------------------------------------------------------------------------- entry point

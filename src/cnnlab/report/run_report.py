@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.core.files import write_text
+from cnnlab.core.metrics import confusion_matrix
 from cnnlab.report.diagnose import Finding, read_curves
 from cnnlab.report.folder import RunRecord, finite
 from cnnlab.report.html import esc, fmt, img, kv_table, page, table
-from cnnlab.report.plots import confusion_matrix, per_class_accuracy
+from cnnlab.report.plots import per_class_accuracy
 
 METRIC_LABELS = {  # metrics.json key -> (label, format)
     "test_accuracy": ("test accuracy", "pct"), "test_loss": ("test loss", ""),

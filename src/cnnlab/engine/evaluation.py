@@ -1,0 +1,61 @@
+"""Scoring a model on a split: logits (with test-time augmentation), loss and accuracy, the
+same for validation each epoch, the test split once, and `cnnlab evaluate`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cnnlab.core.hardware import autocast
+from cnnlab.data.batches import eval_batches
+from cnnlab.data.dataset import Split
+from cnnlab.engine import distributed
+
+EVAL_BATCH = 500
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    logits: torch.Tensor          # float32 (N, classes), on the CPU
+    labels: torch.Tensor
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        return self.logits.argmax(1)
+
+
+def tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """Average logits over the image and its mirror (and 1-pixel shifts of both)."""
+    logits = model(x)
+    if tta == "none":
+        return logits
+    views = [x.flip(-1)]
+    if tta == "flip_translate":
+        pad = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        h, w = x.shape[-2:]
+        shifted = [pad[..., 0:h, 0:w], pad[..., 2:h + 2, 2:w + 2]]
+        views += shifted + [v.flip(-1) for v in shifted]
+    for v in views:
+        logits = logits + model(v)
+    return logits / (1 + len(views))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: Split, device: torch.device, *, dtype: torch.dtype | None = None,
+             tta: str = "none", batch_size: int = EVAL_BATCH, channels_last: bool = False) -> Evaluation:
+    was_training = model.training
+    model.eval()
+    outs = []
+    for x, _ in eval_batches(split, batch_size, device, channels_last, shard=distributed.shard()):
+        with autocast(device, dtype):
+            outs.append(tta_logits(model, x, tta).float().cpu())
+    model.train(was_training)
+    logits = torch.cat(outs) if outs else torch.zeros(0, 1)
+    logits = distributed.gather_shards(logits, len(split))   # each process evaluated rows rank::world
+    labels = torch.as_tensor(split.labels)
+    loss = F.cross_entropy(logits, labels).item() if len(labels) else float("nan")
+    acc = (logits.argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
+    return Evaluation(loss, acc, logits, labels)
