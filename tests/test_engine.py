@@ -257,3 +257,16 @@ def test_early_stop_and_time_limit_end_the_run(tiny_cifar, tmp_path, capsys):
     run = fit(Config(**base, time_limit=1e-6), out=tmp_path / "timed")
     assert run.metrics["steps"] == 1 and len(run.history["loss"]) == 1
     assert "time limit: stopped after" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tta", ["none", "flip", "flip_translate"])
+def test_tta_views_counts_the_forward_passes(tta):
+    from cnnlab.engine.evaluation import TTA_VIEWS, tta_logits
+    calls = []
+
+    def model(x):
+        calls.append(x.shape)
+        return x.mean((2, 3))
+
+    out = tta_logits(model, torch.rand(2, 3, 8, 8), tta)
+    assert len(calls) == TTA_VIEWS[tta] and out.shape == (2, 3)   # the estimate times this many

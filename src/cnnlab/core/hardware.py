@@ -215,6 +215,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+INIT_LOSS_SCALE = 2.0 ** 16   # torch's default: the scale halves on each overflow until gradients fit
+
+
 def grad_scaler(device: torch.device, precision: Precision):
     """Loss scaling for float16 (None otherwise): imported only then, torch.amp pulls in more."""
     if not precision.scaled:
@@ -222,8 +225,6 @@ def grad_scaler(device: torch.device, precision: Precision):
     from torch.amp import GradScaler
     return GradScaler(device.type, init_scale=INIT_LOSS_SCALE)
 
-
-INIT_LOSS_SCALE = 2.0 ** 16   # torch's default: the scale halves on each overflow until gradients fit
 
 
 def describe(device: torch.device, precision: Precision) -> dict[str, str]:

@@ -24,6 +24,7 @@ from cnnlab.core.config import Config
 from cnnlab.core.files import read_json, write_json
 from cnnlab.core.version import __version__
 from cnnlab.data.dataset import Dataset, Split
+from cnnlab.engine.evaluation import TTA_VIEWS
 
 PROBE_BATCH = 64      # images a probe step; CPU throughput is about flat from here up
 PROBE_STEPS = 3       # timed one by one after an untimed warm-up step (oneDNN builds its kernels
@@ -33,7 +34,6 @@ TRAIN_IMAGES, TEST_IMAGES, IMAGE_SHAPE, CLASSES = 50_000, 10_000, (32, 32, 3), 1
 # Start-up (imports, the decoded-data cache), whitening, writing the run folder and the report:
 # speed70's whole process less its training and evaluation, measured at about 6 s.
 START_UP_SECONDS = 6.0
-TTA_VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Estimate:
     probe: Probe
 
 
-def machine_key(cfg: Config, device: torch.device, precision: hardware.Precision) -> str:
+def machine_description(device: torch.device, precision: hardware.Precision) -> str:
     return (f"{hardware.device_name(device)} (ISA {hardware.cpu_isa()}, {torch.get_num_threads()} threads, "
             f"{precision.name})" if device.type == "cpu" else f"{hardware.device_name(device)} ({precision.name})")
 
@@ -95,7 +95,7 @@ def probe(cfg: Config, *, batch: int = PROBE_BATCH, steps: int = PROBE_STEPS) ->
             evaluate(trainer.model, data.test, device, dtype=trainer.dtype, channels_last=cfg.channels_last)
             eval_seconds.append(time.perf_counter() - start)
         eval_rate = n / eval_seconds[-1]
-        machine = machine_key(cfg, device, trainer.precision)
+        machine = machine_description(device, trainer.precision)
     return Probe(train_rate, eval_rate, machine)
 
 

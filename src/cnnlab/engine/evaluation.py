@@ -13,6 +13,7 @@ from cnnlab.data.dataset import Split
 from cnnlab.engine import distributed
 
 EVAL_BATCH = 500
+TTA_VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}   # forward passes tta_logits averages
 
 
 @dataclass
