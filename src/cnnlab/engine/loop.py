@@ -3,7 +3,10 @@
 The CLI, the tuner, the benchmarks and the tests all call ``fit``. It loads the data,
 builds the model from the registry, trains with the pieces the config names (optimizer,
 schedule, augmentation, precision, weight averaging), checkpoints every epoch so a run can
-be resumed exactly, evaluates the test split once at the end, and writes the run folder.
+be resumed exactly, evaluates the test split once at the end, and writes the run folder
+(everything but the report, which ``cnnlab.report`` draws from it). What varies between
+runs hangs on callbacks (``cnnlab.engine.callbacks``) and on hooks the network offers
+(``cnnlab.models.hooks``).
 """
 from __future__ import annotations
 
