@@ -190,3 +190,15 @@ def test_recipes_command_names_the_machine_of_each_measurement(monkeypatch, caps
         from cnnlab.core.config import recipe_document
         for m in recipe_document(name)["measured"]:
             assert {"machine", "precision", "date", "test_accuracy", "wall_seconds", "seeds"} <= set(m)
+
+
+def test_recipes_command_says_when_a_recipe_cannot_be_probed(monkeypatch, capsys):
+    from cnnlab.cli import main
+    from cnnlab.engine import estimate
+
+    def refuse(cfg, **kw):
+        raise CnnlabError("--precision fp16 needs a GPU (cuda or mps)")
+
+    monkeypatch.setattr(estimate, "estimate", refuse)
+    assert main(["recipes"]) == 0
+    assert "estimate: unavailable here: --precision fp16 needs a GPU" in capsys.readouterr().out

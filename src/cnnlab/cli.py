@@ -172,19 +172,23 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_recipes(args: argparse.Namespace) -> int:
     from cnnlab.core.config import list_recipes, recipe_document, resolve
     docs = {name: recipe_document(name) for name in list_recipes()}
-    estimates = {}
+    estimates: dict[str, Any] = {}   # name -> Estimate, or why there is none
     if args.estimate:
         from cnnlab.engine.estimate import estimate
         for name in docs:
             cfg = resolve(recipe=name)
             if cfg.data == "cifar10" and cfg.image_size in (None, 32):   # the probe times CIFAR-sized steps
-                estimates[name] = estimate(cfg, refresh=args.refresh)
+                try:
+                    estimates[name] = estimate(cfg, refresh=args.refresh)
+                except (CnnlabError, RuntimeError) as e:   # a recipe this machine cannot run, say so
+                    estimates[name] = f"unavailable here: {str(e).splitlines()[0]}"
     if args.json:
         from dataclasses import asdict
-        _print_json({name: {**doc, "estimate_here": asdict(estimates[name]) if name in estimates else None}
+        _print_json({name: {**doc, "estimate_here": (None if name not in estimates else
+                                                     {"error": estimates[name]} if isinstance(estimates[name], str)
+                                                     else asdict(estimates[name]))}
                      for name, doc in docs.items()})
         return 0
-    from cnnlab.engine.estimate import describe
     for name, doc in docs.items():
         print(f"{name:<10} {doc.get('model', ''):<12} {doc.get('epochs', ''):>5} epochs  {doc.get('description', '')}")
         for m in doc.get("measured") or []:
@@ -195,7 +199,9 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         if not doc.get("measured"):
             print("           measured: not yet")
         if name in estimates:
-            print(f"           estimate: {describe(estimates[name])}")
+            from cnnlab.engine.estimate import describe
+            found = estimates[name]
+            print(f"           estimate: {found if isinstance(found, str) else describe(found)}")
     return 0
 
 
