@@ -422,12 +422,15 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
         callbacks: Sequence[Callback] = (), **overrides: Any) -> Run:
     """Train a model as ``config`` (plus keyword overrides) says and return the finished run.
 
-    ``on_epoch(epoch, history)`` is called after each epoch; returning True stops training
-    (the tuner's pruner uses it). ``data``: what ``load_data(config)`` returns, for a caller
-    that trains several times on the same images (the tuner). ``callbacks`` run after the config's own (progress,
-    checkpoints, keep-best, time limit, early stop: ``cnnlab.engine.callbacks``). The run folder holds everything the report draws
-    (``cnnlab.report.write_report``, a layer above, draws it: the command line does after
-    training, the tuner for its best trial only).
+    - ``data``: what ``load_data(config)`` returns, for a caller that trains several times on
+      the same images (the tuner).
+    - ``on_epoch(epoch, history)`` is called after each epoch; returning True stops training
+      (the tuner's pruner uses it).
+    - ``callbacks`` run after the config's own (progress, checkpoints, keep-best, time limit,
+      early stop: ``cnnlab.engine.callbacks``).
+
+    The run folder holds everything the report draws; ``cnnlab.report.write_report``, a layer
+    above, draws it (the command line after training, the tuner for its best trial only).
     """
     cfg = config_mod.merge(config or Config(), overrides, source="fit()") if overrides else (config or Config())
     cfg = config_mod.validate(cfg)
