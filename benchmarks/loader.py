@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from cnnlab.core.config import Config
 from cnnlab.core.hardware import autocast, available_cores, choose_precision
-from cnnlab.data.stream import FileSplit
 from cnnlab.engine.distributed import training_batches
 from cnnlab.engine.loop import load_data
 from cnnlab.models.classifier import build_classifier
@@ -56,7 +55,7 @@ def loader_rate(folder: Path, workers: int, batches: int) -> tuple[float, float,
     cfg = Config(data=str(folder), loader="stream", image_size=SIZE, crop="random_resized", flip="random",
                  workers=workers, batch_size=BATCH, val_split=0.0)
     data = load_data(cfg)
-    assert isinstance(data.train, FileSplit)
+    assert data.train.streamed
     stream = training_batches(cfg, data, torch.device("cpu"))
     start = time.perf_counter()
     it = stream.epoch(0)

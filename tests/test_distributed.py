@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from cnnlab.core.config import Config, recipe_values, resolve
 from cnnlab.core.errors import CnnlabError
 from cnnlab.data import stream
-from cnnlab.data.batches import BatchStream, eval_batches
+from cnnlab.data.batches import BatchStream
 from cnnlab.data.stream import FileSplit, StreamingDataset, choose_loader, random_resized_box
 from cnnlab.engine.distributed import training_batches
 from cnnlab.engine.loop import fit, load_data
@@ -159,7 +159,7 @@ def test_streaming_loader_yields_the_in_memory_batches(tiny_cifar, tmp_path):
             assert torch.equal(xm, xs) and torch.equal(ym, ys)
     tail = [x for x, _ in bs.epoch(1, start_step=6)]
     assert all(torch.equal(a, b) for a, b in zip(tail, [x for x, _ in bm.epoch(1)][6:]))
-    for (xm, ym), (xs, ys) in zip(eval_batches(mem.test, 40, CPU), eval_batches(streamed.test, 40, CPU)):
+    for (xm, ym), (xs, ys) in zip(mem.test.eval_batches(40, CPU), streamed.test.eval_batches(40, CPU)):
         assert torch.equal(xm, xs) and torch.equal(ym, ys)
     # One loop serves both: whole runs agree.
     a = fit(base.replace(loader="memory", epochs=1, threads=1), out=tmp_path / "mem", progress=False)

@@ -12,7 +12,8 @@ from cnnlab.core.config import Config, list_recipes, resolve
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.hardware import autocast
 from cnnlab.data import augment
-from cnnlab.data.batches import Augmentation, BatchStream
+from cnnlab.data.augment import Augmentation
+from cnnlab.data.batches import BatchStream
 from cnnlab.data.dataset import Split
 from cnnlab.engine.ema import WeightAverage
 from cnnlab.engine.optim import Schedule, build_optimizer, decay_weights

@@ -11,30 +11,17 @@ one process would see with an N times larger batch (``cnnlab.engine.distributed`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from cnnlab.data import augment
-from cnnlab.data.dataset import Split
+from cnnlab.data.augment import Augmentation, Draw
 
 
 def derive_seed(*keys: int) -> int:
     """A well-mixed 63-bit seed from integer keys (counter-based randomness)."""
     return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
-
-
-@dataclass
-class Augmentation:
-    flip: str = "none"         # none | random | alternating
-    translate: int = 0
-    cutout: int = 0
-
-    @property
-    def active(self) -> bool:
-        return self.flip != "none" or self.translate > 0 or self.cutout > 0
 
 
 def to_nchw(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -43,12 +30,23 @@ def to_nchw(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Te
     return t.permute(0, 3, 1, 2).contiguous().to(device)
 
 
+def model_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> what every model takes: float32 in [0, 1], in the model's memory
+    layout (normalisation is inside the model). The one place pixels become floats."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"model_input takes uint8 pixels, got {images.dtype}")
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return images.to(dtype=torch.float32, memory_format=layout).div_(255.0)
+
+
 class BatchStream:
     """Training batches over one split, reproducible from (seed, epoch, step)."""
 
-    def __init__(self, split: Split, batch_size: int, device: torch.device, *, seed: int,
+    def __init__(self, split, batch_size: int, device: torch.device, *, seed: int,
                  aug: Augmentation | None = None, drop_last: bool = False,
                  channels_last: bool = False, shard: tuple[int, int] = (0, 1)):
+        """``split``: an in-memory ``cnnlab.data.dataset.Split`` (uint8 images (N, H, W, C) and
+        int64 labels), copied to ``device`` whole."""
         self.images = to_nchw(split.images, device)               # uint8 (N, C, H, W)
         self.labels = torch.as_tensor(split.labels).to(device)    # int64 (N,)
         self._configure(batch_size, device, seed=seed, aug=aug, drop_last=drop_last,
@@ -95,36 +93,11 @@ class BatchStream:
         Flips, shifts and cutout only move or zero pixels, so they run on the uint8 batch (a
         quarter of the bytes) and the float conversion comes last, in the model's layout."""
         x = images
-        aug = self.aug
-        if aug.active:
+        if self.aug.active:
             # Each process draws its own augmentation (rank in the key) under data parallelism.
             rank_key = (self.rank,) if self.world > 1 else ()
             g = torch.Generator(device=self.device).manual_seed(
                 derive_seed(self.seed, epoch, step, 0xA6, *rank_key))
-            if aug.flip == "random":
-                x = augment.random_flip(x, g)
-            elif aug.flip == "alternating":
-                x = augment.alternating_flip(x, self.base_flip[idx], epoch)
-            x = augment.random_translate(x, aug.translate, g)
-            x = augment.cutout(x, aug.cutout, g)
-        layout = torch.channels_last if self.channels_last else torch.contiguous_format
-        return x.to(dtype=torch.float32, memory_format=layout).div_(255.0)
+            x = self.aug(x, Draw(g, epoch, self.base_flip, idx))
+        return model_input(x, self.channels_last)
 
-
-def eval_batches(split: Split, batch_size: int, device: torch.device, channels_last: bool = False,
-                 shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Fixed-order float batches for evaluation (uint8 kept on the host until needed).
-
-    ``shard=(rank, world)``: only items ``rank::world``. A streamed split (``FileSplit``)
-    decodes its files in worker processes instead.
-    """
-    rank, world = shard
-    if not isinstance(split, Split):
-        yield from split.eval_batches(batch_size, device, channels_last, shard)
-        return
-    images = torch.as_tensor(split.images[rank::world])
-    labels = torch.as_tensor(split.labels[rank::world])
-    for i in range(0, len(labels), batch_size):
-        x = images[i:i + batch_size].to(device).permute(0, 3, 1, 2).float().div_(255.0)
-        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        yield x, labels[i:i + batch_size].to(device)

@@ -1,17 +1,60 @@
-"""The one in-memory dataset shape every reader returns, and the splits made from it."""
+"""The dataset shape every reader returns, and the splits made from it.
+
+A split is anything with the ``ImageSplit`` protocol: ``Split`` holds decoded images in
+memory, ``cnnlab.data.stream.FileSplit`` holds file paths and decodes per batch. Training,
+evaluation and the run folder use only the protocol, never which kind it is.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Iterator, Protocol, Sequence
 
 import numpy as np
+import torch
 
 from cnnlab.core.errors import CnnlabError
+from cnnlab.data.augment import Augmentation
+from cnnlab.data.batches import BatchStream, model_input
+
+Index = Sequence[int] | np.ndarray
+
+
+class ImageSplit(Protocol):
+    """What every split offers: labels, subsets, images by index and the two kinds of batches."""
+    labels: np.ndarray                # int64 (N,)
+    streamed: ClassVar[bool]          # decoded per batch from files, not held in memory
+
+    def __len__(self) -> int: ...
+
+    def subset(self, index: np.ndarray) -> "ImageSplit": ...
+
+    def take(self, index: Index) -> np.ndarray:
+        """uint8 (len(index), H, W, C): the images at ``index`` (a streamed split's centre crop)."""
+        ...
+
+    def stats_sample(self) -> "Split":
+        """The images channel statistics are computed on, in memory."""
+        ...
+
+    def eval_batches(self, batch_size: int, device: torch.device, channels_last: bool = False,
+                     shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Fixed-order (float (B, C, H, W) in [0, 1], labels) batches; ``shard=(rank, world)``
+        takes items ``rank::world`` only."""
+        ...
+
+    def train_batches(self, batch_size: int, device: torch.device, *, seed: int, aug: Augmentation | None = None,
+                      drop_last: bool = False, channels_last: bool = False,
+                      shard: tuple[int, int] = (0, 1)) -> BatchStream:
+        """Seeded, augmented training batches (``cnnlab.data.batches.BatchStream``)."""
+        ...
 
 
 @dataclass
 class Split:
+    """A split decoded in memory."""
     images: np.ndarray   # uint8 (N, H, W, C)
     labels: np.ndarray   # int64 (N,)
+    streamed: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
@@ -26,15 +69,33 @@ class Split:
     def subset(self, index: np.ndarray) -> "Split":
         return Split(self.images[index], self.labels[index])
 
+    def take(self, index: Index) -> np.ndarray:
+        return self.images[np.asarray(index, dtype=np.int64)]
+
+    def stats_sample(self) -> "Split":
+        return self
+
+    def eval_batches(self, batch_size: int, device: torch.device, channels_last: bool = False,
+                     shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rank, world = shard
+        images = torch.as_tensor(self.images[rank::world])   # uint8 stays on the host until needed
+        labels = torch.as_tensor(self.labels[rank::world])
+        for i in range(0, len(labels), batch_size):
+            x = images[i:i + batch_size].to(device).permute(0, 3, 1, 2)
+            yield model_input(x, channels_last), labels[i:i + batch_size].to(device)
+
+    def train_batches(self, batch_size: int, device: torch.device, **options) -> BatchStream:
+        return BatchStream(self, batch_size, device, **options)
+
 
 @dataclass
 class Dataset:
     """Images as uint8 NHWC arrays, integer labels indexing ``class_names``."""
     name: str
     class_names: list[str]
-    train: Split
-    test: Split
-    val: Split | None = None
+    train: ImageSplit
+    test: ImageSplit
+    val: ImageSplit | None = None
     skipped: int = 0     # unreadable files left out (``--bad-images skip``)
 
     @property
@@ -44,7 +105,7 @@ class Dataset:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of every image."""
-        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+        return tuple(self.train.images.shape[1:])  # type: ignore[attr-defined]  (StreamingDataset overrides)
 
 
 def stratified_indices(labels: np.ndarray, count: int | float, rng: np.random.Generator) -> np.ndarray:

@@ -28,7 +28,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader
 
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
-from cnnlab.data.batches import Augmentation, BatchStream, derive_seed
+from cnnlab.data.augment import Augmentation
+from cnnlab.data.batches import BatchStream, derive_seed, model_input
 from cnnlab.data.dataset import Dataset, Split, prepare_splits
 from cnnlab.data.images import GREY_MODES, ImageError, open_image
 
@@ -104,6 +105,7 @@ class Decoding:
     center_crop: float = 0.875
     workers: int = 0               # DataLoader worker processes (0: decode in this process)
     bad_images: str = "error"      # error | skip (use the next readable file instead)
+    random_crop: bool = True       # training crops: random-resized (else the evaluation crop)
 
 
 def decode(path: str, decoding: Decoding, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -181,10 +183,12 @@ class _KeyBatches:
 
 @dataclass
 class FileSplit:
-    """A split as file paths and labels; images are decoded when a batch needs them."""
+    """A split as file paths and labels; images are decoded when a batch needs them
+    (``cnnlab.data.dataset.ImageSplit``)."""
     paths: list[str]
     labels: np.ndarray             # int64 (N,)
     decoding: Decoding
+    streamed: ClassVar[bool] = True
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -206,7 +210,7 @@ class FileSplit:
                           collate_fn=_collate, pin_memory=pin, persistent_workers=persistent and w > 0,
                           prefetch_factor=PREFETCH if w else None, generator=torch.Generator().manual_seed(0))
 
-    def images(self, index: Sequence[int] | np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def take(self, index: Sequence[int] | np.ndarray, batch_size: int = 64) -> np.ndarray:
         """uint8 (len(index), N, N, C) at the evaluation crop."""
         index = [int(i) for i in index]
         if not index:
@@ -217,18 +221,28 @@ class FileSplit:
         out = [_images_or_raise(b) for b in self.loader(keys)]
         return torch.cat(out).permute(0, 2, 3, 1).numpy()
 
+    def stats_sample(self) -> Split:
+        """A seeded sample of at most ``STATS_PIXELS`` pixels (all of the split when that is enough)."""
+        n, side = len(self), self.decoding.size
+        k = min(n, max(1, STATS_PIXELS // (side * side)))
+        index = np.arange(n) if k == n else np.sort(
+            np.random.default_rng(derive_seed(_STATS_KEY)).choice(n, k, replace=False))
+        return Split(self.take(index), self.labels[index])
+
     def eval_batches(self, batch_size: int, device: torch.device, channels_last: bool = False,
                      shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """As ``cnnlab.data.batches.eval_batches``: items ``rank::world`` in order, centre-cropped."""
+        """Items ``rank::world`` in order, centre-cropped."""
         rank, world = shard
         index = list(range(rank, len(self), world))
         keys = _KeyBatches()
         keys.batches = [[(i, -1) for i in index[s:s + batch_size]] for s in range(0, len(index), batch_size)]
         labels = torch.as_tensor(self.labels)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
         for keys_b, batch in zip(keys.batches, self.loader(keys, pin=device.type == "cuda")):
-            x = _images_or_raise(batch).to(device, non_blocking=True).float().div_(255.0)
-            yield x.contiguous(memory_format=fmt), labels[[i for i, _ in keys_b]].to(device)
+            x = _images_or_raise(batch).to(device, non_blocking=True)
+            yield model_input(x, channels_last), labels[[i for i, _ in keys_b]].to(device)
+
+    def train_batches(self, batch_size: int, device: torch.device, **options) -> "StreamBatches":
+        return StreamBatches(self, batch_size, device, **options)
 
 
 @dataclass
@@ -242,39 +256,20 @@ class StreamingDataset(Dataset):
         return (d.size, d.size, d.channels)
 
 
-def images_of(split: Split | FileSplit, index: np.ndarray | Sequence[int]) -> np.ndarray:
-    """uint8 (len(index), H, W, C) of some items of an in-memory or streamed split."""
-    if isinstance(split, FileSplit):
-        return split.images(np.asarray(index, dtype=np.int64))
-    return split.images[np.asarray(index, dtype=np.int64)]
-
-
-def stats_sample(split: Split | FileSplit) -> Split:
-    """The images channel statistics are computed on: all of an in-memory split; of a streamed
-    one, a seeded sample of at most ``STATS_PIXELS`` pixels (all of it when that is enough)."""
-    if not isinstance(split, FileSplit):
-        return split
-    n, side = len(split), split.decoding.size
-    k = min(n, max(1, STATS_PIXELS // (side * side)))
-    index = np.arange(n) if k == n else np.sort(
-        np.random.default_rng(derive_seed(_STATS_KEY)).choice(n, k, replace=False))
-    return Split(split.images(index), split.labels[index])
-
-
 # ----------------------------------------------------------------------------- training batches
 class StreamBatches(BatchStream):
     """``BatchStream`` over files: decoded in worker processes, then augmented on the device."""
 
     def __init__(self, split: FileSplit, batch_size: int, device: torch.device, *, seed: int,
                  aug: Augmentation | None = None, drop_last: bool = False, channels_last: bool = False,
-                 shard: tuple[int, int] = (0, 1), random_crop: bool = True):
+                 shard: tuple[int, int] = (0, 1)):
         self.files = split
         self.labels = torch.as_tensor(split.labels)        # int64 (N,) on the host, as the order
         self._configure(batch_size, device, seed=seed, aug=aug, drop_last=drop_last,
                         channels_last=channels_last, shard=shard)
         self._keys = _KeyBatches()
         # Persistent workers: started once, fed a new key list each epoch.
-        self.loader = split.loader(self._keys, crop_seed=seed if random_crop else None,
+        self.loader = split.loader(self._keys, crop_seed=seed if split.decoding.random_crop else None,
                                    pin=device.type == "cuda", persistent=True)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -383,12 +378,12 @@ def open_streaming(cfg: Config, processes: int = 1, scan: FolderScan | None = No
     headers = _sample_headers(train_paths)
     channels = 1 if headers and all(m in GREY_MODES for _, m in headers) else 3
     workers = cfg.workers if cfg.workers is not None else default_workers(processes)
-    decoding = Decoding(cfg.image_size or IMAGENET_SIZE, channels, cfg.center_crop, workers, cfg.bad_images)
+    decoding = Decoding(cfg.image_size or IMAGENET_SIZE, channels, cfg.center_crop, workers, cfg.bad_images,
+                        random_crop=cfg.crop != "center")
     splits = {split: FileSplit([p for p, _ in files], np.array([lbl for _, lbl in files], np.int64), decoding)
               for split, files in listing.files.items()}
-    # prepare_splits only needs labels, len and subset: the hold-out is the in-memory path's.
-    plain = Dataset(listing.root.name, listing.class_names, splits["train"], splits["test"],  # type: ignore[arg-type]
-                    splits.get("val"))                                                     # type: ignore[arg-type]
+    # The same hold-out as the in-memory path's: prepare_splits reads only labels.
+    plain = Dataset(listing.root.name, listing.class_names, splits["train"], splits["test"], splits.get("val"))
     ds = prepare_splits(plain, val_split=cfg.val_split, train_size=cfg.train_size,
                         test_size=cfg.test_size, seed=cfg.seed)
     return StreamingDataset(ds.name, ds.class_names, ds.train, ds.test, ds.val, decoding=decoding)
@@ -405,4 +400,4 @@ def describe(data: Dataset) -> str | None:
 
 
 __all__ = ["Decoding", "FileSplit", "StreamBatches", "StreamingDataset", "center_box", "choose_loader",
-           "decode", "images_of", "open_streaming", "scan_data_folder", "random_resized_box", "stats_sample"]
+           "decode", "open_streaming", "scan_data_folder", "random_resized_box"]

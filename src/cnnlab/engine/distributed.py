@@ -204,20 +204,15 @@ def global_batch_config(cfg: Config) -> Config:
 
 def training_batches(cfg: Config, data, device: torch.device):
     """This process's training batches: in memory or streamed, sharded when data-parallel."""
-    from cnnlab.data.batches import Augmentation, BatchStream
-    from cnnlab.data.stream import FileSplit, StreamBatches
+    from cnnlab.data.augment import Augmentation
     r, world = shard()
     if world > 1 and getattr(cfg, "time_limit", None):
         # Each process would read its own clock for the stop and the lr schedule: replicas
         # would take different steps and drift apart.
         raise CnnlabError("--time-limit is not supported with data-parallel training (processes would "
                           "disagree on when to stop); give --epochs instead")
-    common = dict(seed=cfg.seed, aug=Augmentation(cfg.flip, cfg.translate, cfg.cutout),
-                  channels_last=cfg.channels_last, drop_last=world > 1, shard=(r, world))
-    if isinstance(data.train, FileSplit):
-        batches = StreamBatches(data.train, cfg.batch_size, device, random_crop=cfg.crop != "center", **common)
-    else:
-        batches = BatchStream(data.train, cfg.batch_size, device, **common)
+    batches = data.train.train_batches(cfg.batch_size, device, seed=cfg.seed, aug=Augmentation.from_config(cfg),
+                                       channels_last=cfg.channels_last, drop_last=world > 1, shard=(r, world))
     if len(batches) == 0:
         raise CnnlabError(f"{len(data.train)} training images do not fill one global batch of "
                           f"{cfg.batch_size} x {world} processes: lower --batch-size or the process count")

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab.core.hardware import autocast
-from cnnlab.data.batches import eval_batches
 from cnnlab.data.dataset import Split
 from cnnlab.engine import distributed
 
@@ -50,7 +49,7 @@ def evaluate(model: torch.nn.Module, split: Split, device: torch.device, *, dtyp
     was_training = model.training
     model.eval()
     outs = []
-    for x, _ in eval_batches(split, batch_size, device, channels_last, shard=distributed.shard()):
+    for x, _ in split.eval_batches(batch_size, device, channels_last, shard=distributed.shard()):
         with autocast(device, dtype):
             outs.append(tta_logits(model, x, tta).float().cpu())
     model.train(was_training)

@@ -35,11 +35,11 @@ from cnnlab.core.hardware import (
     set_threads,
 )
 from cnnlab.core.metrics import per_class_accuracy
-from cnnlab.data.batches import derive_seed
+from cnnlab.data.batches import derive_seed, model_input
 from cnnlab.data.dataset import Dataset, Split, prepare_splits
 from cnnlab.data.sources import load_dataset
 from cnnlab.data.stream import describe as describe_streaming
-from cnnlab.data.stream import images_of, open_streaming, scan_data_folder, stats_sample
+from cnnlab.data.stream import open_streaming, scan_data_folder
 from cnnlab.engine import checkpoint as ckpt
 from cnnlab.engine import distributed
 from cnnlab.engine.callbacks import Callback, default_callbacks
@@ -130,7 +130,7 @@ class Trainer:
         self.scaler = grad_scaler(device, self.precision)   # float16 only
         h, w, c = data.image_shape
         torch.manual_seed(derive_seed(cfg.seed, 0x1717))   # weight initialisation
-        self.mean, self.std = _dataset_stats(stats_sample(data.train), cfg.normalize)
+        self.mean, self.std = _dataset_stats(data.train.stats_sample(), cfg.normalize)
         self.model: Classifier = build_classifier(cfg.model, data.num_classes, c, h, self.mean, self.std).to(device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -170,7 +170,7 @@ class Trainer:
         by class), normalised as the network sees them: float (N, C, H, W) on the device."""
         train = self.data.train
         spread = np.arange(0, len(train), max(1, len(train) // n))[:n]
-        sample = torch.as_tensor(images_of(train, spread)).permute(0, 3, 1, 2).float().div(255)
+        sample = model_input(torch.as_tensor(train.take(spread)).permute(0, 3, 1, 2))
         return ((sample - self.model.mean.cpu()) / self.model.std.cpu()).to(self.device)
 
     # -- checkpoint --------------------------------------------------------------------

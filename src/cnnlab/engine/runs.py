@@ -30,8 +30,7 @@ from cnnlab.core.files import read_json, write_bytes, write_json, write_text
 from cnnlab.core.hardware import Precision
 from cnnlab.core.hardware import describe as describe_hardware
 from cnnlab.core.version import __version__
-from cnnlab.data.dataset import Dataset, Split
-from cnnlab.data.stream import images_of
+from cnnlab.data.dataset import Dataset
 from cnnlab.engine.evaluation import Evaluation
 from cnnlab.models.classifier import Classifier, build_classifier
 from cnnlab.models.inspect import gradcam_heatmaps
@@ -205,13 +204,13 @@ def save_evaluation(run: Path, data: Dataset, test: Evaluation, model: torch.nn.
     wrong = torch.nonzero(pred != test.labels).squeeze(1)
     worst = wrong[conf[wrong].argsort(descending=True)][:MISTAKES_KEPT].numpy()
     labels = data.train.labels
-    kept = data.num_classes if isinstance(data.train, Split) else min(data.num_classes, STREAMED_SAMPLE_CLASSES)
+    kept = min(data.num_classes, STREAMED_SAMPLE_CLASSES) if data.train.streamed else data.num_classes
     samples = np.concatenate([np.flatnonzero(labels == c)[:SAMPLES_PER_CLASS] for c in range(kept)])
-    mistakes = images_of(data.test, worst)
+    mistakes = data.test.take(worst)
     shown = worst[:MISTAKE_HEATMAPS]
     heatmaps = gradcam_heatmaps(model, mistakes[:len(shown)], [int(pred[i]) for i in shown])   # (n, H, W)
     buf = io.BytesIO()
     np.savez(buf, logits=test.logits.numpy().astype(np.float32), labels=test.labels.numpy(),
              mistake_index=worst, mistake_images=mistakes, mistake_heatmaps=heatmaps.astype(np.float16),
-             sample_images=images_of(data.train, samples), sample_labels=labels[samples])
+             sample_images=data.train.take(samples), sample_labels=labels[samples])
     write_bytes(run / "evaluation.npz", buf.getvalue())

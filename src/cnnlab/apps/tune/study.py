@@ -51,7 +51,7 @@ from cnnlab.apps.tune.space import SearchSpace, default_space, load_space, parse
 from cnnlab.core.config import FIELDS, Config, merge
 from cnnlab.core.errors import CnnlabError, TrainingInterrupted
 from cnnlab.core.files import read_json, write_json, write_text
-from cnnlab.data.dataset import Dataset, Split
+from cnnlab.data.dataset import Dataset
 from cnnlab.engine.runs import RUNS_ROOT
 
 SAMPLERS = ("tpe", "random", "grid")
@@ -313,7 +313,7 @@ class _Objective:
         if self._data is None or self._data[0] != data_key(cfg):
             self._data = None   # the old images go before the new ones load
             data = load_data(cfg)
-            if not isinstance(data.train, Split):
+            if data.train.streamed:
                 return data
             self._data = (data_key(cfg), data)
         return self._data[1]
