@@ -18,6 +18,7 @@ from torch import nn
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.files import write_json
+from cnnlab.core.metrics import check_top_k, most_probable
 from cnnlab.models.inspect import filter_tiles, gradcam, gradcam_heatmaps, image_tensor, inspect_image
 from cnnlab.report.explain import feature_maps_figure, filters_figure, gradcam_figure
 from cnnlab.report.plots import HEAT_ALPHA, overlay, save_figure
@@ -85,8 +86,7 @@ def explain_image(model: nn.Module, image: np.ndarray, class_names: list[str], o
     uint8 (H, W, C) image already at the model's input shape; return the summary (``info``,
     e.g. the run and image paths, goes first in it). Two forward passes and one backward pass
     per Grad-CAM class."""
-    if top_k < 1:
-        raise CnnlabError(f"--top-k must be at least 1, got {top_k}")
+    check_top_k(top_k)
     out = Path(out)
     x = image_tensor(image)
     shape = tuple(x.shape)
@@ -96,8 +96,7 @@ def explain_image(model: nn.Module, image: np.ndarray, class_names: list[str], o
                                                       seen.stages, seen.heatmaps, seen.logits)
     probs = torch.softmax(torch.from_numpy(logits), 0).numpy()
     pred = int(probs.argmax())
-    order = np.argsort(-probs, kind="stable")[:min(top_k, len(probs))]
-    top = [{"class": class_names[i], "probability": float(probs[i])} for i in order]
+    top = most_probable(probs[None], class_names, top_k)[0]
     panels = [(f"predicted: {class_names[pred]} {probs[pred]:.1%}", heats[0])]
     if extra is not None and extra != pred:
         panels.append((f"--class {class_names[extra]} {probs[extra]:.1%}", heats[1]))

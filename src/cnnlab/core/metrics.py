@@ -2,7 +2,11 @@
 report (numpy only: the report imports no torch)."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+from cnnlab.core.errors import CnnlabError
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -17,3 +21,17 @@ def per_class_accuracy(labels: np.ndarray, preds: np.ndarray, class_names: list[
     counts = confusion_matrix(labels, preds, len(class_names))
     totals = counts.sum(1)
     return {n: (float(counts[i, i] / totals[i]) if totals[i] else None) for i, n in enumerate(class_names)}
+
+
+def check_top_k(k: int) -> None:
+    if k < 1:
+        raise CnnlabError(f"--top-k must be at least 1, got {k}")
+
+
+def most_probable(probs: np.ndarray, class_names: list[str], k: int) -> list[list[dict[str, Any]]]:
+    """Per row of ``probs`` (N, classes), its ``k`` most probable classes, most probable first
+    (equal probabilities by class order): ``[{"class": name, "probability": p}, ...]``."""
+    check_top_k(k)
+    probs = np.asarray(probs, dtype=np.float64)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[{"class": class_names[j], "probability": float(row[j])} for j in idx] for row, idx in zip(probs, order)]

@@ -18,6 +18,8 @@ from PIL import Image
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.files import write_text
+from cnnlab.core.metrics import check_top_k, most_probable
+from cnnlab.data.batches import model_input
 from cnnlab.data.images import IMAGE_SUFFIXES, is_image_name, load_image, to_array
 
 # Images decoded and classified together: bounds memory whatever the folder holds.
@@ -45,16 +47,13 @@ def logits_for(run, images: np.ndarray, device="cpu", batch_size: int = 256) -> 
     model = run.model(device)
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.as_tensor(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float().div_(255)
+        x = model_input(torch.as_tensor(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2))
         out.append(model(x).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, len(run.class_names))
 
 
 def top_classes(class_names: list[str], logits: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
-    probs = torch.softmax(logits, 1)
-    p, idx = probs.topk(max(1, min(k, probs.shape[1])), dim=1)
-    return [[{"class": class_names[j], "probability": float(q)} for q, j in zip(pr, ix.tolist())]
-            for pr, ix in zip(p, idx)]
+    return most_probable(torch.softmax(logits, 1).numpy(), class_names, k)
 
 
 def predict(run, inputs: Sequence[str | Path] | np.ndarray, *, top_k: int = 5, device="cpu",
@@ -63,7 +62,7 @@ def predict(run, inputs: Sequence[str | Path] | np.ndarray, *, top_k: int = 5, d
 
     Raises ``CnnlabError`` on the first unreadable file; ``predict_files`` skips them instead.
     """
-    _check_top_k(top_k)
+    check_top_k(top_k)
     if isinstance(inputs, np.ndarray):
         images = fit_to_model(run, inputs)
         tops = top_classes(run.class_names, logits_for(run, images, device, batch_size), top_k)
@@ -75,11 +74,6 @@ def predict(run, inputs: Sequence[str | Path] | np.ndarray, *, top_k: int = 5, d
             raise CnnlabError(r["error"])
         results.append(r)
     return results
-
-
-def _check_top_k(top_k: int) -> None:
-    if top_k < 1:
-        raise CnnlabError(f"--top-k must be at least 1, got {top_k}")
 
 
 def iter_image_paths(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str | None]]:
@@ -109,7 +103,7 @@ def predict_files(run, paths: Iterable[str | Path], *, top_k: int = 5, device="c
                   batch_size: int = DEFAULT_BATCH, walk: bool = True) -> Iterator[dict[str, Any]]:
     """Yield ``{"file", "top"}`` per image, or ``{"file", "error"}`` for one that cannot be
     read, in input order, decoding ``batch_size`` images at a time. ``walk``: expand folders."""
-    _check_top_k(top_k)
+    check_top_k(top_k)
     if batch_size < 1:
         raise CnnlabError(f"--batch-size must be at least 1, got {batch_size}")
     h, w = run.input_size
