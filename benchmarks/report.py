@@ -50,7 +50,7 @@ def main() -> None:
 
         rows = [("whole report", _median_seconds(lambda: write_report(run, tensorboard=False), args.repeats)),
                 ("gradcam of the mistakes", _median_seconds(cam, args.repeats))]
-    print(f"{args.run} ({rec.config.get('model')}), {args.repeats} repeats")
+    print(f"{args.run} ({rec.saved_config.get('model')}), {args.repeats} repeats")
     print(f"{'part':26s} {'median s':>9s} {'min s':>7s} {'max s':>7s}")
     for name, (med, lo, hi) in rows:
         print(f"{name:26s} {med:9.2f} {lo:7.2f} {hi:7.2f}")

@@ -146,7 +146,7 @@ def explain_run(run_path: str | Path, images: Sequence[str | Path], *, out: str 
     dev = pick_device(device)
     h, w = run.input_size
     arrays = [load_image(Path(p), (w, h), run.in_channels) for p in images]
-    root = Path(out) if out is not None else run.path / "explain"
+    root = Path(out) if out is not None else run.explain_dir
     model = run.model(dev)
     results = []
     for path, folder, image in zip(images, _folder_names([Path(p) for p in images]), arrays):

@@ -318,7 +318,7 @@ def export_onnx(run, out: str | Path | None = None, *, exporter: Exporter = "aut
     """
     from cnnlab.engine.runs import Run, load_run
     run = run if isinstance(run, Run) else load_run(run)
-    out = Path(out) if out is not None else run.path / "model.onnx"
+    out = Path(out) if out is not None else run.onnx_file
     if out.is_dir():
         raise CnnlabError(f"--out {out} is a folder: give a file name such as {out / 'model.onnx'}")
     if out.suffix.lower() != ".onnx":

@@ -258,10 +258,10 @@ def check_resume_world(saved: int, run: str | Path) -> None:
 # ----------------------------------------------------------------------------- local launcher
 def saved_nproc(run: str | Path) -> int:
     """The ``--nproc`` a run folder was started with (1 when unknown)."""
-    import json
+    from cnnlab.core.run_folder import RunFolder
     try:
-        return int(json.loads((Path(run) / "config.json").read_text())["config"].get("nproc", 1))
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(RunFolder(run).saved_config.get("nproc", 1))
+    except (CnnlabError, ValueError, TypeError, AttributeError):
         return 1   # resume() itself reports a folder it cannot continue
 
 

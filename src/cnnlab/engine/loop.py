@@ -35,6 +35,7 @@ from cnnlab.core.hardware import (
     set_threads,
 )
 from cnnlab.core.metrics import per_class_accuracy
+from cnnlab.core.run_folder import RunFolder
 from cnnlab.data.batches import derive_seed, model_input
 from cnnlab.data.dataset import Dataset, Split, prepare_splits
 from cnnlab.data.sources import load_dataset
@@ -196,7 +197,7 @@ class Trainer:
                 "optimizer": opt_meta, "rng": rng_meta, "config": self.cfg.to_dict(),
                 "mean": self.mean, "std": self.std, "world_size": distributed.world_size(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
-        ckpt.write_checkpoint(self.run / "checkpoints" / "last.safetensors", tensors, meta)
+        ckpt.write_checkpoint(RunFolder(self.run).last_checkpoint, tensors, meta)
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         def part(prefix):
@@ -460,10 +461,10 @@ def resume(run: str | Path, *, progress: bool = True, changes: dict[str, Any] | 
     """Continue ``run`` from its last checkpoint with its saved config. ``changes`` may repeat
     saved values or change ``epochs`` (see ``checkpoint.resumed_config``); others are refused."""
     path = Path(run)
-    tensors, meta = ckpt.read_checkpoint(path / "checkpoints" / "last.safetensors")
+    tensors, meta = ckpt.read_checkpoint(RunFolder(path).last_checkpoint)
     cfg = ckpt.resumed_config(meta, changes or {}, path)
     if distributed.is_main():
-        discard_temps(path / "checkpoints", "last.safetensors")   # from a process killed mid-write
+        discard_temps(RunFolder(path).checkpoints_dir, RunFolder(path).last_checkpoint.name)   # from a process killed mid-write
     device = distributed.setup(pick_device(cfg.device))
     distributed.check_resume_world(meta.get("world_size", 1), path)
     set_threads(cfg.threads or distributed.threads_per_process())
@@ -508,7 +509,7 @@ def _train_and_save(trainer: Trainer, on_epoch, callbacks: Sequence[Callback] = 
     except NonFiniteLoss as e:
         # No checkpoint holds a NaN (Trainer.checkpoint checks): the last one's weights (averaged
         # or best, as the config asks) become the model, and its history the history.
-        last = path / "checkpoints" / "last.safetensors"
+        last = RunFolder(path).last_checkpoint
         if not distributed.is_main():
             raise
         if not last.exists():
@@ -527,7 +528,7 @@ def _train_and_save(trainer: Trainer, on_epoch, callbacks: Sequence[Callback] = 
                     channels_last=cfg.channels_last)
     metrics = _metrics(trainer, test)
     if main:
-        write_json(path / "metrics.json", metrics)
+        write_json(RunFolder(path).metrics_file, metrics)
         save_evaluation(path, trainer.data, test, model)
     if trainer.progress:
         print(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "

@@ -1,11 +1,7 @@
-"""The run folder: everything a later command needs, readable on any machine.
+"""Writing a run folder, and loading one back with its typed config and model.
 
-    <run>/config.json        {"config": resolved Config, "environment": versions, device, threads}
-    <run>/model.safetensors  Classifier weights (network + normalisation buffers), never a pickle
-    <run>/model.json         architecture, classes, input shape, normalisation: how to rebuild it
-    <run>/history.json/.csv  per-epoch lists: loss, accuracy, val_loss, val_accuracy, lr, seconds
-    <run>/metrics.json       final test figures, per-class accuracy
-    <run>/plots/*.png, <run>/report.html, <run>/checkpoints/
+The layout and the plain reads are ``cnnlab.core.run_folder.RunFolder``'s; ``Run`` adds what
+needs the engine: the config validated as a ``Config``, the model, predictions.
 """
 from __future__ import annotations
 
@@ -14,7 +10,6 @@ import io
 import os
 import platform
 import re
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,9 +21,10 @@ from safetensors.torch import load_file, save
 
 from cnnlab.core.config import Config, merge
 from cnnlab.core.errors import CnnlabError
-from cnnlab.core.files import read_json, write_bytes, write_json, write_text
+from cnnlab.core.files import write_bytes, write_json, write_text
 from cnnlab.core.hardware import Precision
 from cnnlab.core.hardware import describe as describe_hardware
+from cnnlab.core.run_folder import RunFolder
 from cnnlab.core.version import __version__
 from cnnlab.data.dataset import Dataset
 from cnnlab.engine.evaluation import Evaluation
@@ -77,7 +73,7 @@ def environment(device: torch.device, precision: Precision) -> dict[str, Any]:
 
 
 def save_config(run: Path, cfg: Config, env: dict[str, Any]) -> None:
-    write_json(run / "config.json", {"config": cfg.to_dict(), "environment": env})
+    write_json(RunFolder(run).config_file, {"config": cfg.to_dict(), "environment": env})
 
 
 def model_card(cfg: Config, class_names: list[str], image_shape: tuple[int, int, int],
@@ -91,8 +87,9 @@ def model_card(cfg: Config, class_names: list[str], image_shape: tuple[int, int,
 
 def save_model(run: Path, model: Classifier, card: dict[str, Any]) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    write_bytes(run / "model.safetensors", save(state, metadata={"arch": card["arch"]}))
-    write_json(run / "model.json", card)
+    folder = RunFolder(run)
+    write_bytes(folder.weights_file, save(state, metadata={"arch": card["arch"]}))
+    write_json(folder.card_file, card)
 
 
 def empty_history() -> dict[str, list]:
@@ -100,28 +97,23 @@ def empty_history() -> dict[str, list]:
 
 
 def save_history(run: Path, history: dict[str, list]) -> None:
-    write_json(run / "history.json", history)
+    folder = RunFolder(run)
+    write_json(folder.history_file, history)
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["epoch", *HISTORY_KEYS])
     for i in range(len(history["loss"])):
         writer.writerow([i + 1, *("" if history[k][i] is None else history[k][i] for k in HISTORY_KEYS)])
-    write_text(run / "history.csv", buf.getvalue())
+    write_text(folder.history_csv_file, buf.getvalue())
 
 
-@dataclass
-class Run:
-    """A finished (or checkpointed) run folder, loaded back."""
-    path: Path
-    config: Config
-    card: dict[str, Any]
-    history: dict[str, list]
-    metrics: dict[str, Any] = field(default_factory=dict)
-    _models: dict[str, Classifier] = field(default_factory=dict, repr=False)
+class Run(RunFolder):
+    """A finished (or checkpointed) run folder, loaded back: its config as a ``Config``, its model."""
 
-    @property
-    def class_names(self) -> list[str]:
-        return self.card["class_names"]
+    def __init__(self, path: str | Path, config: Config):
+        super().__init__(path)
+        self.config = config
+        self._models: dict[str, Classifier] = {}
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -135,7 +127,7 @@ class Run:
     def model(self, device: str | torch.device = "cpu") -> Classifier:
         key = str(device)
         if key not in self._models:
-            self._models[key] = load_model(self.path, self.card).to(device).eval()
+            self._models[key] = load_model(self, self.card).to(device).eval()
         return self._models[key]
 
     def predict(self, inputs: Sequence[str | Path] | np.ndarray, top_k: int = 5,
@@ -147,10 +139,10 @@ class Run:
         return predict(self, inputs, top_k=top_k, device=device, batch_size=batch_size)
 
 
-def load_model(run: Path, card: dict[str, Any]) -> Classifier:
+def load_model(run: str | Path | RunFolder, card: dict[str, Any]) -> Classifier:
     model = build_classifier(card["arch"], card["num_classes"], card["in_channels"],
                              card["input_size"][0], card["mean"], card["std"])
-    weights = Path(run) / "model.safetensors"
+    weights = (run if isinstance(run, RunFolder) else RunFolder(run)).weights_file
     try:
         state = load_file(weights)
     except FileNotFoundError:
@@ -167,20 +159,18 @@ def load_model(run: Path, card: dict[str, Any]) -> Classifier:
 
 
 def load_run(path: str | Path) -> Run:
-    path = Path(path)
-    if not (path / "model.json").is_file():
-        hint = "" if path.exists() else " (no such folder)"
-        raise CnnlabError(f"{path} is not a cnnlab run folder{hint}: expected {path}/model.json, "
+    """A run folder with a model (finished or checkpointed), its config validated."""
+    folder = RunFolder(path)
+    if not folder.card_file.is_file():
+        hint = "" if folder.path.exists() else " (no such folder)"
+        raise CnnlabError(f"{folder.path} is not a cnnlab run folder{hint}: expected {folder.card_file}, "
                           f"written by `cnnlab train`")
-    try:
-        card = read_json(path / "model.json")
-        cfg_doc = read_json(path / "config.json")
-        history = read_json(path / "history.json") if (path / "history.json").exists() else {}
-        metrics = read_json(path / "metrics.json") if (path / "metrics.json").exists() else {}
-    except (OSError, ValueError) as e:
-        raise CnnlabError(f"cannot read run folder {path}: {e}") from None
-    cfg = merge(Config(), cfg_doc.get("config", {}), source=f"{path}/config.json")
-    return Run(path, cfg, card, history, metrics)
+    if not folder.config_file.is_file():
+        raise CnnlabError(f"cannot read run folder {folder.path}: {folder.config_file} is missing")
+    cfg = merge(Config(), folder.saved_config, source=str(folder.config_file))
+    run = Run(folder.path, cfg)
+    run.card, run.history, run.metrics   # noqa: B018  (damaged files fail here, not at first use)
+    return run
 
 
 SAMPLES_PER_CLASS = 8
@@ -213,4 +203,4 @@ def save_evaluation(run: Path, data: Dataset, test: Evaluation, model: torch.nn.
     np.savez(buf, logits=test.logits.numpy().astype(np.float32), labels=test.labels.numpy(),
              mistake_index=worst, mistake_images=mistakes, mistake_heatmaps=heatmaps.astype(np.float16),
              sample_images=data.train.take(samples), sample_labels=labels[samples])
-    write_bytes(run / "evaluation.npz", buf.getvalue())
+    write_bytes(RunFolder(run).evaluation_file, buf.getvalue())

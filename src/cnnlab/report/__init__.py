@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cnnlab.core.run_folder import RunFolder, read_run
 from cnnlab.report.compare import compare_runs
 from cnnlab.report.diagnose import Finding, read_curves
-from cnnlab.report.folder import RunRecord, read_run
 from cnnlab.report.plots import write_plots
 from cnnlab.report.run_report import write_html
 
@@ -24,10 +24,10 @@ def write_report(run: str | Path, *, tensorboard: bool | None = None) -> None:
     rec = read_run(run)
     write_plots(rec)
     write_html(rec)
-    if tensorboard if tensorboard is not None else bool(rec.config.get("tensorboard")):
+    if tensorboard if tensorboard is not None else bool(rec.saved_config.get("tensorboard")):
         from cnnlab.report.tensorboard import write_tensorboard
         write_tensorboard(rec.path)
 
 
 __all__ = ["write_report", "write_plots", "write_html", "compare_runs", "read_curves", "Finding",
-           "read_run", "RunRecord"]
+           "read_run", "RunFolder"]

@@ -16,7 +16,7 @@ import numpy as np
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.files import write_text
-from cnnlab.report.folder import RunRecord, finite, read_run
+from cnnlab.core.run_folder import RunFolder, finite, read_run
 from cnnlab.report.html import esc, fmt, img, page, table
 from cnnlab.report.plots import clean_series, figure, plain, save_figure
 
@@ -32,19 +32,19 @@ def default_out() -> Path:
     return Path(f"compare-{datetime.now():%Y%m%d-%H%M%S}")
 
 
-def labels_for(records: Sequence[RunRecord], given: Sequence[str | Path]) -> list[str]:
+def labels_for(records: Sequence[RunFolder], given: Sequence[str | Path]) -> list[str]:
     """Folder names, or the paths as given where two runs share a folder name."""
     names = [r.name for r in records]
     return [n if names.count(n) == 1 else str(g) for n, g in zip(names, given)]
 
 
-def summary_row(rec: RunRecord, label: str) -> dict[str, Any]:
+def summary_row(rec: RunFolder, label: str) -> dict[str, Any]:
     va = rec.series("val_accuracy")
     best = rec.best_val
     test = rec.metrics.get("test_accuracy")
     return {
-        "run": label, "model": rec.card.get("arch"), "recipe": rec.config.get("recipe"),
-        "data": rec.config.get("data"), "epochs": rec.epochs,
+        "run": label, "model": rec.card.get("arch"), "recipe": rec.saved_config.get("recipe"),
+        "data": rec.saved_config.get("data"), "epochs": rec.epochs,
         "parameters": rec.metrics.get("parameters"), "train_seconds": rec.train_seconds,
         "best_val_accuracy": best[0] if best else None, "best_epoch": best[1] if best else None,
         "final_val_accuracy": float(va[-1]) if len(va) and np.isfinite(va[-1]) else None,
@@ -58,7 +58,7 @@ def _colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def overlay_figure(records: Sequence[RunRecord], labels: Sequence[str], key: str):
+def overlay_figure(records: Sequence[RunFolder], labels: Sequence[str], key: str):
     """Validation ``key`` per run (solid); training (dashed) for loss, or when a run has no validation."""
     fig, ax = figure(7, 4.2)
     for rec, label, color in zip(records, labels, _colors(len(records))):

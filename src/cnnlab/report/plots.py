@@ -23,7 +23,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from cnnlab.core.files import write_bytes  # noqa: E402
 from cnnlab.core.metrics import confusion_matrix  # noqa: E402
 from cnnlab.core.metrics import per_class_accuracy as per_class  # noqa: E402
-from cnnlab.report.folder import RunRecord, read_run  # noqa: E402
+from cnnlab.core.run_folder import RunFolder, read_run  # noqa: E402
 
 DPI = 110
 TRAIN, VAL = "#1f77b4", "#d62728"
@@ -237,7 +237,7 @@ def gradcam_mistakes_figure(images: np.ndarray, overlays: np.ndarray, true: np.n
                                  f"that class's score)")
 
 
-def gradcam_mistakes(rec: RunRecord, images: np.ndarray, heatmaps: np.ndarray, true: np.ndarray,
+def gradcam_mistakes(rec: RunFolder, images: np.ndarray, heatmaps: np.ndarray, true: np.ndarray,
                      pred: np.ndarray, conf: np.ndarray) -> Figure:
     """``gradcam_mistakes_figure`` for the mistakes whose heatmaps training stored (the first
     ``len(heatmaps)``, most confident first)."""
@@ -337,7 +337,7 @@ def per_class_figure(accuracy: dict[str, float | None], overall: float | None) -
     return fig
 
 
-def per_class_accuracy(rec: RunRecord) -> dict[str, float | None]:
+def per_class_accuracy(rec: RunFolder) -> dict[str, float | None]:
     """From metrics.json, else from the saved test logits."""
     acc = rec.metrics.get("per_class_accuracy")
     if isinstance(acc, dict) and acc:
@@ -349,10 +349,10 @@ def per_class_accuracy(rec: RunRecord) -> dict[str, float | None]:
 
 
 # ----------------------------------------------------------------------------- entry point
-def write_plots(run: str | Path | RunRecord) -> list[Path]:
+def write_plots(run: str | Path | RunFolder) -> list[Path]:
     """Every plot of a run folder, from its files only; returns the paths written."""
-    rec = run if isinstance(run, RunRecord) else read_run(run)
-    plots = rec.path / "plots"
+    rec = run if isinstance(run, RunFolder) else read_run(run)
+    plots = rec.plots_dir
     names = rec.class_names
     figs: dict[str, Figure] = {
         "accuracy.png": curve_plot(rec.history, "accuracy", "Accuracy per epoch", "accuracy"),

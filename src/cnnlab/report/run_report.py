@@ -7,8 +7,8 @@ from typing import Any
 
 from cnnlab.core.files import write_text
 from cnnlab.core.metrics import confusion_matrix
+from cnnlab.core.run_folder import RunFolder, finite
 from cnnlab.report.diagnose import Finding, read_curves
-from cnnlab.report.folder import RunRecord, finite
 from cnnlab.report.html import esc, fmt, img, kv_table, page, table
 from cnnlab.report.plots import per_class_accuracy
 
@@ -41,7 +41,7 @@ def findings_html(findings: list[Finding]) -> str:
     return "".join(f'<div class="finding {esc(f.level)}">{esc(f.text)}</div>' for f in findings)
 
 
-def history_table(rec: RunRecord) -> str:
+def history_table(rec: RunFolder) -> str:
     h = rec.history
     keys = [k for k in ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds") if k in h]
     best = rec.best_val
@@ -56,7 +56,7 @@ def history_table(rec: RunRecord) -> str:
     return table(["epoch", *keys], rows, [True] * (len(keys) + 1), classes)
 
 
-def per_class_table(rec: RunRecord) -> str:
+def per_class_table(rec: RunFolder) -> str:
     acc = per_class_accuracy(rec)
     if not acc:
         return "<p>No per-class results in this run folder.</p>"
@@ -79,7 +79,7 @@ def per_class_table(rec: RunRecord) -> str:
     return f'<div class="scroll">{table(header, rows, [False, True, True, False])}</div>'
 
 
-def metrics_table(rec: RunRecord) -> str:
+def metrics_table(rec: RunFolder) -> str:
     m = rec.metrics
     if not m:
         return "<p>No metrics.json: the run did not finish its test evaluation.</p>"
@@ -108,8 +108,8 @@ def model_table(card: dict[str, Any]) -> str:
     return kv_table([(k, fmt(v)) for k, v in pairs])
 
 
-def render_report(rec: RunRecord) -> str:
-    card, cfg, m = rec.card, rec.config, rec.metrics
+def render_report(rec: RunFolder) -> str:
+    card, cfg, m = rec.card, rec.saved_config, rec.metrics
     findings = read_curves(rec.history, num_classes=len(rec.class_names) or None)
     test = m.get("test_accuracy")
     sub = [f"{card.get('arch', '?')} on {cfg.get('data', '?')}", f"{rec.epochs} epochs"]
@@ -119,7 +119,7 @@ def render_report(rec: RunRecord) -> str:
         sub.append(f"best validation accuracy {rec.best_val[0]:.2%} (epoch {rec.best_val[1]})")
     if rec.environment.get("started"):
         sub.append(f"started {rec.environment['started']}")
-    plots = rec.path / "plots"
+    plots = rec.plots_dir
     figures = ""
     for group in PLOT_GROUPS:
         cells = "".join(f"<div><h3>{esc(head)}</h3>{img(plots / f, head, cap)}</div>"
@@ -147,8 +147,8 @@ def render_report(rec: RunRecord) -> str:
     return page(f"cnnlab run {rec.name}", body)
 
 
-def write_html(rec: RunRecord) -> Path:
-    out = rec.path / "report.html"
+def write_html(rec: RunFolder) -> Path:
+    out = rec.report_file
     write_text(out, render_report(rec))
     return out
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cnnlab.core.errors import CnnlabError
-from cnnlab.report.folder import finite, read_run
+from cnnlab.core.run_folder import finite, read_run
 
 TAGS = {  # history key -> TensorBoard tag (train and validation of one quantity share a section)
     "loss": "loss/train", "val_loss": "loss/validation",
@@ -27,7 +27,7 @@ def write_tensorboard(run_path: str | Path) -> Path:
     except ImportError as e:
         raise CnnlabError(f"--tensorboard needs the tensorboard package ({e}): pip install tensorboard") from None
     rec = read_run(run_path)
-    folder = rec.path / "tensorboard"
+    folder = rec.tensorboard_dir
     if folder.exists():
         for old in folder.glob(EVENTS_PREFIX + "*"):
             old.unlink()
@@ -42,7 +42,7 @@ def write_tensorboard(run_path: str | Path) -> Path:
             value = rec.metrics.get(key)
             if finite(value):
                 writer.add_scalar(f"test/{key[5:]}", float(value), last)
-        text = "  \n".join(f"**{k}**: {v}" for k, v in rec.config.items())
+        text = "  \n".join(f"**{k}**: {v}" for k, v in rec.saved_config.items())
         if text:
             writer.add_text("config", text, 0)
     finally:

@@ -51,6 +51,7 @@ from cnnlab.apps.tune.space import SearchSpace, default_space, load_space, parse
 from cnnlab.core.config import FIELDS, Config, merge
 from cnnlab.core.errors import CnnlabError, TrainingInterrupted
 from cnnlab.core.files import read_json, write_json, write_text
+from cnnlab.core.run_folder import RunFolder
 from cnnlab.data.dataset import Dataset
 from cnnlab.engine.runs import RUNS_ROOT
 
@@ -64,8 +65,8 @@ STORAGE_ATTEMPTS = 4         # workers starting together may race to create the 
 RUN_SPECIFIC = ("device", "threads")     # best.yaml leaves the hardware to the machine that trains
 # What a trial other than the best loses once finished: 2-3 MB of weights, checkpoint, test
 # logits, plots and report, down to ~20 kB (config, history, metrics, model card).
-STRIPPED_FILES = ("model.safetensors", "evaluation.npz", "report.html")
-STRIPPED_DIRS = ("checkpoints", "plots")
+STRIPPED_FILES = ("weights_file", "evaluation_file", "report_file")     # RunFolder's names for them
+STRIPPED_DIRS = ("checkpoints_dir", "plots_dir")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -376,19 +377,20 @@ def _keep_best_weights(study: optuna.Study, out: Path) -> None:
         run = out / "trials" / f"trial-{t.number:04d}"
         if not run.is_dir():
             continue  # another machine's trial, or one that failed before training
+        folder = RunFolder(run)
         for name in STRIPPED_FILES:
-            (run / name).unlink(missing_ok=True)
+            getattr(folder, name).unlink(missing_ok=True)
         for name in STRIPPED_DIRS:
-            shutil.rmtree(run / name, ignore_errors=True)
+            shutil.rmtree(getattr(folder, name), ignore_errors=True)
 
 
 def _report_best(study: optuna.Study, out: Path) -> None:
     """Trials train without plots; the best one, when it ran here, gets them as `cnnlab train` would."""
     from cnnlab.report import write_report
     best = _best(study)
-    run = None if best is None else out / "trials" / f"trial-{best.number:04d}"
-    if run is not None and (run / "model.safetensors").is_file() and not (run / "report.html").exists():
-        write_report(run)
+    run = None if best is None else RunFolder(out / "trials" / f"trial-{best.number:04d}")
+    if run is not None and run.weights_file.is_file() and not run.report_file.exists():
+        write_report(run.path)
 
 
 def _searched_keys(study_trials: list[FrozenTrial]) -> list[str]:
