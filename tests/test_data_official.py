@@ -534,3 +534,37 @@ def test_corrupt_download_source_named(tmp_path):
     bad.write_bytes(b"\x1f\x8b\x08\x00garbage")
     with pytest.raises(CnnlabError, match=str(bad)):
         load_idx_dataset("mnist", tmp_path, download=False)
+
+
+def test_the_registry_names_every_official_dataset_and_loads_each_by_name(tmp_path, monkeypatch):
+    """``--data NAME`` resolves through the registry alone: names, shapes, loaders, the hints."""
+    from cnnlab.data.registry import DATASETS, official
+    from cnnlab.data.sources import load_dataset
+    assert list(DATASETS) == ["cifar10", "cifar100", "mnist", "fashion-mnist"]
+    assert official("cifar10") is DATASETS["cifar10"] and official("./cifar10") is None
+    (tmp_path / "mnist").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert official("mnist") is None            # a folder of that name is read as the folder
+    monkeypatch.chdir(Path(__file__).parent)
+    calls = []
+    monkeypatch.setitem(DATASETS, "cifar10", dataclasses.replace(
+        DATASETS["cifar10"], load=lambda root, download: calls.append((root, download)) or "loaded"))
+    assert load_dataset("cifar10", data_dir=tmp_path, download=False) == "loaded"
+    assert calls == [(tmp_path, False)]
+    with pytest.raises(CnnlabError, match="cifar10 is always 32x32"):
+        load_dataset("cifar10", data_dir=tmp_path, image_size=64)
+    with pytest.raises(CnnlabError, match="did you mean 'fashion-mnist'.*use one of cifar10, cifar100, mnist, "
+                                          "fashion-mnist"):
+        load_dataset("fashion-mnst", data_dir=tmp_path)
+
+
+def test_cnnlab_data_list_prints_the_registry():
+    import json
+    import subprocess
+    import sys
+
+    from cnnlab.data.registry import DATASETS
+    out = subprocess.run([sys.executable, "-m", "cnnlab", "data", "list", "--json"], capture_output=True,
+                         text=True, check=True).stdout
+    assert [(r["name"], tuple(r["image_shape"])) for r in json.loads(out)] == \
+        [(d.name, d.image_shape) for d in DATASETS.values()]

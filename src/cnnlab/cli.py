@@ -145,6 +145,19 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from cnnlab.data.registry import DATASETS
+    rows = [{"name": d.name, "image_shape": list(d.image_shape), "about": d.about} for d in DATASETS.values()]
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        h, w, c = r["image_shape"]
+        print(f"{r['name']:<14} {h}x{w}x{c}  {r['about']}")
+    print("or any folder of images: train/<class>/<image> and test/<class>/<image>")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from cnnlab.models.summary import zoo_table
     rows = zoo_table(input_size=args.input_size, in_channels=args.in_channels, num_classes=args.num_classes)
@@ -319,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="look at datasets")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    dl = dsub.add_parser("list", help="the datasets --data knows by name (any image folder works too)")
+    dl.add_argument("--json", action="store_true")
+    dl.set_defaults(func=cmd_data_list)
     ds = dsub.add_parser("show", help="save a labelled grid of sample images")
     ds.add_argument("spec", metavar="SPEC")
     ds.add_argument("--out", default="samples.png")

@@ -36,8 +36,8 @@ DATA, MODEL, OPTIM, AUGMENT, AVERAGE, SPEED, RUN = ("data", "model", "optimisati
 @dataclass
 class Config:
     # --- data -------------------------------------------------------------------------
-    data: str = option("cifar10", "cifar10, cifar100, mnist, fashion-mnist, or a folder with train/<class>/<image> "
-                                  "and test/... (optional val/)", group=DATA)
+    data: str = option("cifar10", "a dataset name (`cnnlab data list` shows them) or a folder with "
+                                  "train/<class>/<image> and test/... (optional val/)", group=DATA)
     data_dir: str | None = option(None, "where official archives are kept (default: $CNNLAB_DATA, else "
                                         "~/.cache/cnnlab/data)", group=DATA)
     val_split: float = option(0.1, "fraction of train held out for validation when the data has no val/", group=DATA)

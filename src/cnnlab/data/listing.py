@@ -13,6 +13,7 @@ from PIL import Image
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.data.images import IMAGE_SUFFIXES, is_image_name
+from cnnlab.data.registry import DATASETS
 
 SPLITS = ("train", "val", "test")
 _CHUNK = 512            # files per worker task
@@ -76,7 +77,7 @@ def list_folder(root: str | Path, *, report: Report | None = None) -> FolderList
     if not root.exists():
         raise CnnlabError(f"data folder {root} does not exist: give a path to a folder with "
                           f"train/<class>/<image> and test/<class>/<image>, or a dataset name "
-                          f"(cifar10, cifar100, mnist, fashion-mnist)")
+                          f"({', '.join(DATASETS)})")
     if not root.is_dir():
         raise CnnlabError(f"{root} is a file, not a folder: expected {root}/train/<class>/<image>")
     root_real = os.path.realpath(root)

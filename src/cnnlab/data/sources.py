@@ -9,29 +9,25 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.data import check
 from cnnlab.data.check import FolderScan
 from cnnlab.data.dataset import Dataset
-
-OFFICIAL = ("cifar10", "cifar100", "mnist", "fashion-mnist")
+from cnnlab.data.registry import DATASETS, looks_like_path, official
 
 
 def load_dataset(spec: str, *, data_dir: str | Path | None = None, image_size: int | None = None,
                  bad_images: str = "error", download: bool = True, scan: FolderScan | None = None) -> Dataset:
+    """A registered dataset (``cnnlab.data.registry``) by name, else an image folder by path."""
     from cnnlab.data.download import default_data_dir
     root = default_data_dir(data_dir)
-    looks_like_path = any(sep in spec for sep in ("/", "\\")) or spec.startswith(".") or Path(spec).is_dir()
-    if spec in OFFICIAL and not looks_like_path:
+    source = official(spec)
+    if source is not None:
         if image_size is not None:
-            raise CnnlabError(f"--image-size applies to image folders; {spec} is always "
-                              f"{'32x32' if spec.startswith('cifar') else '28x28'}")
-        if spec.startswith("cifar"):
-            from cnnlab.data.cifar import load_cifar
-            return load_cifar(spec, root, download=download)
-        from cnnlab.data.idx import load_idx_dataset
-        return load_idx_dataset(spec, root, download=download)
-    if not looks_like_path and not Path(spec).exists():
-        close = difflib.get_close_matches(spec, OFFICIAL, n=1, cutoff=0.6)
+            h, w, _ = source.image_shape
+            raise CnnlabError(f"--image-size applies to image folders; {spec} is always {h}x{w}")
+        return source.load(root, download)
+    if not Path(spec).exists() and not looks_like_path(spec):
+        close = difflib.get_close_matches(spec, DATASETS, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise CnnlabError(f"--data {spec!r} is neither a known dataset nor an existing folder: {hint}"
-                          f"use one of {', '.join(OFFICIAL)} or a path to a folder with "
+                          f"use one of {', '.join(DATASETS)} or a path to a folder with "
                           f"train/<class>/<image> and test/<class>/<image>")
     from cnnlab.data.folder import load_image_folder
     return load_image_folder(spec, image_size=image_size, cache_dir=root / "cache", bad_images=bad_images,

@@ -285,8 +285,8 @@ class StreamBatches(BatchStream):
 # ----------------------------------------------------------------------------- loading
 def _is_official(cfg: Config) -> bool:
     """A dataset name read from archives (as ``sources.load_dataset`` decides), not a folder."""
-    from cnnlab.data.sources import OFFICIAL
-    return cfg.data in OFFICIAL and not Path(cfg.data).is_dir()
+    from cnnlab.data.registry import official
+    return official(cfg.data) is not None
 
 
 def _sample_headers(paths: list[str]) -> list[tuple[tuple[int, int], str]]:
