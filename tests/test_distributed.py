@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cnnlab.core.config import Config, recipe_values, resolve
+from cnnlab.core.config import Config, recipe_values, resolve, validate
 from cnnlab.core.errors import CnnlabError
 from cnnlab.data import stream
 from cnnlab.data.batches import BatchStream
@@ -194,7 +194,7 @@ def test_loader_choice_by_size_and_refusals(tiny_cifar, monkeypatch):
     with pytest.raises(CnnlabError, match="reads image folders"):
         choose_loader(Config(data="cifar10", loader="stream"))
     with pytest.raises(CnnlabError, match="only the streaming"):
-        choose_loader(cfg.replace(loader="memory", crop="random_resized"))
+        validate(cfg.replace(loader="memory", crop="random_resized"))
 
 
 def make_imagenet_style(root: Path, classes: int = 3, train: int = 6, test: int = 2) -> Path:

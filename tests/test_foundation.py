@@ -247,3 +247,16 @@ def test_most_probable_orders_by_probability_and_keeps_ties_in_class_order():
     assert len(most_probable(probs, ["a", "b", "c"], 9)[0]) == 3           # k beyond the classes
     with pytest.raises(CnnlabError, match="--top-k must be at least 1"):
         most_probable(probs, ["a", "b", "c"], 0)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"val_split": 1.0}, "val_split must be in \\[0, 1\\)"),
+    ({"train_size": 0}, "train_size must be a positive number of images"),
+    ({"test_size": -3}, "test_size must be a positive number of images"),
+    ({"loader": "memory", "crop": "random_resized"}, "only the streaming loader keeps"),
+])
+def test_config_rules_fire_before_any_data_loads(changes, message):
+    """The folder does not exist: a rule checked after loading would report that instead."""
+    from cnnlab.engine.loop import fit
+    with pytest.raises(CnnlabError, match=message):
+        fit(Config(data="/no/such/folder", **changes), progress=False)

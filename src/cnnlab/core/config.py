@@ -215,7 +215,9 @@ def _check_value(key: str, value: Any, source: str) -> Any:
 
 
 def validate(cfg: Config) -> Config:
-    """Range checks that types alone cannot express."""
+    """Every rule on the config's own values that types alone cannot express (ranges, and fields
+    that exclude each other), checked before anything loads. Rules that need a registry (the
+    model's, the datasets') are ``cnnlab.engine.loop.check_config``'s, which runs this first."""
     def bad(key, rule):
         raise CnnlabError(f"{key} must be {rule}; got {getattr(cfg, key)!r}")
     if not (cfg.epochs > 0 and math.isfinite(cfg.epochs)):
@@ -254,6 +256,14 @@ def validate(cfg: Config) -> Config:
         bad("center_crop", "in (0, 1]: 0.875 is the ImageNet convention (256 -> 224), 1 keeps the whole shorter side")
     if cfg.image_size is not None and cfg.image_size < 8:
         bad("image_size", "at least 8 pixels")
+    if not 0 <= cfg.val_split < 1:
+        bad("val_split", "in [0, 1): the fraction of train held out, e.g. --val-split 0.1")
+    for key in ("train_size", "test_size"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            bad(key, "a positive number of images")
+    if cfg.loader == "memory" and cfg.crop == "random_resized":
+        raise CnnlabError("--crop random_resized needs the original images, which only the streaming "
+                          "loader keeps: use --loader stream (or auto), or --crop center")
     return cfg
 
 

@@ -134,17 +134,14 @@ def prepare_splits(ds: Dataset, *, val_split: float, train_size: int | None,
     """Carve the validation hold-out and the optional subsets, reproducibly from ``seed``.
 
     The validation set is ``val/`` when the source has one, else a stratified hold-out from
-    train. The test split is only ever subset, never looked at.
+    train. The test split is only ever subset, never looked at. The values are the config's,
+    already checked by ``cnnlab.core.config.validate``.
     """
-    if not 0.0 <= val_split < 1.0:
-        raise CnnlabError(f"--val-split must be in [0, 1), got {val_split}")
     # One generator per purpose, so the test subset does not depend on the train options.
     def rng(purpose: int) -> np.random.Generator:
         return np.random.default_rng([seed, purpose])
     train, val = ds.train, ds.val
     if train_size is not None:
-        if train_size < 1:
-            raise CnnlabError(f"--train-size must be a positive number of images, got {train_size}")
         # The subset covers train + hold-out so `--train-size 1000 --val-split 0.1` trains on 900.
         train = train.subset(stratified_indices(train.labels, train_size, rng(1)))
     if val is None and val_split > 0:
@@ -153,8 +150,6 @@ def prepare_splits(ds: Dataset, *, val_split: float, train_size: int | None,
         val, train = train.subset(held), train.subset(keep)
     test = ds.test
     if test_size is not None:
-        if test_size < 1:
-            raise CnnlabError(f"--test-size must be a positive number of images, got {test_size}")
         test = test.subset(stratified_indices(test.labels, test_size, rng(3)))
     if len(train) == 0:
         raise CnnlabError("no training images left after the validation split: lower --val-split "

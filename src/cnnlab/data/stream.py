@@ -315,9 +315,6 @@ def _refuse_impossible(cfg: Config) -> None:
     if cfg.loader == "stream" and _is_official(cfg):
         raise CnnlabError(f"--loader stream reads image folders; {cfg.data} is read from its archives "
                           f"into memory: use --loader memory (or auto)")
-    if cfg.loader == "memory" and cfg.crop == "random_resized":
-        raise CnnlabError("--crop random_resized needs the original images, which only the streaming "
-                          "loader keeps: use --loader stream (or auto), or --crop center")
 
 
 def choose_loader(cfg: Config, listing=None, processes: int = 1) -> str:
