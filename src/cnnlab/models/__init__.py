@@ -1,11 +1,16 @@
 """The model zoo. Each family lives in its own module and registers itself on import."""
 from cnnlab.models import alexnet, googlenet, lenet, resnet, speednet, tutorial, vgg  # noqa: F401  (register)
 from cnnlab.models.registry import (
+    InputSize,
     ModelInfo,
+    check_input_size,
     create_model,
+    default_image_size,
     list_models,
+    min_input_size,
     model_info,
     register_model,
 )
 
-__all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]
+__all__ = ["InputSize", "ModelInfo", "check_input_size", "create_model", "default_image_size", "list_models",
+           "min_input_size", "model_info", "register_model"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnlab.models.registry import create_model
+from cnnlab.models.registry import InputSize, create_model
 
 
 class Classifier(nn.Module):
@@ -23,7 +23,8 @@ class Classifier(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-def build_classifier(arch: str, num_classes: int, in_channels: int, input_size: int,
+def build_classifier(arch: str, num_classes: int, in_channels: int, input_size: InputSize,
                      mean: list[float], std: list[float]) -> Classifier:
+    """``input_size``: (height, width), e.g. a model card's ``[h, w]`` list, or one int for a square."""
     return Classifier(create_model(arch, num_classes=num_classes, in_channels=in_channels,
                                    input_size=input_size), mean, std)

@@ -16,13 +16,15 @@ Changed from the paper, at every input size:
 - no auxiliary classifiers (the paper's two side heads on 4a and 4d were a training aid,
   discarded at test time); the network has one output.
 
-At 224x224 (any input above 64 px) the stem is the original: 7x7/2 conv (64), 3x3/2 max
-pool, 1x1 conv (64), 3x3 conv (192), 3x3/2 max pool, so Inception 3a sees 28x28 maps; the
-max pools round up, as in the original Caffe model.
+At 224x224 (any input whose shorter side is above 64 px) the stem is the original: 7x7/2
+conv (64), 3x3/2 max pool, 1x1 conv (64), 3x3 conv (192), 3x3/2 max pool, so Inception 3a
+sees 28x28 maps; the max pools round up, as in the original Caffe model.
 
-Changed for small images (64 px or less): that stem is replaced by a single 3x3 stride 1
-conv to 192 channels with no pooling (the common CIFAR adaptation), so 3a/3b see 32x32,
-4a-4e 16x16 and 5a/5b 8x8 maps for a 32x32 input (28, 14, 7 for 28x28).
+Changed for small images (shorter side 64 px or less): that stem is replaced by a single 3x3
+stride 1 conv to 192 channels with no pooling (the common CIFAR adaptation), so 3a/3b see
+32x32, 4a-4e 16x16 and 5a/5b 8x8 maps for a 32x32 input (28, 14, 7 for 28x28). Any height and
+width work, square or not (global average pooling), from 4 px up: 4 -> 2 -> 1 through the
+two pools.
 """
 from __future__ import annotations
 
@@ -31,9 +33,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cnnlab.models.registry import register_model
+from cnnlab.models.registry import InputSize, Window, as_hw, register_model, smallest_side
 
 SMALL_INPUT_MAX = 64
+# Training side on photo folders: the paper's ImageNet size.
+DEFAULT_SIZE = 224
 _DROPOUT = 0.4
 
 NormLayer = Callable[[int], nn.Module]
@@ -54,6 +58,7 @@ INCEPTION_TABLE: tuple = (
     ("5b", (384, 192, 384, 48, 128, 128)),
 )
 STEM_CHANNELS = 192
+_POOL = (3, 2)      # kernel, stride of the pools between groups (and in the ImageNet stem)
 
 
 def conv_norm_act(c_in: int, c_out: int, kernel: int, stride: int = 1,
@@ -63,7 +68,17 @@ def conv_norm_act(c_in: int, c_out: int, kernel: int, stride: int = 1,
 
 
 def _max_pool() -> nn.MaxPool2d:
-    return nn.MaxPool2d(3, stride=2, ceil_mode=True)
+    return nn.MaxPool2d(*_POOL, ceil_mode=True)
+
+
+def _path(table) -> list[Window]:
+    """The path a side takes with the small stem: a 3x3 'same' conv, then Inception modules
+    (every branch keeps the size) and the pools between groups."""
+    return [Window(3, padding=1)] + [Window(*_POOL, ceil_mode=True) for item in table if item == "M"]
+
+
+# The ImageNet stem takes any size above SMALL_INPUT_MAX, so the small stem's minimum is the network's.
+MIN_SIZE = smallest_side(_path(INCEPTION_TABLE))
 
 
 class Inception(nn.Module):
@@ -116,6 +131,6 @@ class GoogLeNet(nn.Module):
 
 @register_model("googlenet", family="GoogLeNet", year=2014,
                 paper="Szegedy et al. (2014), Going Deeper with Convolutions",
-                input_sizes=(28, 32, 224))
-def googlenet(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
-    return GoogLeNet(num_classes, in_channels, imagenet_stem=input_size > SMALL_INPUT_MAX)
+                input_sizes=(28, 32, 224), min_size=MIN_SIZE, default_size=DEFAULT_SIZE)
+def googlenet(num_classes: int = 10, in_channels: int = 3, input_size: InputSize = 32) -> nn.Module:
+    return GoogLeNet(num_classes, in_channels, imagenet_stem=min(as_hw(input_size)) > SMALL_INPUT_MAX)

@@ -16,9 +16,10 @@ Changed from the paper, for a modern small-image baseline:
   paper's 5x5 C5 convolution amounts to on a 5x5 map.
 - The output is a plain Dense layer giving logits, not the Euclidean RBF units.
 
-Input sizes: the paper fed 28x28 MNIST digits padded to 32x32. Inputs smaller than 32 px
-get that same 2-pixel padding in the first convolution, so 28x28 and 32x32 both flatten to
-16*5*5 = 400; for any other size the flatten width is computed from the size given.
+Input sizes: the paper fed 28x28 MNIST digits padded to 32x32. Inputs whose shorter side is
+under 32 px get that same 2-pixel padding in the first convolution, so 28x28 and 32x32 both
+flatten to 16*5*5 = 400; for any other size, square or not, the flatten width is computed
+from the height and width given. The smallest input is 12x12 (padded to 16, then 12 -> 6 -> 2 -> 1).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Callable
 
 from torch import nn
 
-from cnnlab.models.registry import register_model
+from cnnlab.models.registry import InputSize, Window, as_hw, map_side, register_model, smallest_side
 
 # Side length the original network was designed for (28x28 MNIST padded to 32x32).
 _DESIGN_SIZE = 32
@@ -38,26 +39,25 @@ _CONV_WIDTHS = (6, 16)
 _HIDDEN_WIDTHS = (120, 84)
 
 
-def _feature_side(input_size: int, padding: int) -> int:
-    side = input_size + 2 * padding
-    for _ in _CONV_WIDTHS:
-        side = (side - (_KERNEL - 1)) // _POOL     # valid conv, then pool
-    if side < 1:
-        smallest = 1
-        for _ in _CONV_WIDTHS:
-            smallest = smallest * _POOL + _KERNEL - 1
-        raise ValueError(f"LeNet-5 needs at least {smallest - 2 * padding}x"
-                         f"{smallest - 2 * padding} pixels, got {input_size}x{input_size}")
-    return side
+def _path(padding: int) -> tuple[Window, ...]:
+    """The path a side takes: per stage a valid 5x5 conv (the first padded by ``padding``), pool 2."""
+    return tuple(w for i, _ in enumerate(_CONV_WIDTHS)
+                 for w in (Window(_KERNEL, padding=padding if i == 0 else 0), Window(_POOL, _POOL)))
+
+
+MIN_SIZE = smallest_side(_path(_MNIST_PAD))     # 12; sizes from _DESIGN_SIZE up need no padding
 
 
 class LeNet5(nn.Module):
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, input_size: int = 32,
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, input_size: InputSize = 32,
                  act_layer: Callable[[], nn.Module] = nn.ReLU,
                  pool_layer: Callable[[int], nn.Module] = nn.MaxPool2d):
         super().__init__()
-        padding = _MNIST_PAD if input_size < _DESIGN_SIZE else 0
-        side = _feature_side(input_size, padding)
+        h, w = as_hw(input_size)
+        padding = _MNIST_PAD if min(h, w) < _DESIGN_SIZE else 0
+        fh, fw = map_side(h, _path(padding)), map_side(w, _path(padding))
+        if not (fh and fw):
+            raise ValueError(f"LeNet-5 needs at least {MIN_SIZE}x{MIN_SIZE} pixels, got {w}x{h}")
         layers: list[nn.Module] = []
         c_in = in_channels
         for i, c_out in enumerate(_CONV_WIDTHS):
@@ -65,7 +65,7 @@ class LeNet5(nn.Module):
                        act_layer(), pool_layer(_POOL)]
             c_in = c_out
         self.features = nn.Sequential(*layers)
-        widths = (c_in * side * side, *_HIDDEN_WIDTHS)
+        widths = (c_in * fh * fw, *_HIDDEN_WIDTHS)
         head: list[nn.Module] = [nn.Flatten()]
         for w_in, w_out in zip(widths[:-1], widths[1:]):
             head += [nn.Linear(w_in, w_out), act_layer()]
@@ -79,6 +79,6 @@ class LeNet5(nn.Module):
 @register_model("lenet5", family="LeNet", year=1998,
                 paper="LeCun, Bottou, Bengio, Haffner (1998), Gradient-Based Learning Applied "
                       "to Document Recognition",
-                input_sizes=(28, 32))
-def lenet5(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
+                input_sizes=(28, 32), min_size=MIN_SIZE, default_size=_DESIGN_SIZE)
+def lenet5(num_classes: int = 10, in_channels: int = 3, input_size: InputSize = 32) -> nn.Module:
     return LeNet5(num_classes, in_channels, input_size)

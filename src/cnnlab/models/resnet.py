@@ -18,11 +18,15 @@ blocks (1x1, 3x3, 1x1 with 4x expansion) for 50, and option B shortcuts (a 1x1 c
 projection where the shape changes, identity elsewhere). As in torchvision, the bottleneck
 strides in its 3x3 conv rather than in the first 1x1 ("ResNet v1.5"; same parameters).
 
-Changed for small images (64 px or less): the ImageNet stem, a 7x7 stride 2 conv followed
-by a 3x3 stride 2 max pool, is replaced by one 3x3 stride 1 conv and no max pool, so a
-32x32 input reaches the four stages at 32, 16, 8 and 4 px (the common CIFAR adaptation).
-Above 64 px (e.g. 224x224) the original stem is used. For 3 input channels and 10 classes
+Changed for small images (shorter side 64 px or less): the ImageNet stem, a 7x7 stride 2
+conv followed by a 3x3 stride 2 max pool, is replaced by one 3x3 stride 1 conv and no max
+pool, so a 32x32 input reaches the four stages at 32, 16, 8 and 4 px (the common CIFAR
+adaptation). Above 64 px (e.g. 224x224) the original stem is used. For 3 input channels and 10 classes
 at 32x32, ResNet-18 has **11,173,962** parameters (11,181,642 with the ImageNet stem).
+
+Any height and width work, square or not (global average pooling), down to the size where
+each stride-2 stage still halves a map of at least two pixels: 3 px for the three-stage
+ResNet-20/56, 5 px for the four-stage ResNet-18/34/50.
 
 Every conv is followed by batch norm and has no bias; ReLU comes after the addition.
 """
@@ -34,12 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.models.registry import register_model
+from cnnlab.models.registry import InputSize, Window, as_hw, register_model, smallest_side
 
 _PAPER = ("He, Zhang, Ren, Sun (2015), Deep Residual Learning for Image Recognition")
 
 # Inputs up to this side length (pixels) get the 3x3 stride-1 stem without max pool.
 SMALL_INPUT_MAX = 64
+# Training sides on photo folders: the papers' CIFAR-10 and ImageNet sizes.
+CIFAR_SIZE, IMAGENET_SIZE = 32, 224
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -182,17 +188,26 @@ ARCHS: dict[str, tuple] = {
 }
 
 
+def _path(depths: tuple[int, ...]) -> list[Window]:
+    """The path a side takes with the small stem: a 3x3 stride-1 conv, then every stage after
+    the first halves it (a 3x3 stride-2 conv, padding 1, beside a shortcut of the same size)."""
+    return [Window(3, 1, 1)] + [Window(3, 2, 1)] * (len(depths) - 1)
+
+
 def _factory(name: str):
     block, depths, widths, shortcut, imagenet = ARCHS[name]
 
-    def factory(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
+    def factory(num_classes: int = 10, in_channels: int = 3, input_size: InputSize = 32) -> nn.Module:
         return ResNet(block, depths, widths, shortcut,
-                      imagenet_stem=imagenet and input_size > SMALL_INPUT_MAX,
+                      imagenet_stem=imagenet and min(as_hw(input_size)) > SMALL_INPUT_MAX,
                       num_classes=num_classes, in_channels=in_channels)
     factory.__name__ = factory.__qualname__ = name
     sizes = (28, 32, 224) if imagenet else (28, 32)
-    return register_model(name, family="ResNet", year=2015, paper=_PAPER,
-                          input_sizes=sizes)(factory)
+    # The ImageNet stem (7x7 stride-2 conv, 3x3 stride-2 pool, padded) takes any size above
+    # SMALL_INPUT_MAX, so the small stem's minimum is the network's.
+    return register_model(name, family="ResNet", year=2015, paper=_PAPER, input_sizes=sizes,
+                          min_size=smallest_side(_path(depths)),
+                          default_size=IMAGENET_SIZE if imagenet else CIFAR_SIZE)(factory)
 
 
 resnet20 = _factory("resnet20")

@@ -20,6 +20,9 @@ in a 2x2 stride 2 max pool. Changed from the paper, at every input size:
 - no dropout (there is no hidden Dense layer for it to regularise; BN regularises the
   convolutions).
 
+Any height and width from 17 px up work (square or not: the map is pooled to 1x1); below
+17 the fifth pool would be handed a single pixel (17 -> 9 -> 5 -> 3 -> 2 -> 1).
+
 Parameters for 3 input channels and 10 classes: VGG-16-BN has **14,728,266** (14.73M).
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Callable
 
 from torch import nn
 
-from cnnlab.models.registry import register_model
+from cnnlab.models.registry import InputSize, Window, register_model, smallest_side
 
 _PAPER = ("Simonyan, Zisserman (2014), Very Deep Convolutional Networks for Large-Scale "
           "Image Recognition; BN per Ioffe, Szegedy (2015)")
@@ -42,6 +45,15 @@ CONFIGS: dict[str, tuple[int | str, ...]] = {
     "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
               512, 512, 512, 512, "M"),
 }
+
+# Training side on photo folders: twice CIFAR's 32; the paper's 224 has 49x the FLOPs of
+# 32 px, too slow to train on a CPU.
+DEFAULT_SIZE = 64
+
+
+def _path(config) -> list[Window]:
+    """The path a side takes: 3x3 'same' convolutions and 2x2 pools that round up."""
+    return [Window(2, 2, ceil_mode=True) if item == "M" else Window(3, padding=1) for item in config]
 
 
 class VGG(nn.Module):
@@ -72,12 +84,13 @@ class VGG(nn.Module):
 
 
 def _factory(name: str):
-    def factory(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
+    def factory(num_classes: int = 10, in_channels: int = 3, input_size: InputSize = 32) -> nn.Module:
         return VGG(CONFIGS[name], num_classes, in_channels)
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = f"{name.upper()}-BN (configuration table entry {name!r})."
     return register_model(name, family="VGG", year=2014, paper=_PAPER,
-                          input_sizes=(28, 32, 224))(factory)
+                          input_sizes=(28, 32, 224), min_size=smallest_side(_path(CONFIGS[name])),
+                          default_size=DEFAULT_SIZE)(factory)
 
 
 vgg11 = _factory("vgg11")
