@@ -112,7 +112,7 @@ def explain_image(model: nn.Module, image: np.ndarray, class_names: list[str], o
         "probabilities": {n: float(p) for n, p in zip(class_names, probs)},
         "layer": {"name": target.name, "type": type(target.module).__name__,
                   "output_shape": list(target.output_shape), "default": layer is None},
-        "gradcam_classes": [class_names[pred]] + ([class_names[extra]] if len(panels) > 1 else []),
+        "gradcam_classes": [class_names[pred]] + ([class_names[extra]] if extra is not None and len(panels) > 1 else []),
         "first_conv": {"name": conv_name, "weight_shape": list(conv.weight.shape)},
         "stages": [{"name": s.name, "type": s.type, "output_shape": list(s.output_shape),
                     "channels_shown": s.channels} for s in stages],

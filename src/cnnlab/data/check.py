@@ -155,7 +155,7 @@ def _inspect_chunk(task: tuple[list[str], int, tuple[int, int] | None, int]):
     the images as a (N, H, W, C) uint8 batch when ``size`` (width, height) is given."""
     paths, max_pixels, size, channels = task
     batch = None if size is None else np.zeros((len(paths), size[1], size[0], channels), dtype=np.uint8)
-    results = []
+    results: list[tuple[str | None, str | None, tuple[str, ...], bytes | None, tuple[int, int] | None]] = []
     for i, p in enumerate(paths):
         notes: list[str] = []
         try:
@@ -197,8 +197,9 @@ def inspect_files(listing: FolderListing, report: CheckReport, *, max_pixels: in
         cls = listing.class_names[label]
         rel = f"{split}/{cls}/{os.path.basename(path)}"   # listed files sit directly in class folders
         if kind is not None:
-            report.add(kind, "error", rel, reason)
+            report.add(kind, "error", rel, reason or kind)
             continue
+        assert wh is not None and digest is not None   # a usable file has both
         counts[split][cls] += 1
         sizes[f"{wh[0]}x{wh[1]}"] += 1
         by_hash[digest].append((split, cls, rel))
@@ -213,9 +214,11 @@ def inspect_files(listing: FolderListing, report: CheckReport, *, max_pixels: in
     report.counts = counts
     report.image_sizes = dict(sizes.most_common(10))
     _add_imbalance(report)
-    images_out = None if decode is None else (
-        np.concatenate([b for b, _ in chunks]) if chunks else np.zeros((0, size[1], size[0], channels), np.uint8))
-    return images_out, usable
+    if decode is None:
+        return None, usable
+    (width, height), _ = decode
+    return (np.concatenate([b for b, _ in chunks]) if chunks
+            else np.zeros((0, height, width, channels), np.uint8)), usable
 
 
 def _add_duplicates(report: CheckReport, by_hash: dict[bytes, list[tuple[str, str, str]]]) -> None:
@@ -224,7 +227,7 @@ def _add_duplicates(report: CheckReport, by_hash: dict[bytes, list[tuple[str, st
     for group in by_hash.values():
         if len(group) < 2:
             continue
-        splits = sorted({s for s, _, _ in group}, key=order.get)
+        splits = sorted({s for s, _, _ in group}, key=order.__getitem__)
         classes = sorted({c for _, c, _ in group})
         if len(splits) < 2 and len(classes) < 2:
             continue   # copies within one class of one split: wasteful, not wrong
@@ -242,7 +245,7 @@ def _add_imbalance(report: CheckReport) -> None:
     train = report.counts.get("train") or {}
     if not train:
         return
-    low, high = min(train, key=train.get), max(train, key=train.get)
+    low, high = min(train, key=train.__getitem__), max(train, key=train.__getitem__)
     report.imbalance = train[high] / train[low] if train[low] else None
     if report.imbalance is not None and report.imbalance > IMBALANCE_WARNING:
         report.add("imbalance", "warning", "train", f"classes range from {train[low]:,} images ({low}) to "

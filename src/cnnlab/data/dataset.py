@@ -105,7 +105,8 @@ class Dataset:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of every image."""
-        return tuple(self.train.images.shape[1:])  # type: ignore[attr-defined]  (StreamingDataset overrides)
+        h, w, c = self.train.take(np.zeros(0, np.int64)).shape[1:]   # no image read: an empty take
+        return h, w, c
 
 
 def stratified_indices(labels: np.ndarray, count: int | float, rng: np.random.Generator) -> np.ndarray:

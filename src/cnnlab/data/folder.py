@@ -71,6 +71,7 @@ def load_image_folder(root: str | Path, *, image_size: int | None = None,
         size = Counter(s for s, _ in good).most_common(1)[0][0]
     channels = 1 if all(m in GREY_MODES for _, m in good) else 3
     images, usable = check.inspect_files(listing, report, decode=(size, channels))
+    assert images is not None   # decode was given
     check.enforce(report, bad_images)
     splits, offset = {}, 0
     for split, entries in listing.files.items():

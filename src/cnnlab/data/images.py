@@ -11,6 +11,7 @@ import io
 import os
 import struct
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -74,7 +75,8 @@ def normalize_mode(img: Image.Image, notes: list[str] | None = None) -> Image.Im
         note("palette expanded to RGB")
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        if img.getchannel(img.mode[-1]).getextrema()[0] < 255:
+        alpha_min, _ = cast("tuple[int, int]", img.getchannel(img.mode[-1]).getextrema())
+        if alpha_min < 255:
             note(f"{img.mode}: transparency composited on white")
         img = _flatten_alpha(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -134,8 +136,8 @@ def open_image(source: str | Path | bytes, *, max_pixels: int | None = None,
 def to_array(img: Image.Image, size: tuple[int, int] | None, channels: int) -> np.ndarray:
     """(H, W, C) uint8 at ``size`` = (width, height), converted to ``channels`` (1 or 3)."""
     img = img.convert("L" if channels == 1 else "RGB")
-    if size is not None and img.size != tuple(size):
-        img = img.resize(tuple(size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if size is not None and img.size != (size[0], size[1]):
+        img = img.resize((size[0], size[1]), Image.Resampling.BILINEAR, reducing_gap=3.0)
     a = np.asarray(img, dtype=np.uint8)
     return a[:, :, None] if a.ndim == 2 else a
 

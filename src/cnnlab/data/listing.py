@@ -7,7 +7,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from PIL import Image
 
@@ -130,9 +130,9 @@ def list_folder(root: str | Path, *, report: Report | None = None) -> FolderList
     # Only reached with differing classes when reporting: label by the union, so all are checked.
     class_names = sorted(set().union(*map(set, classes.values())))
     files: dict[str, list[tuple[str, int]]] = {}
-    stamp = []
+    stamp: list[str] = []
     for split, names in classes.items():
-        entries = []
+        entries: list[tuple[str, int]] = []
         for name in names:
             label, cdir, found_files = class_names.index(name), split_dirs[split] / name, []
             # scandir + plain strings: listing 60,000 files must stay well under a second.
@@ -155,9 +155,9 @@ def list_folder(root: str | Path, *, report: Report | None = None) -> FolderList
     return FolderListing(root, class_names, files, "\n".join(stamp))
 
 
-def _headers(paths: list[Path]) -> list[tuple[tuple[int, int], str] | str]:
+def _headers(paths: Sequence[str | Path]) -> list[tuple[tuple[int, int], str] | str]:
     """(size, mode) per file without decoding pixels; an error string for unreadable ones."""
-    out = []
+    out: list[tuple[tuple[int, int], str] | str] = []
     for p in paths:
         try:
             with Image.open(p) as img:
@@ -167,7 +167,7 @@ def _headers(paths: list[Path]) -> list[tuple[tuple[int, int], str] | str]:
     return out
 
 
-def _map_chunks(fn, paths: list[Path], *extra):
+def _map_chunks(fn, paths: Sequence[str | Path], *extra):
     chunks = [paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
     tasks = [(c, *extra) if extra else c for c in chunks]
     if len(paths) < _PARALLEL_FROM or (os.cpu_count() or 1) < 2:

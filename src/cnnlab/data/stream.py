@@ -28,7 +28,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence, cast
 
 import numpy as np
 import torch
@@ -157,7 +157,7 @@ class _Files(torch.utils.data.Dataset):
 
 def _collate(items: list[torch.Tensor | str]) -> torch.Tensor | list[str]:
     errors = [i for i in items if isinstance(i, str)]
-    return errors if errors else torch.stack(items)
+    return errors if errors else torch.stack(cast("list[torch.Tensor]", items))
 
 
 def _images_or_raise(batch: torch.Tensor | list[str]) -> torch.Tensor:
@@ -249,11 +249,6 @@ class FileSplit:
 class StreamingDataset(Dataset):
     """A ``Dataset`` whose splits are ``FileSplit``s (same fields, same ``prepare_splits``)."""
     decoding: Decoding = field(default_factory=lambda: Decoding(IMAGENET_SIZE, 3))
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        d = self.decoding
-        return (d.size, d.size, d.channels)
 
 
 # ----------------------------------------------------------------------------- training batches

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ def optimizer_from_flat(opt: Optimizer, tensors: dict[str, torch.Tensor], meta: 
 
 def rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     py = random.getstate()
-    np_state = np.random.get_state()
+    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state(legacy=True))
     meta = {"python": [py[0], list(py[1]), py[2]],
             "numpy": [np_state[0], np_state[2], np_state[3], np_state[4]]}
     tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64))}

@@ -330,7 +330,7 @@ def per_class_figure(accuracy: dict[str, float | None], overall: float | None) -
         ax.legend(loc="lower right", fontsize=8)
     if k <= 30:
         for yi, a in zip(y, vals):
-            ax.text(min(a + 0.01, 0.9), yi, f"{a:.0%}", va="center", fontsize=7)
+            ax.text(min(a + 0.01, 0.9), float(yi), f"{a:.0%}", va="center", fontsize=7)
     ax.set_xlabel("test accuracy")
     ax.set_title("Test accuracy per class (worst first)", fontsize=10)
     ax.grid(axis="x", alpha=0.3)

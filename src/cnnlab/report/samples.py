@@ -22,5 +22,5 @@ def write_sample_grid(spec: str, out: str | Path, *, data_dir: str | None = None
     labels = ds.train.labels
     shown = min(ds.num_classes, 20)  # beyond 20 classes a grid stops being readable
     picks = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(shown)])
-    save_figure(samples_figure(ds.train.images[picks], labels[picks], ds.class_names, per_class), out)
+    save_figure(samples_figure(ds.train.take(picks), labels[picks], ds.class_names, per_class), out)
     return out

@@ -44,7 +44,7 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.core.hardware import available_cores
 from cnnlab.data.images import MAX_PIXELS, open_image, to_array
 from cnnlab.engine.inference import logits_for, top_classes
-from cnnlab.engine.runs import load_run
+from cnnlab.engine.runs import Run, load_run
 
 # Default upload limit in bytes (10 MB): above any photo a phone takes, far below memory trouble.
 DEFAULT_MAX_BYTES = 10_000_000
@@ -196,7 +196,7 @@ class Predictor:
         # Grad-CAM hooks the model and switches its mode: it gets its own copy of the run (loaded
         # on first use) and one request at a time, so concurrent /predict calls are undisturbed.
         self._cam_lock = threading.Lock()
-        self._cam_run = None
+        self._cam_run: Run | None = None
 
     def info(self) -> dict[str, Any]:
         run, card = self.run, self.run.card

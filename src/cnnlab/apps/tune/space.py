@@ -57,6 +57,13 @@ class Param:
     value: Any = None
 
     @property
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a float or int range."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.name}: a {self.kind} range needs low and high")
+        return self.low, self.high
+
+    @property
     def switch(self) -> str:
         """Name of the yes/no parameter of a ``zero: true`` range."""
         return f"use_{self.name}"
@@ -78,10 +85,11 @@ class Param:
                    f"a step ({{low: {self.low:g}, high: {self.high:g}, step: ...}}) or a list")
             raise CnnlabError(f"the grid sampler needs a finite set of values for {self.name}: give {how}")
         step = self.step or 1
-        count = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
+        low, high = self.bounds
+        count = int(math.floor((high - low) / step + 1e-9)) + 1
         if count > GRID_MAX_POINTS:
             raise CnnlabError(f"the grid for {self.name} would have {count} points; give a larger step or a list")
-        values = [self.low + i * step for i in range(count)]
+        values = [low + i * step for i in range(count)]
         values = [int(round(v)) for v in values] if self.kind == "int" else [round(v, 12) for v in values]
         return ([0] if self.zero else []) + values
 
@@ -94,8 +102,9 @@ class Param:
         if self.zero and not trial.suggest_categorical(self.switch, [True, False]):
             return 0
         if self.kind == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+            low, high = self.bounds
+            return trial.suggest_int(self.name, int(low), int(high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, *self.bounds, step=self.step, log=self.log)
 
 
 @dataclass
@@ -130,7 +139,7 @@ class SearchSpace:
             return p.value
         if p.kind == "choice":
             return max(p.choices)
-        return p.high
+        return p.bounds[1]
 
     def describe(self) -> list[str]:
         return [p.describe() for p in self.params.values()]

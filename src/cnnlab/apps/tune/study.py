@@ -40,7 +40,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 import optuna
 import yaml
@@ -54,6 +54,9 @@ from cnnlab.core.files import read_json, write_json, write_text
 from cnnlab.core.run_folder import RunFolder
 from cnnlab.data.dataset import Dataset
 from cnnlab.engine.runs import RUNS_ROOT
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -70,7 +73,7 @@ STRIPPED_DIRS = ("checkpoints_dir", "plots_dir")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-def _trial_errors() -> tuple[type[BaseException], ...]:
+def _trial_errors() -> tuple[type[Exception], ...]:
     """What fails one trial but not the study: bad values, NaN loss, a batch too big for the GPU."""
     import torch
     return (CnnlabError, torch.OutOfMemoryError)
@@ -476,7 +479,7 @@ def write_plots(study: optuna.Study, folder: Path) -> dict[str, str]:
         except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. importances of a constant
             status[name] = f"skipped: {e}"
             continue
-        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        fig = cast("Figure", (ax.flat[0] if hasattr(ax, "flat") else ax).figure)   # the top figure
         save_figure(fig, folder / name)
         status[name] = "written"
     return status
