@@ -41,6 +41,7 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.core.files import write_bytes
 from cnnlab.core.version import __version__
 from cnnlab.data.images import is_image_name, load_image
+from cnnlab.models.inspect import forward_with_hooks
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # Opset 17: run by every ONNX Runtime since 1.13 (2022) and by onnxruntime-web / mobile.
@@ -110,14 +111,8 @@ def exportable(model: nn.Module, example: torch.Tensor) -> nn.Module:
     pools = {n: m for n, m in model.named_modules() if type(m) is nn.AdaptiveAvgPool2d}
     if not pools:
         return model
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n, tuple(inp[0].shape[-2:])))
-             for n, m in pools.items()]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, example, pools.items(),
+                       lambda name, mod, inputs, out: seen.__setitem__(name, tuple(inputs[0].shape[-2:])))
     swaps = {}
     for name, in_hw in seen.items():
         out_hw = _pair(pools[name].output_size, in_hw)

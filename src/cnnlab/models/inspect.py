@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -102,24 +102,12 @@ def _as_batch(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
     return x.to(_device(model), torch.float32)
 
 
-def _trace(model: nn.Module, x: torch.Tensor, keep: set[int] | None = None
-           ) -> tuple[list[_Call], dict[int, torch.Tensor]]:
-    """Forward ``x`` once (eval mode, no grad) with a hook on every module of the network.
-
-    Returns the calls in the order modules finished and, for call numbers in ``keep``, a copy
-    of their output (copied because a later in-place op may overwrite it)."""
-    net = _network(model)
-    calls: list[_Call] = []
-    kept: dict[int, torch.Tensor] = {}
-
-    def hook(name, module, inputs, out):
-        shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) and out.dim() == 4 else None
-        if keep is not None and len(calls) in keep:
-            kept[len(calls)] = out.detach().float().clone()
-        calls.append(_Call(name, module, shape))
-
-    handles = [m.register_forward_hook(lambda mod, i, o, _n=n: hook(_n, mod, i, o))
-               for n, m in net.named_modules() if n]
+def forward_with_hooks(model: nn.Module, x: torch.Tensor, modules: Iterable[tuple[str, nn.Module]],
+                       hook: Callable[[str, nn.Module, tuple, Any], None]) -> None:
+    """Forward ``x`` through ``model`` once (eval mode, no grad), calling ``hook(name, module,
+    inputs, output)`` as each of the named ``modules`` finishes. The hooks are removed and the
+    model's training mode restored afterwards, even when the forward pass raises."""
+    handles = [m.register_forward_hook(lambda mod, i, o, _n=n: hook(_n, mod, i, o)) for n, m in modules]
     was_training = model.training
     model.eval()
     try:
@@ -129,6 +117,24 @@ def _trace(model: nn.Module, x: torch.Tensor, keep: set[int] | None = None
         for h in handles:
             h.remove()
         model.train(was_training)
+
+
+def _trace(model: nn.Module, x: torch.Tensor, keep: set[int] | None = None
+           ) -> tuple[list[_Call], dict[int, torch.Tensor]]:
+    """Forward ``x`` once (eval mode, no grad) with a hook on every module of the network.
+
+    Returns the calls in the order modules finished and, for call numbers in ``keep``, a copy
+    of their output (copied because a later in-place op may overwrite it)."""
+    calls: list[_Call] = []
+    kept: dict[int, torch.Tensor] = {}
+
+    def hook(name, module, inputs, out):
+        shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) and out.dim() == 4 else None
+        if keep is not None and len(calls) in keep:
+            kept[len(calls)] = out.detach().float().clone()
+        calls.append(_Call(name, module, shape))
+
+    forward_with_hooks(model, x, ((n, m) for n, m in _network(model).named_modules() if n), hook)
     return calls, kept
 
 
