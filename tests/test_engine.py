@@ -248,6 +248,25 @@ def test_a_callback_sees_every_hook_and_can_stop_the_run(tiny_cifar, tmp_path):
     assert len(run.history["loss"]) == 2 and run.metrics["epochs"] == 2    # stopped, then saved
 
 
+def test_a_caller_sets_each_steps_rate_and_the_trainer_counts_the_steps(tiny_cifar, tmp_path):
+    """``lr_at`` replaces the schedule (the range test's ramp); ``train_steps`` runs on across epochs."""
+    from cnnlab.engine.loop import Trainer, load_data
+    cfg = Config(data=str(tiny_cifar), batch_size=64, threads=1, bias_lr_scale=2.0)
+    trainer = Trainer(cfg, load_data(cfg), tmp_path / "r", torch.device("cpu"), progress=False,
+                      lr_at=lambda step: 1e-4 * 2 ** step)
+    steps = trainer.steps_per_epoch
+    rates = []
+    for i, _ in enumerate(trainer.train_steps()):
+        rates.append([g["lr"] for g in trainer.optimizer.param_groups])
+        if i + 1 == steps + 2:
+            break
+    assert rates == [[1e-4 * 2 ** i * g["lr_scale"] for g in trainer.optimizer.param_groups]
+                     for i in range(steps + 2)]
+    s = trainer.state
+    assert (s.epoch, s.step_in_epoch, s.global_step) == (1, 2, steps + 2)
+    assert not (tmp_path / "r").exists()                     # no checkpoint, no run folder
+
+
 def test_early_stop_and_time_limit_end_the_run(tiny_cifar, tmp_path, capsys):
     from cnnlab.engine.loop import fit
     base = dict(data=str(tiny_cifar), epochs=6, batch_size=64, threads=1)

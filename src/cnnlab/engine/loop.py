@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -121,11 +121,17 @@ class EpochSums:
 
 
 class Trainer:
-    """The loop's moving parts, gathered so checkpointing and callbacks can see them all."""
+    """The loop's moving parts, gathered so checkpointing and callbacks can see them all.
+
+    ``lr_at(global_step)``, when given, is each step's learning rate in place of the config's
+    schedule (the range test's exponential ramp); SGD's decoupled weight decay then stays at
+    its full strength, as under a constant schedule.
+    """
 
     def __init__(self, cfg: Config, data: Dataset, run: Path, device: torch.device,
-                 progress: bool = True):
+                 progress: bool = True, lr_at: Callable[[int], float] | None = None):
         self.cfg, self.data, self.run, self.device, self.progress = cfg, data, run, device, progress
+        self.lr_at = lr_at
         self.precision = choose_precision(cfg.precision, device)
         self.dtype = self.precision.dtype
         self.scaler = grad_scaler(device, self.precision)   # float16 only
@@ -252,9 +258,8 @@ class Trainer:
     # -- training ----------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, s = self.cfg, self.state
-        progress = self.elapsed() / cfg.time_limit if cfg.time_limit else None
-        mult = self.schedule.multiplier(s.global_step, progress)
-        set_lr(self.optimizer, self.schedule.base_lr * mult)
+        lr, mult = self._rate(s.global_step)
+        set_lr(self.optimizer, lr)
         # Dropout and other in-model randomness, reproducible per step for exact resume.
         torch.manual_seed(derive_seed(cfg.seed, s.epoch, s.step_in_epoch, 0xD0, *distributed.rank_key()))
         for hook in self.model_hooks:
@@ -275,6 +280,28 @@ class Trainer:
             self.ema.update(s.global_step)
         correct = (logits.detach().argmax(1) == y).sum()
         return loss.detach(), correct
+
+    def _rate(self, step: int) -> tuple[float, float]:
+        """(learning rate, decoupled-decay multiplier) of ``step``."""
+        if self.lr_at is not None:
+            return self.lr_at(step), 1.0
+        progress = self.elapsed() / self.cfg.time_limit if self.cfg.time_limit else None
+        mult = self.schedule.multiplier(step, progress)
+        return self.schedule.base_lr * mult, mult
+
+    def train_steps(self) -> Iterator[torch.Tensor]:
+        """Train batch after batch, epoch after epoch, yielding each step's loss: no evaluation,
+        checkpoint or callback, and no end but the caller's (the range test's loop)."""
+        s = self.state
+        self.model.train()
+        while True:
+            for x, y in self.batches.epoch(s.epoch, s.step_in_epoch):
+                loss, _ = self.train_step(x, y)
+                s.step_in_epoch += 1
+                s.global_step += 1
+                yield loss
+            s.epoch += 1
+            s.step_in_epoch = 0
 
     def _scaled_step(self, mult: float) -> None:
         """float16: the scaler unscales the gradients and skips the step when one overflowed,
@@ -373,7 +400,8 @@ class Trainer:
                 h["accuracy"].append(acc)
                 h["val_loss"].append(val.loss if val else None)
                 h["val_accuracy"].append(val.accuracy if val else None)
-                h["lr"].append(self.schedule.lr(max(0, s.global_step - 1)))
+                last = max(0, s.global_step - 1)
+                h["lr"].append(self.lr_at(last) if self.lr_at is not None else self.schedule.lr(last))
                 h["seconds"].append(seconds)
                 s.epoch += 1
                 s.step_in_epoch = 0

@@ -8,9 +8,8 @@ smoothed loss falls fastest per decade of learning rate (the steepest descent, b
 minimum); a tenth of the rate at the minimum loss is reported too.
 
 It reuses the training loop's ``Trainer`` (model, optimizer, batches, augmentation,
-precision, ``train_step``) and only replaces its schedule by a constant one whose rate is
-set before each step. Rates are in the config's units (per 1024 examples when
-``lr_per_1024`` is on). Writes ``lr_find.json`` and ``lr_find.png`` in the output folder.
+precision, ``train_steps``), giving it the ramp as its per-step learning rate (``lr_at``).
+Rates are in the config's units (per 1024 examples when ``lr_per_1024`` is on). Writes ``lr_find.json`` and ``lr_find.png`` in the output folder.
 """
 from __future__ import annotations
 
@@ -54,7 +53,6 @@ def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int =
 
     from cnnlab.core.hardware import pick_device, set_threads
     from cnnlab.engine.loop import Trainer, load_data
-    from cnnlab.engine.optim import Schedule
     from cnnlab.models.registry import model_info
 
     if not (0 < start < end and math.isfinite(end)):
@@ -67,41 +65,35 @@ def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int =
     device = pick_device(cfg.device)
     set_threads(cfg.threads)
     data = load_data(cfg)
-    trainer = Trainer(cfg, data, path, device, progress=False)
+    ratio = (end / start) ** (1 / (steps - 1))
+
+    def rate(step: int) -> float:   # in the config's units
+        return start * ratio ** step
+
     # The optimizer receives effective rates; with lr_per_1024 the config's rate is per 1024 examples.
     scale = cfg.batch_size / 1024 if cfg.lr_per_1024 else 1.0
-    trainer.schedule = Schedule(base_lr=start * scale, total_steps=steps)   # constant: multiplier 1
-    ratio = (end / start) ** (1 / (steps - 1))
+    trainer = Trainer(cfg, data, path, device, progress=False, lr_at=lambda step: rate(step) * scale)
 
     lrs, losses, smoothed = [], [], []
     avg, best, diverged = 0.0, math.inf, False
-    s = trainer.state
-    trainer.model.train()
     bar = tqdm(total=steps, desc="lr-find", unit="step", disable=not progress, leave=False)
-    while len(lrs) < steps and not diverged:
-        for x, y in trainer.batches.epoch(s.epoch):
-            lr = start * ratio ** len(lrs)
-            trainer.schedule.base_lr = lr * scale
-            loss = float(trainer.train_step(x, y)[0])
-            s.step_in_epoch += 1
-            s.global_step += 1
-            bar.update(1)
-            if not math.isfinite(loss):
-                diverged = True
-                break
-            avg = SMOOTHING * avg + (1 - SMOOTHING) * loss
-            smooth = avg / (1 - SMOOTHING ** (len(lrs) + 1))
-            lrs.append(lr)
-            losses.append(loss)
-            smoothed.append(smooth)
-            best = min(best, smooth)
-            if smooth > DIVERGE * best:
-                diverged = True
-                break
-            if len(lrs) >= steps:
-                break
-        s.epoch += 1
-        s.step_in_epoch = 0
+    for step, step_loss in enumerate(trainer.train_steps()):   # step == len(lrs) until it stops
+        loss = float(step_loss)
+        bar.update(1)
+        if not math.isfinite(loss):
+            diverged = True
+            break
+        avg = SMOOTHING * avg + (1 - SMOOTHING) * loss
+        smooth = avg / (1 - SMOOTHING ** (step + 1))
+        lrs.append(rate(step))
+        losses.append(loss)
+        smoothed.append(smooth)
+        best = min(best, smooth)
+        if smooth > DIVERGE * best:
+            diverged = True
+            break
+        if len(lrs) >= steps:
+            break
     bar.close()
     if len(lrs) < MIN_STEPS:
         raise CnnlabError(f"the loss diverged after {len(lrs)} step(s), at lr {start * ratio ** len(lrs):.3g}: "
