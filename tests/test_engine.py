@@ -238,6 +238,9 @@ def test_a_callback_sees_every_hook_and_can_stop_the_run(tiny_cifar, tmp_path):
             if trainer.state.epoch == 2:
                 trainer.request_stop("recorder: enough")
 
+        def on_train_end(self, trainer, metrics):
+            self.calls.append(("train_end", metrics))
+
     rec = Recorder()
     run = fit(Config(data=str(tiny_cifar), epochs=4, batch_size=64, threads=1), out=tmp_path / "r",
               progress=False, callbacks=[rec])
@@ -246,6 +249,7 @@ def test_a_callback_sees_every_hook_and_can_stop_the_run(tiny_cifar, tmp_path):
     assert [c[1] for c in rec.calls if c[0] == "step"] == list(range(1, 2 * steps + 1))
     assert [c[:2] for c in rec.calls if c[0] == "end"] == [("end", 1), ("end", 2)]
     assert len(run.history["loss"]) == 2 and run.metrics["epochs"] == 2    # stopped, then saved
+    assert rec.calls[-1] == ("train_end", run.metrics)                     # last, with metrics.json's scores
 
 
 def test_a_caller_sets_each_steps_rate_and_the_trainer_counts_the_steps(tiny_cifar, tmp_path):

@@ -67,18 +67,92 @@ def test_image_grids_are_one_mosaic():
     assert len(fig.axes) == 1 and len(fig.axes[0].images) == 1
 
 
-@pytest.mark.skipif(not HAVE_TENSORBOARD, reason="tensorboard is not installed (pip install cnnlab[tensorboard])")
-def test_tensorboard_events_hold_the_history(runs):
+def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag of a TensorBoard folder as (step, value) pairs, read by TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _assert_epochs_match(scalars: dict[str, list[tuple[int, float]]], history: dict[str, list]) -> None:
+    """One point per epoch (step = epoch) per history column, equal to history.json's value."""
+    from cnnlab.engine.callbacks import TAGS
+    for key, tag in TAGS.items():
+        rows = [(epoch, v) for epoch, v in enumerate(history[key], start=1) if v is not None]
+        assert [s for s, _ in scalars.get(tag, [])] == [s for s, _ in rows], tag
+        # TensorBoard keeps float32: 6e-8 relative.
+        assert [v for _, v in scalars.get(tag, [])] == pytest.approx([v for _, v in rows], rel=1e-6), tag
+
+
+needs_tensorboard = pytest.mark.skipif(not HAVE_TENSORBOARD,
+                                       reason="tensorboard is not installed (pip install cnnlab[tensorboard])")
+
+
+@needs_tensorboard
+def test_tensorboard_events_hold_the_history(runs):
     run, _ = runs
+    # Written by training; the report (built in the fixture) wrote no second copy.
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1
-    acc = EventAccumulator(str(run / "tensorboard"))
-    acc.Reload()
     history = json.loads((run / "history.json").read_text())
-    got = [e.value for e in acc.Scalars("loss/train")]
-    assert got == pytest.approx(history["loss"], rel=1e-6)   # TensorBoard keeps float32: 6e-8 relative
-    assert {"accuracy/validation", "learning_rate", "test/accuracy"} <= set(acc.Tags()["scalars"])
+    scalars = _scalars(run / "tensorboard")
+    _assert_epochs_match(scalars, history)
+    assert {"accuracy/validation", "learning_rate", "test/accuracy"} <= set(scalars)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert scalars["test/accuracy"] == [(2, pytest.approx(metrics["test_accuracy"], rel=1e-6))]
+
+
+@needs_tensorboard
+def test_tensorboard_scalars_are_on_disk_as_each_epoch_ends(tiny_cifar, tmp_path):
+    seen: dict[int, dict[str, list[tuple[int, float]]]] = {}
+
+    def look(epoch: int, history: dict[str, list]) -> bool:
+        seen[epoch] = _scalars(tmp_path / "live" / "tensorboard")
+        _assert_epochs_match(seen[epoch], history)   # this epoch's row is already there
+        return False
+
+    fit(Config(data=str(tiny_cifar), epochs=2, batch_size=32, val_split=0.2, train_size=100, tensorboard=True),
+        out=tmp_path / "live", progress=False, on_epoch=look)
+    assert [s for s, _ in seen[1]["loss/train"]] == [1]
+    assert [s for s, _ in seen[2]["loss/train"]] == [1, 2]
+    assert "test/accuracy" not in seen[2]                 # the test split is scored after training
+
+
+@needs_tensorboard
+def test_report_rebuilds_tensorboard_from_the_history(runs):
+    a, b = runs
+    assert not (b / "tensorboard").exists()             # trained without --tensorboard
+    for run in (b, a):                                   # a: replaces what training wrote
+        assert main(["report", str(run), "--tensorboard"]) == 0
+        assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+        scalars = _scalars(run / "tensorboard")
+        _assert_epochs_match(scalars, json.loads((run / "history.json").read_text()))
+        assert "test/accuracy" in scalars
+
+
+@needs_tensorboard
+def test_a_resumed_run_replaces_the_epochs_it_redoes(tmp_path):
+    """A run killed after TensorBoard saw epoch 2 but before a checkpoint held it resumes from
+    epoch 1: its new epoch 2 replaces the old one (the writer's purge step)."""
+    from types import SimpleNamespace
+
+    from cnnlab.engine.callbacks import TensorBoard
+
+    def session(epochs_done: int, losses: list[float]) -> None:
+        history = {"loss": losses[:epochs_done]}
+        trainer = SimpleNamespace(run=tmp_path, cfg=Config(), state=SimpleNamespace(epoch=epochs_done, history=history))
+        tb = TensorBoard()
+        for loss in losses[epochs_done:]:
+            tb.on_epoch_begin(trainer, 1)
+            history["loss"].append(loss)
+            trainer.state.epoch += 1
+            tb.on_epoch_end(trainer, {})
+        tb.on_interrupt(trainer)
+
+    session(0, [3.0, 2.0])
+    session(1, [3.0, 1.5, 1.0])
+    assert _scalars(tmp_path / "tensorboard")["loss/train"] == [(1, 3.0), (2, 1.5), (3, 1.0)]
 
 
 def test_cli_report_and_compare(runs, tmp_path, capsys):

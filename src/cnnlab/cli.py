@@ -220,7 +220,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from cnnlab.report import write_report
-    write_report(args.run, tensorboard=True if args.tensorboard else None)
+    write_report(args.run, tensorboard=args.tensorboard)
     print(f"wrote {Path(args.run) / 'report.html'} and {Path(args.run) / 'plots'}/")
     return 0
 
@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="rebuild a run's plots and report.html from its folder")
     rp.add_argument("run", metavar="RUN")
     rp.add_argument("--tensorboard", action="store_true",
-                    help="also write TensorBoard event files to RUN/tensorboard (pip install tensorboard)")
+                    help="also rebuild RUN/tensorboard's event files from the history (training with "
+                         "--tensorboard writes them live; pip install tensorboard)")
     rp.set_defaults(func=cmd_report)
 
     cp = sub.add_parser("compare", help="compare runs: table, overlaid curves, compare.html")

@@ -8,26 +8,34 @@ these hooks, each called with the trainer:
     on_step_end(trainer)              after each optimizer step
     on_epoch_end(trainer, logs)       after the epoch's evaluation and history row
     on_interrupt(trainer)             before a stop signal's checkpoint
+    on_train_end(trainer, metrics)    after the test split's evaluation (metrics.json's contents)
 
 A callback stops training by calling ``trainer.request_stop(reason)`` (after the epoch) or
 ``trainer.end_epoch_now()`` (after this step: the time limit). The order of
 ``default_callbacks`` matters: the best weights are kept before the checkpoint that saves
-them, and the checkpoint is written before anything may stop the run.
+them, the checkpoint is written before anything may stop the run, and TensorBoard shows only
+epochs a checkpoint holds (a run that turns non-finite keeps the last checkpoint's history).
 """
 from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
 from tqdm import tqdm
 
 from cnnlab.core.config import Config
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.run_folder import RunFolder
+from cnnlab.engine.distributed import is_main
 
 
 class Trainer(Protocol):
     """What callbacks see of ``cnnlab.engine.loop.Trainer`` (which imports this module)."""
+    cfg: Config
+    run: Path                   # the run folder
     state: Any                  # LoopState: epoch, step_in_epoch, global_step, history, best_val, best_epoch
     best_state: dict[str, torch.Tensor] | None
 
@@ -46,6 +54,7 @@ class Callback:
     def on_step_end(self, trainer: Trainer) -> None: ...
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
     def on_interrupt(self, trainer: Trainer) -> None: ...
+    def on_train_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
 
 
 class ProgressBar(Callback):
@@ -148,6 +157,87 @@ class EarlyStopping(Callback):
                                  f"epochs (best {s.best_val:.4f} at epoch {s.best_epoch})")
 
 
+# ----------------------------------------------------------------------------- TensorBoard
+TAGS = {  # history key -> TensorBoard tag (train and validation of one quantity share a section)
+    "loss": "loss/train", "val_loss": "loss/validation",
+    "accuracy": "accuracy/train", "val_accuracy": "accuracy/validation",
+    "lr": "learning_rate", "seconds": "seconds_per_epoch",
+}
+
+
+def _writer_class() -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise CnnlabError(f"--tensorboard needs the tensorboard package ({e}): pip install tensorboard") from None
+    return SummaryWriter
+
+
+def summary_writer(folder: Path, purge_step: int | None = None) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``folder``; ``purge_step``: TensorBoard
+    drops what earlier event files hold from that step on (a resumed run redoes those epochs)."""
+    return _writer_class()(log_dir=str(folder), purge_step=purge_step)
+
+
+def add_epoch_scalars(writer: Any, history: dict[str, list], epoch: int) -> None:
+    """History row ``epoch`` (counted from 1) as scalars at step ``epoch``."""
+    for key, tag in TAGS.items():
+        values = history.get(key) or []
+        if len(values) >= epoch and values[epoch - 1] is not None:
+            writer.add_scalar(tag, float(values[epoch - 1]), epoch)
+
+
+def add_test_scalars(writer: Any, metrics: dict[str, Any], step: int) -> None:
+    for key in ("test_accuracy", "test_loss"):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            writer.add_scalar(f"test/{key[5:]}", float(value), step)
+
+
+def add_config_text(writer: Any, config: dict[str, Any]) -> None:
+    text = "  \n".join(f"**{k}**: {v}" for k, v in config.items())
+    if text:
+        writer.add_text("config", text, 0)
+
+
+class TensorBoard(Callback):
+    """``--tensorboard``: each epoch's history row as scalars in RUN/tensorboard, on disk as the
+    epoch ends (one step per epoch), and the test accuracy and loss at the end."""
+
+    def __init__(self) -> None:
+        _writer_class()   # a missing package fails before training, not after it
+        self.writer: Any = None
+
+    def _open(self, trainer: Trainer) -> Any:
+        if self.writer is None:
+            done = trainer.state.epoch
+            self.writer = summary_writer(RunFolder(trainer.run).tensorboard_dir,   # `tensorboard --logdir runs/`
+                                         purge_step=done + 1 if done else None)
+            if not done:
+                add_config_text(self.writer, trainer.cfg.to_dict())
+        return self.writer
+
+    def on_epoch_begin(self, trainer: Trainer, steps: int) -> None:
+        self._open(trainer)
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        writer = self._open(trainer)
+        add_epoch_scalars(writer, trainer.state.history, trainer.state.epoch)
+        writer.flush()   # live: TensorBoard (and a reader) sees the epoch now
+
+    def _close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def on_interrupt(self, trainer: Trainer) -> None:
+        self._close()
+
+    def on_train_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        add_test_scalars(self._open(trainer), metrics, max(trainer.state.epoch, 1))
+        self._close()
+
+
 def default_callbacks(cfg: Config, *, progress: bool,
                       on_epoch: Callable[[int, dict[str, list]], bool] | None = None) -> list[Callback]:
     """The callbacks ``cfg`` asks for, in the order they must run (see the module docstring)."""
@@ -157,6 +247,8 @@ def default_callbacks(cfg: Config, *, progress: bool,
     if progress:
         callbacks.append(ProgressBar(math.ceil(cfg.epochs)))
     callbacks.append(Checkpointer(cfg.checkpoint_every))
+    if cfg.tensorboard and is_main():
+        callbacks.append(TensorBoard())
     if on_epoch is not None:
         callbacks.append(OnEpoch(on_epoch))
     if cfg.time_limit:

@@ -415,6 +415,10 @@ class Trainer:
                         print(reason, flush=True)
                     break
 
+    def end_training(self, metrics: dict[str, Any]) -> None:
+        """Tell the callbacks the test split's scores (after ``fit``, once metrics.json is written)."""
+        self._call("on_train_end", metrics)
+
     def final_model(self) -> torch.nn.Module:
         model = self.eval_model()
         if self.cfg.keep == "best" and self.best_state is not None:
@@ -455,8 +459,8 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
       the same images (the tuner).
     - ``on_epoch(epoch, history)`` is called after each epoch; returning True stops training
       (the tuner's pruner uses it).
-    - ``callbacks`` run after the config's own (progress, checkpoints, keep-best, time limit,
-      early stop: ``cnnlab.engine.callbacks``).
+    - ``callbacks`` run after the config's own (progress, checkpoints, keep-best, TensorBoard,
+      time limit, early stop: ``cnnlab.engine.callbacks``).
 
     The run folder holds everything the report draws; ``cnnlab.report.write_report``, a layer
     above, draws it (the command line after training, the tuner for its best trial only).
@@ -558,6 +562,7 @@ def _train_and_save(trainer: Trainer, on_epoch, callbacks: Sequence[Callback] = 
     if main:
         write_json(RunFolder(path).metrics_file, metrics)
         save_evaluation(path, trainer.data, test, model)
+    trainer.end_training(metrics)
     if trainer.progress:
         print(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
               f"trained {s.train_seconds:.1f}s over {s.epoch} epochs  -> {path}", flush=True)
