@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The project's tests: the linter, the whole suite (the import contract included), then the
+# The project's tests: the linter, the type checker, the whole suite (the import contract included), then the
 # numerics-sensitive files again with PyTorch's kernels capped to AVX2 (as on a laptop without
 # AVX-512 or AMX), so a pass here is a pass there.
 #   bash scripts/test.sh            # after: bash scripts/setup.sh --test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check src tests benchmarks          # unused or undefined names, import order
+.venv/bin/python -m mypy                           # src/cnnlab, as configured in pyproject.toml
 .venv/bin/python -m pytest -q "$@"
 echo "tests again as an AVX2 laptop runs them (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2):"
 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python -m pytest -q "$@" \

@@ -254,9 +254,23 @@ def test_most_probable_orders_by_probability_and_keeps_ties_in_class_order():
     ({"train_size": 0}, "train_size must be a positive number of images"),
     ({"test_size": -3}, "test_size must be a positive number of images"),
     ({"loader": "memory", "crop": "random_resized"}, "only the streaming loader keeps"),
+    ({"whiten": True}, "--whiten needs a model with a patch-whitening first layer; 'tutorial' has none"),
+    ({"model": "alexnet", "image_size": 12}, "alexnet needs images of at least 15x15 pixels; got 12x12"),
+    ({"model": "resnet7"}, "unknown model 'resnet7'"),
 ])
 def test_config_rules_fire_before_any_data_loads(changes, message):
     """The folder does not exist: a rule checked after loading would report that instead."""
     from cnnlab.engine.loop import fit
     with pytest.raises(CnnlabError, match=message):
         fit(Config(data="/no/such/folder", **changes), progress=False)
+
+
+def test_rules_that_need_a_registry_refuse_official_datasets_before_loading(tmp_path):
+    """No archive exists under data_dir: each rule must fire before anything is looked for."""
+    from cnnlab.engine.loop import check_config
+    for changes, message in [({"loader": "stream"}, "--loader stream reads image folders"),
+                             ({"image_size": 64}, "--image-size applies to image folders; mnist is always 28x28")]:
+        with pytest.raises(CnnlabError, match=message):
+            check_config(Config(data="mnist", data_dir=str(tmp_path), **changes))
+    assert check_config(Config(data="mnist", model="lenet5")).model == "lenet5"
+    assert list(tmp_path.iterdir()) == []

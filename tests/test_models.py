@@ -388,9 +388,6 @@ def test_a_saved_card_with_height_and_width_rebuilds_the_model(tmp_path):
     assert square.state_dict()["net.9.weight"].shape != rebuilt.state_dict()["net.9.weight"].shape
 
 
-@pytest.mark.xfail(strict=True, raises=CnnlabError, reason="engine/runs.py load_model passes card['input_size'][0] "
-                                       "to build_classifier: it must pass the whole [h, w] list "
-                                       "(remove this mark when it does)")
 def test_load_model_rebuilds_a_non_square_run(tmp_path):
     from cnnlab.engine.runs import load_model, save_model
     card = NON_SQUARE_CARD

@@ -87,6 +87,8 @@ class FixedAdaptiveAvgPool2d(nn.Module):
         self.register_buffer("weights", weights.t().contiguous(), persistent=False)  # (H*W, oh*ow)
         self.out_hw = (oh, ow)
 
+    weights: torch.Tensor   # the buffer registered above
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[0], x.shape[1]
         return torch.matmul(x.flatten(2), self.weights).reshape(n, c, *self.out_hw)
@@ -102,7 +104,8 @@ def _window_matrix(size: int, out: int) -> torch.Tensor:
 
 def _pair(v: Any, like: tuple[int, int]) -> tuple[int, int]:
     v = (v, v) if isinstance(v, int) or v is None else tuple(v)
-    return tuple(l if o is None else o for o, l in zip(v, like))  # None keeps that side
+    h, w = (side if o is None else int(o) for o, side in zip(v, like))  # None keeps that side
+    return h, w
 
 
 def exportable(model: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -144,7 +147,7 @@ def _quiet_exporter() -> Iterator[None]:
 def _export_torchscript(model: nn.Module, example: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     with _quiet_exporter():
-        torch.onnx.export(exportable(model, example), (example,), buf, dynamo=False, opset_version=OPSET,
+        torch.onnx.export(exportable(model, example), (example,), buf, dynamo=False, opset_version=OPSET,  # type: ignore[arg-type]
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     return buf.getvalue()
@@ -157,6 +160,7 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor) -> bytes:
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     dynamic_shapes=({0: torch.export.Dim("batch")},),
                                     optimize=True, verbose=False)
+    assert program is not None   # f=None: the program is returned, not written
     return program.model_proto.SerializeToString()
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab.core.hardware import autocast
-from cnnlab.data.dataset import Split
+from cnnlab.data.dataset import ImageSplit
 from cnnlab.engine import distributed
 
 EVAL_BATCH = 500
@@ -44,7 +44,7 @@ def tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: str) -> torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Split, device: torch.device, *, dtype: torch.dtype | None = None,
+def evaluate(model: torch.nn.Module, split: ImageSplit, device: torch.device, *, dtype: torch.dtype | None = None,
              tta: str = "none", batch_size: int = EVAL_BATCH, channels_last: bool = False) -> Evaluation:
     was_training = model.training
     model.eval()

@@ -138,17 +138,14 @@ class Trainer:
         h, w, c = data.image_shape
         torch.manual_seed(derive_seed(cfg.seed, 0x1717))   # weight initialisation
         self.mean, self.std = _dataset_stats(data.train.stats_sample(), cfg.normalize)
-        self.model: Classifier = build_classifier(cfg.model, data.num_classes, c, h, self.mean, self.std).to(device)
+        self.model: Classifier = build_classifier(cfg.model, data.num_classes, c, (h, w), self.mean, self.std).to(device)
         if cfg.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         # In memory or streamed from disk; this process's shard when data-parallel.
         self.batches = distributed.training_batches(cfg, data, device)
         self.steps_per_epoch = len(self.batches)
         # What the network itself asks of training (models/hooks.py): SpeedNet's whitening.
-        offered = getattr(self.model.net, "training_hooks", None)
-        if offered is None and (cfg.whiten or cfg.whiten_bias_epochs is not None):
-            raise CnnlabError(f"--whiten needs a model with a patch-whitening first layer; "
-                              f"{cfg.model!r} has none (try --model speednet)")
+        offered = getattr(self.model.net, "training_hooks", None)   # its switches: check_config's
         self.model_hooks: list[TrainingHook] = offered(cfg, self.steps_per_epoch) if offered else []
         for hook in self.model_hooks:
             hook.setup(self.model.net, self.training_sample)
@@ -160,7 +157,7 @@ class Trainer:
                                   ramp_steps=self.total_steps if cfg.ema_ramp else 0)
                     if cfg.ema > 0 else None)
         self.ema_start_step = round(cfg.ema_start * self.total_steps)
-        self._ema_model: torch.nn.Module | None = None
+        self._ema_model: Classifier | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.state = LoopState()
         self.callbacks: list[Callback] = []
@@ -373,7 +370,7 @@ class Trainer:
         """Training seconds so far, this epoch included."""
         return self.state.train_seconds + time.perf_counter() - self._epoch_start
 
-    def eval_model(self) -> torch.nn.Module:
+    def eval_model(self) -> Classifier:
         """The model to evaluate: the weight average when there is one."""
         if self.ema is None or self.state.global_step < self.ema_start_step:
             return self.model
@@ -405,9 +402,9 @@ class Trainer:
                 h["seconds"].append(seconds)
                 s.epoch += 1
                 s.step_in_epoch = 0
-                improved = val is not None and val.accuracy > s.best_val
-                if improved:
-                    s.best_val, s.best_epoch = val.accuracy, s.epoch
+                improved = False
+                if val is not None and val.accuracy > s.best_val:
+                    improved, s.best_val, s.best_epoch = True, val.accuracy, s.epoch
                 self._call("on_epoch_end", {"val": val, "improved": improved, "model": model, "images": images})
                 stopping, reason = self._stop
                 if stopping:
@@ -419,7 +416,7 @@ class Trainer:
         """Tell the callbacks the test split's scores (after ``fit``, once metrics.json is written)."""
         self._call("on_train_end", metrics)
 
-    def final_model(self) -> torch.nn.Module:
+    def final_model(self) -> Classifier:
         model = self.eval_model()
         if self.cfg.keep == "best" and self.best_state is not None:
             model.load_state_dict(self.best_state)
@@ -431,6 +428,34 @@ class Trainer:
 # the same images (the tuner loads them once for all its trials).
 DATA_KEYS = ("data", "data_dir", "image_size", "bad_images", "loader", "workers", "crop", "center_crop",
              "val_split", "train_size", "test_size", "seed", "nproc")
+
+
+def check_config(cfg: Config) -> Config:
+    """Every rule a run's config must meet, checked before any data loads: its own values
+    (``config.validate``), then the rules that need a registry: the model exists and takes the
+    image size asked for, a switch only some models act on (``--whiten``) is on for one of them,
+    and ``--loader stream`` names an image folder, not a dataset read from its archives."""
+    from cnnlab.data.registry import official
+    from cnnlab.models.registry import check_input_size, list_models, model_info
+    cfg = config_mod.validate(cfg)
+    info = model_info(cfg.model)
+    for key in sorted({k for name in list_models() for k in model_info(name).setup_keys}):
+        if getattr(cfg, key) not in (False, None) and key not in info.setup_keys:
+            takers = [name for name in list_models() if key in model_info(name).setup_keys]
+            raise CnnlabError(f"--{key.replace('_', '-')} needs a model with a patch-whitening first layer; "
+                              f"{cfg.model!r} has none (try --model {takers[0]})")
+    source = official(cfg.data)
+    if source is not None and cfg.image_size is not None:
+        h, w, _ = source.image_shape
+        raise CnnlabError(f"--image-size applies to image folders; {cfg.data} is always {w}x{h}")
+    if source is not None and cfg.loader == "stream":
+        raise CnnlabError(f"--loader stream reads image folders; {cfg.data} is read from its archives "
+                          f"into memory: use --loader memory (or auto)")
+    if source is not None:
+        check_input_size(cfg.model, source.image_shape[:2], hint="choose another --model")
+    elif cfg.image_size is not None:
+        check_input_size(cfg.model, cfg.image_size)
+    return cfg
 
 
 def data_key(cfg: Config) -> tuple:
@@ -466,13 +491,10 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
     above, draws it (the command line after training, the tuner for its best trial only).
     """
     cfg = config_mod.merge(config or Config(), overrides, source="fit()") if overrides else (config or Config())
-    cfg = config_mod.validate(cfg)
+    cfg = check_config(cfg)   # bad input leaves no folder behind
     device = distributed.setup(pick_device(cfg.device))   # joins torchrun's process group, if any
     set_threads(cfg.threads or distributed.threads_per_process())
     progress = progress and distributed.is_main()
-    # Cheap checks first, before the data loads; bad input leaves no folder behind.
-    from cnnlab.models.registry import model_info
-    model_info(cfg.model)
     path = distributed.from_main(run_path(out=out, name=name, default_name=default_run_name(cfg)))
     check_new_run_folder(path)
     data = load_data(cfg) if data is None else data
@@ -570,7 +592,7 @@ def _train_and_save(trainer: Trainer, on_epoch, callbacks: Sequence[Callback] = 
     return load_run(path)
 
 
-def _write_model(trainer: Trainer, model: torch.nn.Module) -> None:
+def _write_model(trainer: Trainer, model: Classifier) -> None:
     card = model_card(trainer.cfg, trainer.data.class_names, trainer.data.image_shape, trainer.mean, trainer.std)
     save_model(trainer.run, model, card)
     save_history(trainer.run, trainer.state.history)

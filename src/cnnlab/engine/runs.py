@@ -141,7 +141,7 @@ class Run(RunFolder):
 
 def load_model(run: str | Path | RunFolder, card: dict[str, Any]) -> Classifier:
     model = build_classifier(card["arch"], card["num_classes"], card["in_channels"],
-                             card["input_size"][0], card["mean"], card["std"])
+                             card["input_size"], card["mean"], card["std"])
     weights = (run if isinstance(run, RunFolder) else RunFolder(run)).weights_file
     try:
         state = load_file(weights)

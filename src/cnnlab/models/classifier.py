@@ -13,6 +13,9 @@ from cnnlab.models.registry import InputSize, create_model
 
 
 class Classifier(nn.Module):
+    mean: torch.Tensor   # (1, C, 1, 1) buffers: the normalisation travels with the weights
+    std: torch.Tensor
+
     def __init__(self, net: nn.Module, mean: list[float], std: list[float]):
         super().__init__()
         self.net = net

@@ -75,6 +75,11 @@ class _Call(NamedTuple):
     shape: tuple | None          # (C, H, W) when the output is a 4-D tensor, else None
 
 
+def _choice(call: _Call) -> LayerChoice:
+    assert call.shape is not None, f"{call.name} has no output map"
+    return LayerChoice(call.name, call.module, call.shape)
+
+
 # ----------------------------------------------------------------------------- hooks
 def _network(model: nn.Module) -> nn.Module:
     """The zoo network inside a Classifier (names are relative to it), or the model itself."""
@@ -207,7 +212,7 @@ def _stages(calls: list[_Call]) -> list[tuple[list[int], int]]:
 
 
 # ----------------------------------------------------------------------------- layers
-def _probe(model: nn.Module, input_shape: tuple[int, int, int] | None) -> list[_Call]:
+def _probe(model: nn.Module, input_shape: tuple[int, ...] | None) -> list[_Call]:
     shape = input_shape or _probe_shape(model)
     return _trace(model, torch.zeros(1, *shape, device=_device(model)))[0]
 
@@ -217,7 +222,7 @@ def _valid_names(calls: list[_Call]) -> list[str]:
     return [c.name for c in calls if c.shape is not None and counts[c.name] == 1]
 
 
-def layer_names(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> list[str]:
+def layer_names(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> list[str]:
     """Names ``--layer`` accepts: modules run once whose output is a (N, C, H, W) map."""
     return _valid_names(_probe(model, input_shape))
 
@@ -243,7 +248,7 @@ def _choose_layer(model: nn.Module, calls: list[_Call], name: str | None) -> Lay
                               f"no single output map; choose another (see `cnnlab summary`)")
         for c in calls:
             if c.name == wanted and c.shape is not None:
-                return LayerChoice(c.name, c.module, c.shape)
+                return _choice(c)
         raise _unknown_layer(name, _valid_names(calls))
     convs = [i for i, c in enumerate(calls) if isinstance(c.module, nn.Conv2d) and _spatial(c)]
     if not convs:
@@ -252,12 +257,12 @@ def _choose_layer(model: nn.Module, calls: list[_Call], name: str | None) -> Lay
     last = convs[-1]
     for run, out in _stages(calls):
         if last in run and out >= last:
-            return LayerChoice(calls[out].name, calls[out].module, calls[out].shape)
-    return LayerChoice(calls[last].name, calls[last].module, calls[last].shape)
+            return _choice(calls[out])
+    return _choice(calls[last])
 
 
 def find_target_layer(model: nn.Module, name: str | None = None,
-                      input_shape: tuple[int, int, int] | None = None) -> LayerChoice:
+                      input_shape: tuple[int, ...] | None = None) -> LayerChoice:
     """The layer Grad-CAM reads: ``name`` if given (qualified module name, e.g. "stages.2"),
     else the output of the stage holding the last Conv2d whose output is larger than 1x1
     (see the module docstring for the rule). ``input_shape`` (C, H, W) is the image shape
@@ -274,7 +279,7 @@ def _first_conv(calls: list[_Call], model: nn.Module) -> tuple[str, nn.Conv2d]:
 
 
 # ----------------------------------------------------------------------------- pictures' data
-def first_conv(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> tuple[str, nn.Conv2d]:
+def first_conv(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> tuple[str, nn.Conv2d]:
     """(name, module) of the first nn.Conv2d to run on an image."""
     return _first_conv(_probe(model, input_shape), model)
 
@@ -294,7 +299,7 @@ def filter_tiles(conv: nn.Conv2d) -> np.ndarray:
 def _stage(call: _Call, act: torch.Tensor, top: int) -> Stage:
     a = act[0]                                               # (C, H, W)
     idx = a.abs().mean(dim=(1, 2)).argsort(descending=True)[:top]
-    return Stage(call.name, type(call.module).__name__, call.shape, idx.tolist(), a[idx].cpu().numpy())
+    return Stage(call.name, type(call.module).__name__, tuple(a.shape), idx.tolist(), a[idx].cpu().numpy())
 
 
 def feature_stages(model: nn.Module, x: torch.Tensor, top: int = CHANNELS_PER_STAGE) -> list[Stage]:

@@ -104,6 +104,9 @@ class ModelInfo:
     min_size: int = 1
     # The square side it trains at on photo folders whose images are at least that large.
     default_size: int = 224
+    # Config switches only this family acts on, through the training hooks it offers
+    # (cnnlab.models.hooks): SpeedNet's ("whiten", "whiten_bias_epochs").
+    setup_keys: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -111,11 +114,12 @@ _REGISTRY: dict[str, ModelInfo] = {}
 
 def register_model(name: str, *, family: str, year: int, paper: str,
                    input_sizes: tuple[int, ...] = (28, 32, 224), min_size: int = 1,
-                   default_size: int | None = None):
+                   default_size: int | None = None, setup_keys: tuple[str, ...] = ()):
     """Decorator: register ``factory(num_classes, in_channels, input_size=(h, w)) -> nn.Module``.
 
     ``min_size``: the smallest side it takes (``smallest_side`` of its layer path);
-    ``default_size``: its training side on photo folders (default: the largest of ``input_sizes``).
+    ``default_size``: its training side on photo folders (default: the largest of ``input_sizes``);
+    ``setup_keys``: the config switches its ``training_hooks`` act on.
     """
     if default_size is None:
         default_size = max(input_sizes)
@@ -127,7 +131,7 @@ def register_model(name: str, *, family: str, year: int, paper: str,
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
         _REGISTRY[name] = ModelInfo(name, factory, family, year, paper, tuple(input_sizes),
-                                    min_size, default_size)
+                                    min_size, default_size, tuple(setup_keys))
         return factory
     return wrap
 

@@ -20,6 +20,8 @@ patch convolution, then 4 -> 2 -> 1 through the three pools).
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -62,7 +64,7 @@ class ConvBlock(nn.Sequential):
             FrozenScaleBatchNorm(cout), act_layer(),
         )
         for conv in (self[0], self[4]):
-            _dirac_init(conv)
+            _dirac_init(cast(nn.Conv2d, conv))
 
 
 def _dirac_init(conv: nn.Conv2d) -> None:
@@ -102,7 +104,7 @@ class SpeedNet(nn.Module):
         w = (eigvecs.T / torch.sqrt(eigvals + eps)[:, None]).float()       # rows: whitening filters
         w = w.reshape(-1, images.shape[1], k, k)
         self.whiten.weight.copy_((torch.cat([w, -w]) if self.whiten_pairs else w).to(self.whiten.weight))
-        self.whiten.bias.zero_()
+        _whitening_bias(self).zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.whiten(x)
@@ -123,12 +125,16 @@ class SpeedNet(nn.Module):
         return hooks
 
 
+def _whitening_bias(net: nn.Module) -> torch.Tensor:
+    return cast(torch.Tensor, cast(SpeedNet, net).whiten.bias)   # built with bias=True
+
+
 WHITENING_SAMPLE = 2000  # images whose 2x2 patches set the whitening layer
 
 
 class PatchWhitening(TrainingHook):
     def setup(self, net: nn.Module, sample) -> None:
-        net.init_whitening(sample(WHITENING_SAMPLE))
+        cast(SpeedNet, net).init_whitening(sample(WHITENING_SAMPLE))
 
 
 class FreezeWhiteningBias(TrainingHook):
@@ -140,11 +146,11 @@ class FreezeWhiteningBias(TrainingHook):
         self.after_steps = after_steps
 
     def before_step(self, net: nn.Module, step: int) -> None:
-        net.whiten.bias.requires_grad_(step < self.after_steps)
+        _whitening_bias(net).requires_grad_(step < self.after_steps)
 
     def after_backward(self, net: nn.Module, step: int) -> None:
         if step >= self.after_steps:   # DDP hands unused parameters a zero gradient; None keeps momentum off it
-            net.whiten.bias.grad = None
+            _whitening_bias(net).grad = None
 
 
 def _path(blocks: int) -> list[Window]:
@@ -161,4 +167,4 @@ def _factory(widths, act_layer, whiten_pairs):
 for _name, (_widths, *_rest) in SPEEDNET_SPECS.items():
     register_model(_name, family="SpeedNet", year=2024, paper=PAPER, input_sizes=(28, 32),
                    min_size=smallest_side(_path(len(_widths))),
-                   default_size=DEFAULT_SIZE)(_factory(_widths, *_rest))
+                   default_size=DEFAULT_SIZE, setup_keys=("whiten", "whiten_bias_epochs"))(_factory(_widths, *_rest))

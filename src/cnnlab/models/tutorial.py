@@ -40,5 +40,6 @@ def tutorial(num_classes: int = 10, in_channels: int = 3, input_size: InputSize 
     for layer in net:
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
     return net

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnlab.core.config import Config, validate
+from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.files import write_json
 from cnnlab.engine.runs import default_run_name, run_path
@@ -52,15 +52,13 @@ def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int =
     from tqdm import tqdm
 
     from cnnlab.core.hardware import pick_device, set_threads
-    from cnnlab.engine.loop import Trainer, load_data
-    from cnnlab.models.registry import model_info
+    from cnnlab.engine.loop import Trainer, check_config, load_data
 
     if not (0 < start < end and math.isfinite(end)):
         raise CnnlabError(f"--start and --end must satisfy 0 < start < end; got start {start:g}, end {end:g}")
     if steps < MIN_STEPS:
         raise CnnlabError(f"--steps must be at least {MIN_STEPS} to draw a curve; got {steps}")
-    cfg = validate(cfg)
-    model_info(cfg.model)
+    cfg = check_config(cfg)
     path = run_path(out=out, name=None, default_name=f"lr-find-{default_run_name(cfg)}")
     device = pick_device(cfg.device)
     set_threads(cfg.threads)
