@@ -65,6 +65,14 @@ class Config:
                                        "crop the centre (0.875: 256 -> 224)", group=DATA)
     # --- model ------------------------------------------------------------------------
     model: str = option("tutorial", "a zoo model (`cnnlab models` lists them)", group=MODEL)
+    init_from: str | None = option(None, "fine-tune: start from a cnnlab run folder or a .safetensors file "
+                                         "(cnnlab's names, or torchvision's/timm's for resnet18/34/50); "
+                                         "tensors that match load, a head for other classes starts afresh",
+                                   group=MODEL)
+    freeze_epochs: float = option(0.0, "with --init-from: epochs in which only the head trains, then "
+                                       "everything", group=MODEL)
+    body_lr_scale: float = option(1.0, "everything but the head learns at this fraction of the rate "
+                                       "(discriminative rates for fine-tuning, e.g. 0.1)", group=MODEL)
     # --- optimisation -----------------------------------------------------------------
     epochs: float = option(10, "passes over the training set; fractional allowed (a recipe's schedule length)",
                            group=OPTIM)
@@ -256,6 +264,13 @@ def validate(cfg: Config) -> Config:
         bad("center_crop", "in (0, 1]: 0.875 is the ImageNet convention (256 -> 224), 1 keeps the whole shorter side")
     if cfg.image_size is not None and cfg.image_size < 8:
         bad("image_size", "at least 8 pixels")
+    if cfg.freeze_epochs < 0:
+        bad("freeze_epochs", "zero or more epochs")
+    if cfg.freeze_epochs > 0 and not cfg.init_from:
+        raise CnnlabError(f"--freeze-epochs {cfg.freeze_epochs:g} freezes a body started from trained "
+                          f"weights: give --init-from RUN_OR_FILE, or drop --freeze-epochs")
+    if not (cfg.body_lr_scale > 0 and math.isfinite(cfg.body_lr_scale)):
+        bad("body_lr_scale", "a positive fraction of the learning rate, e.g. 0.1")
     if not 0 <= cfg.val_split < 1:
         bad("val_split", "in [0, 1): the fraction of train held out, e.g. --val-split 0.1")
     for key in ("train_size", "test_size"):

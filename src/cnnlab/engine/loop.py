@@ -63,7 +63,8 @@ from cnnlab.engine.runs import (
 )
 from cnnlab.engine.signals import catch_stop_signals
 from cnnlab.models.classifier import Classifier, build_classifier
-from cnnlab.models.hooks import TrainingHook
+from cnnlab.models.hooks import FreezeBody, TrainingHook
+from cnnlab.models.pretrained import head_name, init_from
 
 LOG_EVERY = 10           # steps between progress-bar refreshes (each one syncs the device)
 # float16: the loss scale halves on every overflowing step; this far down, gradients overflow
@@ -129,7 +130,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, data: Dataset, run: Path, device: torch.device,
-                 progress: bool = True, lr_at: Callable[[int], float] | None = None):
+                 progress: bool = True, lr_at: Callable[[int], float] | None = None, initial_weights: bool = True):
         self.cfg, self.data, self.run, self.device, self.progress = cfg, data, run, device, progress
         self.lr_at = lr_at
         self.precision = choose_precision(cfg.precision, device)
@@ -139,6 +140,10 @@ class Trainer:
         torch.manual_seed(derive_seed(cfg.seed, 0x1717))   # weight initialisation
         self.mean, self.std = _dataset_stats(data.train.stats_sample(), cfg.normalize)
         self.model: Classifier = build_classifier(cfg.model, data.num_classes, c, (h, w), self.mean, self.std).to(device)
+        self.head = head_name(self.model.net)
+        # Fine-tuning: trained weights over the fresh ones (a resumed run's come from its checkpoint).
+        self.init_report = (init_from(self.model.net, cfg.init_from, cfg.model)
+                            if cfg.init_from and initial_weights else None)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         # In memory or streamed from disk; this process's shard when data-parallel.
@@ -147,12 +152,14 @@ class Trainer:
         # What the network itself asks of training (models/hooks.py): SpeedNet's whitening.
         offered = getattr(self.model.net, "training_hooks", None)   # its switches: check_config's
         self.model_hooks: list[TrainingHook] = offered(cfg, self.steps_per_epoch) if offered else []
+        if cfg.freeze_epochs:   # first, so the network's own hooks have the last word on its parameters
+            self.model_hooks.insert(0, FreezeBody(self.head, round(cfg.freeze_epochs * self.steps_per_epoch)))
         for hook in self.model_hooks:
             hook.setup(self.model.net, self.training_sample)
         self.total_steps = max(1, round(cfg.epochs * self.steps_per_epoch))
         self.opt_cfg = distributed.global_batch_config(cfg)   # lr/decay scaling see the global batch
         self.schedule = build_schedule(self.opt_cfg, self.steps_per_epoch)
-        self.optimizer = build_optimizer(self.model, self.opt_cfg)
+        self.optimizer = build_optimizer(self.model, self.opt_cfg, head=f"net.{self.head}")
         self.ema = (WeightAverage(self.model, cfg.ema, cfg.ema_every, cfg.lookahead,
                                   ramp_steps=self.total_steps if cfg.ema_ramp else 0)
                     if cfg.ema > 0 else None)
@@ -524,7 +531,7 @@ def resume(run: str | Path, *, progress: bool = True, changes: dict[str, Any] | 
     set_threads(cfg.threads or distributed.threads_per_process())
     progress = progress and distributed.is_main()
     data = load_data(cfg)
-    trainer = Trainer(cfg, data, path, device, progress)
+    trainer = Trainer(cfg, data, path, device, progress, initial_weights=False)
     trainer.restore(tensors, meta)
     if progress:
         print(f"resuming {path} at epoch {trainer.state.epoch + 1}, step {trainer.state.step_in_epoch}",
@@ -543,9 +550,19 @@ def _print_header(cfg: Config, data: Dataset, trainer: Trainer, path: Path, devi
     print(f"  {cfg.epochs:g} epochs x {trainer.steps_per_epoch} batches of {cfg.batch_size}, "
           f"{cfg.optimizer} lr {cfg.lr:g} -> {path}", flush=True)
     print(f"  {hardware_line(device, trainer.precision)}", flush=True)
-    for line in (distributed.describe(cfg), describe_streaming(data)):
+    for line in (distributed.describe(cfg), describe_streaming(data), *_fine_tuning_lines(trainer)):
         if line:
             print(line, flush=True)
+
+
+def _fine_tuning_lines(trainer: Trainer) -> list[str]:
+    cfg, lines = trainer.cfg, trainer.init_report.lines() if trainer.init_report else []
+    if cfg.freeze_epochs:
+        lines.append(f"  only the head ({trainer.head}) trains for {cfg.freeze_epochs:g} epochs, then everything"
+                     + (f", the body at {cfg.body_lr_scale:g} x lr" if cfg.body_lr_scale != 1 else ""))
+    elif cfg.body_lr_scale != 1:
+        lines.append(f"  the body learns at {cfg.body_lr_scale:g} x lr, the head ({trainer.head}) at lr")
+    return lines
 
 
 def hardware_line(device: torch.device, precision: hardware.Precision) -> str:

@@ -60,8 +60,10 @@ def _is_bias_like(name: str, p: nn.Parameter) -> bool:
     return p.ndim <= 1  # biases and normalisation scales/shifts
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> Optimizer:
+def build_optimizer(model: nn.Module, cfg: Config, head: str | None = None) -> Optimizer:
     """Two groups: weights, and bias-like parameters that learn ``bias_lr_scale`` times faster.
+    With ``body_lr_scale`` != 1, each splits again: the parameters under ``head`` (the
+    classifier head's qualified name) at the full rate, the rest at ``body_lr_scale`` of it.
 
     For the SGD family, weight decay is decoupled from the gradient (applied by
     ``decay_weights`` as a shrink that follows the schedule, not the learning rate), so the
@@ -73,7 +75,12 @@ def build_optimizer(model: nn.Module, cfg: Config) -> Optimizer:
         if p.requires_grad:
             (biases if _is_bias_like(name, p) else weights).append(p)
     groups: list[dict[str, Any]] = [{"params": weights, "lr_scale": 1.0, "decay_scale": 1.0},
-              {"params": biases, "lr_scale": cfg.bias_lr_scale, "decay_scale": 1.0}]
+                                    {"params": biases, "lr_scale": cfg.bias_lr_scale, "decay_scale": 1.0}]
+    if cfg.body_lr_scale != 1.0 and head is not None:
+        in_head = {id(p) for name, p in model.named_parameters() if name.startswith(head + ".")}
+        groups = [dict(g, params=[p for p in g["params"] if (id(p) in in_head) == is_head],
+                       lr_scale=g["lr_scale"] * (1.0 if is_head else cfg.body_lr_scale))
+                  for g in groups for is_head in (False, True)]
     groups = [g for g in groups if g["params"]]
     lr = effective_lr(cfg)
     for g in groups:

@@ -31,3 +31,30 @@ class TrainingHook:
 
     def after_backward(self, net: nn.Module, step: int) -> None:
         """After the backward pass, before the optimizer steps."""
+
+
+class FreezeBody(TrainingHook):
+    """``--freeze-epochs``: for the first ``steps`` steps only the head (the parameters under
+    ``head``) trains, so a new head fits the started-from body before the body moves (fastai's
+    ``fine_tune``). Parameters frozen for their own reasons stay frozen."""
+    unused_parameters = True
+
+    def __init__(self, head: str, steps: int):
+        self.head, self.steps = head, steps
+        self._frozen: bool | None = None
+
+    def setup(self, net: nn.Module, sample: Sample) -> None:
+        self.body = [p for name, p in net.named_parameters()
+                     if p.requires_grad and not name.startswith(self.head + ".")]
+
+    def before_step(self, net: nn.Module, step: int) -> None:
+        frozen = step < self.steps
+        if frozen != self._frozen:   # only at the start and at the thaw
+            for p in self.body:
+                p.requires_grad_(not frozen)
+            self._frozen = frozen
+
+    def after_backward(self, net: nn.Module, step: int) -> None:
+        if step < self.steps:        # DDP hands unused parameters a zero gradient; None skips them
+            for p in self.body:
+                p.grad = None

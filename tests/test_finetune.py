@@ -1,0 +1,153 @@
+"""Fine-tuning: --init-from a run or a .safetensors file (cnnlab's or torchvision's names),
+the head replaced for new classes, --freeze-epochs and --body-lr-scale, refusals."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cnnlab.core.config import Config
+from cnnlab.core.errors import CnnlabError
+from cnnlab.engine import loop
+from cnnlab.models.pretrained import head_name, init_from
+from cnnlab.models.registry import create_model, list_models
+
+
+@pytest.fixture(scope="module")
+def source_run(tiny_cifar, tmp_path_factory):
+    """A finished 10-class tutorial run: the weights to start from."""
+    cfg = Config(data=str(tiny_cifar), model="tutorial", epochs=1, batch_size=50, seed=3, threads=1)
+    return loop.fit(cfg, out=tmp_path_factory.mktemp("src") / "run", progress=False)
+
+
+@pytest.fixture(scope="module")
+def three_classes(tmp_path_factory):
+    from conftest import _copy_subset
+    return _copy_subset(tmp_path_factory.mktemp("three"), {"train": 20, "test": 6}, ["cat", "dog", "ship"])
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_the_head_is_the_last_linear_and_maps_to_the_classes(name):
+    net = create_model(name, num_classes=7, in_channels=3, input_size=64)
+    head = dict(net.named_modules())[head_name(net)]
+    assert isinstance(head, torch.nn.Linear) and head.out_features == 7
+
+
+def test_a_run_with_other_classes_loads_the_body_and_replaces_the_head(source_run):
+    net = create_model("tutorial", num_classes=3, in_channels=3, input_size=32)
+    fresh_head = net.state_dict()["11.weight"].clone()
+    report = init_from(net, source_run.path, "tutorial")
+    trained = {k[4:]: v for k, v in load_file(source_run.weights_file).items() if k.startswith("net.")}
+    state = net.state_dict()
+    body = [k for k in state if not k.startswith("11.")]
+    assert sorted(report.loaded) == sorted(body) and all(torch.equal(state[k], trained[k]) for k in body)
+    assert [r[0] for r in report.replaced] == ["11.weight", "11.bias"]
+    assert report.replaced[0][1:] == ((10, 64), (3, 64))
+    assert torch.equal(state["11.weight"], fresh_head)        # the new head keeps its initialisation
+    assert "replaced the head (11.weight, 11.bias): 10 classes in the file, 3 here" in "\n".join(report.lines())
+
+
+def _torchvision_names(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """cnnlab's ResNet state as torchvision/timm name it (written out here, independently of the
+    mapping under test): conv1/bn1, layerN.i.*, downsample.0/1, fc."""
+    out = {}
+    for name, t in net.state_dict().items():
+        name = name.replace("stem.0.", "conv1.", 1) if name.startswith("stem.0.") else name
+        name = name.replace("stem.1.", "bn1.", 1) if name.startswith("stem.1.") else name
+        name = re.sub(r"^stages\.(\d)\.", lambda m: f"layer{int(m.group(1)) + 1}.", name)
+        name = name.replace(".shortcut.", ".downsample.").replace("fc.1.", "fc.")
+        out[name] = t.clone()
+    return out
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_torchvision_resnet_weights_map_onto_cnnlab_resnets(arch, tmp_path):
+    torch.manual_seed(0)
+    imagenet = create_model(arch, num_classes=1000, in_channels=3, input_size=224)
+    names = _torchvision_names(imagenet)
+    assert "layer1.0.conv1.weight" in names and "fc.weight" in names and "conv1.weight" in names
+    file = tmp_path / f"{arch}.safetensors"
+    save_file({f"module.{k}": v for k, v in names.items()}, file)     # a DDP-wrapped checkpoint's names
+    torch.manual_seed(1)
+    net = create_model(arch, num_classes=5, in_channels=3, input_size=(96, 128))   # the ImageNet stem
+    report = init_from(net, file, arch)
+    assert report.naming == "torchvision/timm"
+    state, source = net.state_dict(), imagenet.state_dict()
+    assert all(torch.equal(state[k], source[k]) for k in report.loaded)
+    assert set(report.loaded) == {k for k in state if not k.startswith("fc.")}
+    assert [r[0] for r in report.replaced] == ["fc.1.weight", "fc.1.bias"] and report.unused == []
+    small = create_model(arch, num_classes=5, in_channels=3, input_size=32)   # the 3x3 small-image stem
+    report = init_from(small, file, arch)
+    assert [m[0] for m in report.mismatched] == ["stem.0.weight"]             # 7x7 there, 3x3 here
+    assert "stem.1.weight" in report.loaded and "stages.3.1.conv2.weight" in report.loaded
+
+
+def test_refusals_name_what_is_wrong(source_run, tmp_path):
+    pickle_file = tmp_path / "weights.pth"
+    pickle_file.write_bytes(b"\x80\x04not really")
+    with pytest.raises(CnnlabError, match="a .pth file is a pickle.*reads only .safetensors"):
+        init_from(create_model("tutorial"), pickle_file, "tutorial")
+    with pytest.raises(CnnlabError, match="was trained as 'tutorial', not --model 'lenet5': it has no features.0.weight"):
+        init_from(create_model("lenet5"), source_run.path, "lenet5")
+    with pytest.raises(CnnlabError, match="does not match this network: 0.weight is 32x3x3x3 there and 32x1x3x3 here"):
+        init_from(create_model("tutorial", in_channels=1), source_run.path, "tutorial")   # grey images
+    tv = tmp_path / "r18.safetensors"
+    save_file(_torchvision_names(create_model("resnet18", input_size=224)), tv)
+    with pytest.raises(CnnlabError, match="torchvision/timm ResNet.*not --model vgg11"):
+        init_from(create_model("vgg11"), tv, "vgg11")
+    unrelated = tmp_path / "other.safetensors"
+    save_file({"encoder.weight": torch.zeros(3)}, unrelated)
+    with pytest.raises(CnnlabError, match="shares no tensor with --model 'tutorial'"):
+        init_from(create_model("tutorial"), unrelated, "tutorial")
+    with pytest.raises(CnnlabError, match="does not exist"):
+        init_from(create_model("tutorial"), tmp_path / "nowhere.safetensors", "tutorial")
+
+
+def test_cli_refuses_a_pickle_with_exit_2_and_leaves_no_folder(tiny_cifar, tmp_path):
+    (tmp_path / "w.pt").write_bytes(b"x")
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--data", str(tiny_cifar), "--epochs", "1",
+                        "--init-from", str(tmp_path / "w.pt"), "--out", str(out)], capture_output=True, text=True)
+    assert p.returncode == 2 and "is a pickle" in p.stderr and "Traceback" not in p.stderr
+    assert not out.exists()
+
+
+def test_freeze_epochs_train_only_the_head_then_everything_and_resume_exactly(source_run, three_classes, tmp_path):
+    cfg = Config(data=str(three_classes), model="tutorial", epochs=2, batch_size=20, seed=5, threads=1,
+                 init_from=str(source_run.path), freeze_epochs=1, body_lr_scale=0.1, optimizer="sgd",
+                 lr=0.05, weight_decay=0.01)
+    seen = []
+
+    class Snapshot(loop.Callback):
+        def on_epoch_end(self, trainer, logs):
+            seen.append({k: v.clone() for k, v in trainer.model.net.state_dict().items()})
+
+    whole = loop.fit(cfg, out=tmp_path / "whole", progress=False, callbacks=[Snapshot()])
+    trained = {k[4:]: v for k, v in load_file(source_run.weights_file).items() if k.startswith("net.")}
+    body = [k for k in seen[0] if k.endswith("weight") and not k.startswith("11.")]
+    assert all(torch.equal(seen[0][k], trained[k]) for k in body)            # frozen: untouched, decay too
+    assert not torch.equal(seen[0]["11.weight"], seen[1]["11.weight"])         # the head trains throughout
+    assert all(not torch.equal(seen[1][k], trained[k]) for k in body)        # thawed in epoch 2
+    # The body's rate is a tenth of the head's, in every group that holds body parameters.
+    t = loop.Trainer(cfg, loop.load_data(cfg), tmp_path / "t", torch.device("cpu"), progress=False)
+    rates = {(g["lr_scale"], any(p is t.model.net[11].weight for p in g["params"])) for g in t.optimizer.param_groups}
+    assert (1.0, True) in rates and (0.1, False) in rates
+    # Stopped after epoch 1 and resumed without the source: the same weights, bit for bit.
+    moved = source_run.path.with_name("moved")
+    loop.fit(cfg, out=tmp_path / "cut", progress=False, on_epoch=lambda epoch, h: epoch == 1)
+    source_run.path.rename(moved)
+    try:
+        resumed = loop.resume(tmp_path / "cut", progress=False)
+    finally:
+        moved.rename(source_run.path)
+    a, b = load_file(whole.weights_file), load_file(resumed.weights_file)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_freeze_without_init_from_is_refused_before_loading():
+    with pytest.raises(CnnlabError, match="--freeze-epochs 2 freezes a body started from trained weights"):
+        loop.fit(Config(data="/no/such/folder", freeze_epochs=2), progress=False)
