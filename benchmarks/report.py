@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnlab.report import read_run, write_report
-from cnnlab.report.plots import gradcam_mistakes
+from cnnlab.report.plots import gradcam_figure
 
 
 def _median_seconds(fn, repeats: int) -> tuple[float, float, float]:
@@ -46,7 +46,8 @@ def main() -> None:
         preds = ev["logits"].argmax(1)
 
         def cam():
-            gradcam_mistakes(rec, ev["mistake_images"], ev["labels"][idx], preds[idx], np.ones(len(idx)))
+            gradcam_figure(ev["mistake_images"], ev["mistake_heatmaps"], ev["labels"][idx], preds[idx],
+                           np.ones(len(idx)), rec.class_names, "got these wrong")
 
         rows = [("whole report", _median_seconds(lambda: write_report(run, tensorboard=False), args.repeats)),
                 ("gradcam of the mistakes", _median_seconds(cam, args.repeats))]

@@ -194,6 +194,23 @@ def test_report_shows_the_gradcam_of_the_mistakes(runs):
     assert text.count('src="data:image/png;base64,') == len(PLOT_FILES)
 
 
+def test_report_shows_the_gradcam_of_the_surest_right_answers(runs):
+    """Stored at the end of training for the most confident correct test predictions."""
+    run, _ = runs
+    with np.load(run / "evaluation.npz") as ev:
+        idx, heat, logits, labels = ev["correct_index"], ev["correct_heatmaps"], ev["logits"], ev["labels"]
+        images = ev["correct_images"]
+    assert 0 < len(idx) <= 6 and heat.shape == (len(idx), *images.shape[1:3])
+    assert (logits[idx].argmax(1) == labels[idx]).all()                          # right answers only
+    conf = np.exp(logits - logits.max(1, keepdims=True))
+    conf = (conf / conf.sum(1, keepdims=True)).max(1)
+    right = np.flatnonzero(logits.argmax(1) == labels)
+    assert conf[idx].min() >= np.sort(conf[right])[-len(idx)] - 1e-6             # the surest of them
+    with Image.open(run / "plots" / "gradcam_correct.png") as im:
+        im.verify()
+    assert "what it has learned to see" in (run / "report.html").read_text()
+
+
 @pytest.fixture(scope="module")
 def moved_run(runs, tmp_path_factory) -> Path:
     """The run moved elsewhere, with a class name full of HTML, rebuilt, then its plots deleted."""

@@ -181,11 +181,13 @@ MISTAKES_KEPT = 36
 # The most confident of them get a Grad-CAM heatmap for the report (one backward pass each):
 # computed here, with the model at hand, so the report draws from the folder alone.
 MISTAKE_HEATMAPS = 12
+CORRECT_HEATMAPS = 6   # and the most confident right answers, for contrast
 
 
 def save_evaluation(run: Path, data: Dataset, test: Evaluation, model: torch.nn.Module) -> None:
     """``evaluation.npz``: test logits and labels, plus the few images the plots show and the
-    Grad-CAM heatmaps (for the predicted class) of the most confident mistakes.
+    Grad-CAM heatmaps (for the predicted class) of the most confident mistakes and of the most
+    confident right answers (what the model gets right, and why).
 
     Plots and reports read only the run folder, so they can be rebuilt after the data moved.
     """
@@ -199,8 +201,13 @@ def save_evaluation(run: Path, data: Dataset, test: Evaluation, model: torch.nn.
     mistakes = data.test.take(worst)
     shown = worst[:MISTAKE_HEATMAPS]
     heatmaps = gradcam_heatmaps(model, mistakes[:len(shown)], [int(pred[i]) for i in shown])   # (n, H, W)
+    right = torch.nonzero(pred == test.labels).squeeze(1)
+    surest = right[conf[right].argsort(descending=True)][:CORRECT_HEATMAPS].numpy()
+    correct = data.test.take(surest)
+    correct_heatmaps = gradcam_heatmaps(model, correct, [int(pred[i]) for i in surest])
     buf = io.BytesIO()
     np.savez(buf, logits=test.logits.numpy().astype(np.float32), labels=test.labels.numpy(),
              mistake_index=worst, mistake_images=mistakes, mistake_heatmaps=heatmaps.astype(np.float16),
+             correct_index=surest, correct_images=correct, correct_heatmaps=correct_heatmaps.astype(np.float16),
              sample_images=data.train.take(samples), sample_labels=labels[samples])
     write_bytes(RunFolder(run).evaluation_file, buf.getvalue())

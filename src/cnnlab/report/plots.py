@@ -39,7 +39,7 @@ HEAT_CMAP = "jet"
 HEAT_ALPHA = 0.5
 
 PLOT_FILES = ("accuracy.png", "loss.png", "lr.png", "samples.png", "confusion_matrix.png",
-              "per_class_accuracy.png", "mistakes.png", "gradcam_mistakes.png")
+              "per_class_accuracy.png", "mistakes.png", "gradcam_mistakes.png", "gradcam_correct.png")
 
 
 def figure(width: float, height: float) -> tuple[Figure, plt.Axes]:
@@ -224,26 +224,22 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = HEAT_ALPHA) -
     return np.clip((1 - alpha) * rgb.astype(np.float32) + alpha * heat, 0, 255).round().astype(np.uint8)
 
 
-def gradcam_mistakes_figure(images: np.ndarray, overlays: np.ndarray, true: np.ndarray, pred: np.ndarray,
-                            conf: np.ndarray, class_names: list[str]) -> Figure:
-    """Each mistake as a pair, the image then its Grad-CAM overlay for the predicted class,
-    captioned like ``mistakes_figure``; three pairs per row, one mosaic."""
+def gradcam_figure(images: np.ndarray, heatmaps: np.ndarray, true: np.ndarray, pred: np.ndarray,
+                   conf: np.ndarray, class_names: list[str], what: str) -> Figure:
+    """Each test image as a pair, the image then its Grad-CAM overlay for the predicted class,
+    captioned like ``mistakes_figure``; three pairs per row, one mosaic. The first
+    ``len(heatmaps)`` images are shown (training stored heatmaps for those); ``what`` ends the
+    title: "got these wrong"."""
+    n = len(heatmaps)
+    images = images[:n]
+    overlays = np.stack([overlay(img, heat.astype(np.float32)) for img, heat in zip(images, heatmaps)])
     rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images[..., :3]
     gap = np.full((*rgb.shape[:2], PAD, 3), 255, dtype=np.uint8)
     pairs = np.concatenate([rgb, gap, overlays], axis=2)
-    return mistakes_figure(pairs, true, pred, conf, class_names, ncols=MISTAKE_COLUMNS // 2, tile_in=3.0,
-                           title=f"Where the network looked when it got these wrong ({len(images)} shown)\n"
-                                 f"each image, then its Grad-CAM for the predicted class (red: what raised "
-                                 f"that class's score)")
-
-
-def gradcam_mistakes(rec: RunFolder, images: np.ndarray, heatmaps: np.ndarray, true: np.ndarray,
-                     pred: np.ndarray, conf: np.ndarray) -> Figure:
-    """``gradcam_mistakes_figure`` for the mistakes whose heatmaps training stored (the first
-    ``len(heatmaps)``, most confident first)."""
-    n = len(heatmaps)
-    overlays = np.stack([overlay(img, heat.astype(np.float32)) for img, heat in zip(images[:n], heatmaps)])
-    return gradcam_mistakes_figure(images[:n], overlays, true[:n], pred[:n], conf[:n], rec.class_names)
+    return mistakes_figure(pairs, true[:n], pred[:n], conf[:n], class_names, ncols=MISTAKE_COLUMNS // 2,
+                           tile_in=3.0, title=f"Where the network looked when it {what} ({n} shown)\n"
+                                              f"each image, then its Grad-CAM for the predicted class (red: "
+                                              f"what raised that class's score)")
 
 
 def _empty(message: str) -> Figure:
@@ -368,16 +364,18 @@ def write_plots(run: str | Path | RunFolder) -> list[Path]:
             logits, labels = ev["logits"].astype(np.float64), ev["labels"]
             preds = logits.argmax(1)
             figs["confusion_matrix.png"] = confusion_figure(confusion_matrix(labels, preds, len(names)), names)
+            z = logits - logits.max(1, keepdims=True)
+            conf = (np.exp(z) / np.exp(z).sum(1, keepdims=True)).max(1)
             idx = ev.get("mistake_index", np.zeros(0, np.int64))
             if "mistake_images" in ev:
-                z = logits[idx] - logits[idx].max(1, keepdims=True)
-                probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-                figs["mistakes.png"] = mistakes_figure(ev["mistake_images"], labels[idx], preds[idx],
-                                                       probs.max(1), names)
-                heatmaps = ev.get("mistake_heatmaps")   # absent in runs from before cnnlab stored them
+                figs["mistakes.png"] = mistakes_figure(ev["mistake_images"], labels[idx], preds[idx], conf[idx], names)
+            # Heatmaps are absent in runs from before cnnlab stored them.
+            for kind, what in (("mistake", "got these wrong"), ("correct", "got these right, most sure of itself")):
+                heatmaps = ev.get(f"{kind}_heatmaps")
                 if heatmaps is not None and len(heatmaps):
-                    figs["gradcam_mistakes.png"] = gradcam_mistakes(rec, ev["mistake_images"], heatmaps,
-                                                                    labels[idx], preds[idx], probs.max(1))
+                    i = ev[f"{kind}_index"]
+                    figs[f"gradcam_{'mistakes' if kind == 'mistake' else kind}.png"] = gradcam_figure(
+                        ev[f"{kind}_images"], heatmaps, labels[i], preds[i], conf[i], names, what)
     acc = per_class_accuracy(rec)
     if acc:
         overall = rec.metrics.get("test_accuracy")

@@ -31,10 +31,12 @@ PLOTS = (  # file, heading, caption
     ("mistakes.png", "Most confident mistakes", "Test images the model got wrong while most sure of itself: "
                                                 "look for label errors and look-alike classes."),
     ("gradcam_mistakes.png", "Grad-CAM of the mistakes", "Where the network looked when it got these wrong."),
+    ("gradcam_correct.png", "Grad-CAM of right answers", "Where it looked on the test images it got right "
+                                                         "with the most confidence: what it has learned to see."),
     ("samples.png", "Training samples", "What the model saw, as stored in the run folder."),
 )
 PLOT_GROUPS = (("accuracy.png", "loss.png", "lr.png"), ("confusion_matrix.png", "per_class_accuracy.png"),
-               ("mistakes.png", "gradcam_mistakes.png"), ("samples.png",))   # side by side when wide enough
+               ("mistakes.png", "gradcam_mistakes.png"), ("gradcam_correct.png", "samples.png"))   # side by side when wide enough
 
 
 def findings_html(findings: list[Finding]) -> str:
