@@ -274,3 +274,59 @@ def test_rules_that_need_a_registry_refuse_official_datasets_before_loading(tmp_
             check_config(Config(data="mnist", data_dir=str(tmp_path), **changes))
     assert check_config(Config(data="mnist", model="lenet5")).model == "lenet5"
     assert list(tmp_path.iterdir()) == []
+
+
+# Flags of other programs that cnnlab's messages and comments name.
+OTHER_PROGRAMS_FLAGS = {"--nnodes", "--nproc-per-node",   # torchrun
+                        "--logdir",                       # tensorboard
+                        "--rounds", "--flag"}             # a benchmark's, and the word in a docstring
+
+
+def test_every_flag_the_code_names_exists():
+    """A hint that names a flag must name one that some cnnlab command takes."""
+    import argparse
+    import re
+
+    from cnnlab.cli import build_parser
+    flags: set[str] = set()
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            flags.update(o for o in action.option_strings if o.startswith("--"))
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(sub)
+
+    walk(build_parser())
+    named = {}
+    for path in (Path(__file__).parents[1] / "src" / "cnnlab").rglob("*.py"):
+        for m in re.finditer(r"(?<![\w-])--[a-z][a-z0-9-]+", path.read_text()):
+            named.setdefault(m.group(0), path.name)
+    assert {f: p for f, p in named.items() if f not in flags | OTHER_PROGRAMS_FLAGS} == {}
+    assert {"--bad-images", "--init-from", "--freeze-epochs"} <= flags
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_cifar, tmp_path, monkeypatch):
+    from cnnlab.engine import loop
+    cfg = Config(data=str(tiny_cifar), epochs=1, batch_size=50, threads=1)
+    real = loop.Trainer.run_epoch
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(loop.Trainer, "run_epoch", crash)
+    with pytest.raises(RuntimeError, match="mat1"):
+        loop.fit(cfg, out=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(loop.Trainer, "run_epoch", real)
+    run = loop.fit(cfg, out=tmp_path / "run", progress=False)     # the same --out works at once
+    assert run.weights_file.is_file()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    monkeypatch.setattr(loop.Trainer, "run_epoch", crash)
+    with pytest.raises(CnnlabError, match="already exists"):
+        loop.fit(cfg, out=tmp_path / "mine", progress=False)       # a folder cnnlab did not make is never removed
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError):
+        loop.fit(cfg, out=tmp_path / "empty", progress=False)
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())   # emptied, kept

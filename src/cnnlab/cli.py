@@ -81,7 +81,8 @@ def _write_report(run: Path) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cnnlab.apps.evaluate import evaluate_run
-    result = evaluate_run(args.run, data=args.data, data_dir=args.data_dir, device=args.device)
+    result = evaluate_run(args.run, data=args.data, data_dir=args.data_dir, device=args.device,
+                          bad_images=args.bad_images)
     if args.json:
         _print_json(result)
     else:
@@ -293,7 +294,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from cnnlab.core.config import DEVICES, FIELDS
+    from cnnlab.core.config import DEVICES, FIELDS, field_type
     p = argparse.ArgumentParser(prog="cnnlab", description="Train, compare, tune, understand and ship "
                                 "convolutional image classifiers.")
     from cnnlab.core.version import __version__
@@ -316,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, metavar="SPEC")
     e.add_argument("--data-dir", default=None)
     e.add_argument("--device", default="auto", choices=DEVICES, help=FIELDS["device"].metadata["help"])
+    e.add_argument("--bad-images", default=None, choices=field_type("bad_images").choices,
+                   help="an image folder's unusable files: error stops, skip leaves them out (default: the run's)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 

@@ -16,20 +16,24 @@ from cnnlab.engine.runs import load_run
 
 
 def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str | None = None,
-                 device: str = "auto") -> dict[str, Any]:
+                 device: str = "auto", bad_images: str | None = None) -> dict[str, Any]:
+    """``bad_images``: "skip" leaves out unusable files of an image folder (default: the run's)."""
     from cnnlab.engine.evaluation import evaluate
     from cnnlab.engine.loop import load_data
     run = load_run(run_path)
     cfg = run.config
     spec = data or cfg.data
     # The run's own data: its config, so the same loader and the same test subset it was scored on.
-    changes: dict[str, Any] = {"val_split": 0.0, "train_size": None, "data_dir": data_dir or cfg.data_dir}
+    changes: dict[str, Any] = {"val_split": 0.0, "train_size": None, "data_dir": data_dir or cfg.data_dir,
+                               "bad_images": bad_images or cfg.bad_images}
     if data:
         changes.update(data=data, test_size=None, crop="center", loader="auto")   # all of its test split
-        streams = Path(data).expanduser().is_dir() and choose_loader(cfg.replace(**changes)) == "stream"
-        # Streamed (a folder too large for memory), decoded to the model's size as training decoded;
-        # in memory, at its own size (a mismatch is refused below).
-        changes.update(loader="stream" if streams else "memory", image_size=run.input_size[0] if streams else None)
+        folder = Path(data).expanduser().is_dir()
+        streams = folder and choose_loader(cfg.replace(**changes)) == "stream"
+        # An image folder is decoded to the model's (square) size, streamed when too large for memory,
+        # as training decoded it; an official dataset comes at its own size (a mismatch is refused below).
+        h, w = run.input_size
+        changes.update(loader="stream" if streams else "memory", image_size=h if folder and h == w else None)
     ds = load_data(cfg.replace(**changes))
     if ds.class_names != run.class_names:
         raise CnnlabError(f"{spec} has classes {ds.class_names[:5]}... but the run was trained on "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -508,12 +509,25 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
     if data.skipped and progress:
         print(f"skipped {data.skipped} unreadable image(s) (--bad-images skip)", flush=True)
     trainer = Trainer(cfg, data, path, device, progress)
+    # What this run may clean up: a folder it makes, or the contents of an empty one it was given.
+    fresh = distributed.is_main() and (not path.exists() or not any(path.iterdir()))
+    created = fresh and not path.exists()
     if distributed.is_main():
         path.mkdir(parents=True, exist_ok=True)
         save_config(path, cfg, environment(device, trainer.precision))
-    if progress:
-        _print_header(cfg, data, trainer, path, device)
-    return _train_and_save(trainer, on_epoch, callbacks)
+    try:
+        if progress:
+            _print_header(cfg, data, trainer, path, device)
+        return _train_and_save(trainer, on_epoch, callbacks)
+    except BaseException:
+        # A run that ends before its first checkpoint has nothing to resume: no folder is left
+        # for the next `--out` to trip over.
+        folder = RunFolder(path)
+        if fresh and not folder.last_checkpoint.exists() and not folder.weights_file.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            if not created:
+                path.mkdir()
+        raise
 
 
 def resume(run: str | Path, *, progress: bool = True, changes: dict[str, Any] | None = None,
