@@ -124,6 +124,13 @@ def write_idx(path: Path, arr: np.ndarray, code: int, big_endian_dtype: str, *, 
     return path
 
 
+def tree(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every entry under ``folder``: (mode, mtime_ns, bytes of files): any write shows."""
+    return {str(p.relative_to(folder)): (p.stat().st_mode, p.stat().st_mtime_ns,
+                                         p.read_bytes() if p.is_file() else b"")
+            for p in sorted(folder.rglob("*"))}
+
+
 def leftovers(folder: Path) -> list[str]:
     """Hidden temporary files or folders a failed step might leave."""
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
@@ -209,7 +216,7 @@ def test_fetch_wrong_md5_leaves_nothing(server, tmp_path):
         fetch(base + "a.tar.gz", dest, "0" * 32, timeout=5)
     msg = str(err.value)
     assert "0" * 32 in msg and md5_of(data) in msg and str(dest) in msg
-    assert not dest.exists() and leftovers(dest.parent) == []
+    assert not dest.exists() and not dest.parent.exists()   # the folder made for it went too
 
 
 def test_fetch_all_mirrors_fail_says_how_to_fix(dead_url, server, tmp_path):
@@ -325,16 +332,18 @@ def _patch_cifar(monkeypatch, kind: str, **changes):
                         dataclasses.replace(cifar.CIFAR_KINDS[kind], **changes))
 
 
-def test_cifar_archive_verified_then_extracted(tmp_path, monkeypatch):
+def test_cifar_archive_verified_then_read_in_place(tmp_path, monkeypatch):
     staging = tmp_path / "staging"
     w = write_cifar10(staging)
     root = tmp_path / "root"
     root.mkdir()
     archive = make_tar_gz(root / "cifar-10-python.tar.gz", w["folder"], "cifar-10-batches-py")
     _patch_cifar(monkeypatch, "cifar10", md5=md5sum(archive))
+    before = tree(root)
     ds = load_cifar("cifar10", root, download=False)
     np.testing.assert_array_equal(ds.train.images, rows_to_nhwc(w["train_rows"]))
-    assert (root / "cifar-10-batches-py" / "test_batch").is_file() and leftovers(root) == []
+    assert ds.test.labels.tolist() == w["test_labels"]
+    assert tree(root) == before   # read from the archive: nothing extracted into the user's folder
 
 
 def test_cifar_archive_wrong_md5_refused(tmp_path):
@@ -355,7 +364,7 @@ def test_cifar_downloads_from_server(tmp_path, monkeypatch, server):
     monkeypatch.setattr(cifar, "_BASE_URL", base)
     _patch_cifar(monkeypatch, "cifar100", md5=md5sum(archive))
     root = tmp_path / "root"
-    with pytest.raises(CnnlabError, match="place the official archive at"):
+    with pytest.raises(CnnlabError, match="place the official archive"):
         load_cifar("cifar100", root, download=False)
     ds = load_cifar("cifar100", root, download=True)
     assert ds.class_names == w["names"] and len(ds.train) == 4
@@ -366,8 +375,9 @@ def test_cifar_corrupt_archive_refused(tmp_path, monkeypatch):
     archive = tmp_path / "cifar-10-python.tar.gz"
     archive.write_bytes(b"\x1f\x8b" + os.urandom(500))
     _patch_cifar(monkeypatch, "cifar10", md5=md5sum(archive))
-    with pytest.raises(CnnlabError, match="cannot extract"):
+    with pytest.raises(CnnlabError, match="cannot read .*corrupt or truncated") as err:
         load_cifar("cifar10", tmp_path)
+    assert "\n" not in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-python.tar.gz"]
 
 
@@ -511,9 +521,9 @@ def test_fashion_mnist_names_and_mismatch(tmp_path):
 
 
 def test_mnist_missing_without_download(tmp_path):
-    with pytest.raises(CnnlabError, match="train-images-idx3-ubyte not found in") as err:
+    with pytest.raises(CnnlabError, match="mnist not found: looked for train-images-idx3-ubyte") as err:
         load_idx_dataset("mnist", tmp_path, download=False)
-    assert str(tmp_path / "mnist") in str(err.value)
+    assert f"in {tmp_path / 'mnist'} and in {tmp_path}:" in str(err.value)
 
 
 def test_mnist_downloads_from_mirrors(tmp_path, monkeypatch, server, dead_url):
@@ -551,8 +561,10 @@ def test_the_registry_names_every_official_dataset_and_loads_each_by_name(tmp_pa
         DATASETS["cifar10"], load=lambda root, download: calls.append((root, download)) or "loaded"))
     assert load_dataset("cifar10", data_dir=tmp_path, download=False) == "loaded"
     assert calls == [(tmp_path, False)]
+    from cnnlab.core.config import Config
+    from cnnlab.engine.loop import check_config
     with pytest.raises(CnnlabError, match="cifar10 is always 32x32"):
-        load_dataset("cifar10", data_dir=tmp_path, image_size=64)
+        check_config(Config(data="cifar10", image_size=64))
     with pytest.raises(CnnlabError, match="did you mean 'fashion-mnist'.*use one of cifar10, cifar100, mnist, "
                                           "fashion-mnist"):
         load_dataset("fashion-mnst", data_dir=tmp_path)
@@ -568,3 +580,113 @@ def test_cnnlab_data_list_prints_the_registry():
                          text=True, check=True).stdout
     assert [(r["name"], tuple(r["image_shape"])) for r in json.loads(out)] == \
         [(d.name, d.image_shape) for d in DATASETS.values()]
+
+
+# ---------------------------------------------------------------- --data-dir: DIR or DIR/<dataset>, untouched
+
+IDX_NAMES = [n for pair in idx.SPLIT_FILES.values() for n in pair]
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["DIR/kind", "DIR"])
+@pytest.mark.parametrize("gz", [True, False], ids=["gz", "plain"])
+def test_idx_files_found_in_dir_or_dir_kind_and_nothing_written(tmp_path, nested, gz):
+    kind = "fashion-mnist"
+    folder = tmp_path / kind if nested else tmp_path
+    w = write_idx_set(folder, gz_names=IDX_NAMES if gz else ())
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    before = tree(tmp_path)
+    ds = load_idx_dataset(kind, tmp_path, download=False)
+    np.testing.assert_array_equal(ds.train.images[..., 0], w["train"][0])
+    np.testing.assert_array_equal(ds.test.labels, w["test"][1].astype(np.int64))
+    assert ds.class_names[0] == "T-shirt/top"
+    assert load_idx_dataset(kind, tmp_path).train.images.shape == (6, 28, 28, 1)   # download allowed: not needed
+    assert tree(tmp_path) == before
+
+
+def test_idx_dir_kind_is_preferred_and_a_partial_set_is_named(tmp_path):
+    inner = write_idx_set(tmp_path / "mnist", seed=1)
+    write_idx_set(tmp_path, seed=2)
+    ds = load_idx_dataset("mnist", tmp_path, download=False)
+    np.testing.assert_array_equal(ds.train.images[..., 0], inner["train"][0])
+    for name in IDX_NAMES[1:]:
+        (tmp_path / "mnist" / name).unlink()
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(CnnlabError) as err:
+        load_idx_dataset("mnist", tmp_path, download=False)
+    msg = str(err.value)
+    assert f"{tmp_path / 'mnist'} has 1 of the 4" in msg and f"{tmp_path} has 3 of the 4, lacking " \
+        "t10k-labels-idx1-ubyte" in msg and "\n" not in msg
+
+
+def test_idx_gz_of_the_other_dataset_refused(tmp_path, monkeypatch):
+    """MNIST and Fashion-MNIST share file names: DIR holding MNIST's .gz files is not Fashion-MNIST."""
+    write_idx_set(tmp_path, gz_names=IDX_NAMES)
+    md5 = {p.name: md5sum(p) for p in tmp_path.iterdir()}
+    monkeypatch.setitem(idx.IDX_KINDS, "mnist", dataclasses.replace(idx.IDX_KINDS["mnist"], md5=md5))
+    assert load_idx_dataset("mnist", tmp_path, download=False).num_classes == 10
+    with pytest.raises(CnnlabError, match="is mnist's .*not fashion-mnist's .*use --data mnist"):
+        load_idx_dataset("fashion-mnist", tmp_path, download=False)
+
+
+@pytest.mark.parametrize("kind", ["mnist", "fashion-mnist", "cifar10", "cifar100"])
+def test_missing_dataset_leaves_dir_untouched_and_names_both_places(tmp_path, kind):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"\xff\xd8 not really")
+    (tmp_path / "readme.txt").write_text("mine")
+    before = tree(tmp_path)
+    with pytest.raises(CnnlabError) as err:
+        from cnnlab.data.registry import DATASETS
+        DATASETS[kind].load(tmp_path, False)
+    msg = str(err.value)
+    both = (f"in {tmp_path / kind} and in {tmp_path}:", f"in {tmp_path} and in {tmp_path / kind}:")
+    assert f"{kind} not found" in msg and any(b in msg for b in both), msg
+    assert "\n" not in msg
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind", ["fashion-mnist", "cifar10"])
+def test_failed_download_leaves_dir_untouched(tmp_path, monkeypatch, dead_url, kind):
+    """The issue's case: no files, the download fails, and no empty DIR/<kind>/ is left behind."""
+    if kind == "cifar10":
+        monkeypatch.setattr(cifar, "_BASE_URL", dead_url + "/")
+    else:
+        monkeypatch.setitem(idx.IDX_KINDS, kind, dataclasses.replace(idx.IDX_KINDS[kind], mirrors=(dead_url + "/",)))
+    (tmp_path / "readme.txt").write_text("mine")
+    before = tree(tmp_path)
+    with pytest.raises(CnnlabError, match="download of .* failed"):
+        from cnnlab.data.registry import DATASETS
+        DATASETS[kind].load(tmp_path, True)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["DIR/cifar10/cifar-10-batches-py", "DIR (the batch files)",
+                                   "DIR/cifar10 (the batch files)", "DIR/cifar10/archive"])
+def test_cifar_found_in_dir_or_dir_kind_and_nothing_written(tmp_path, monkeypatch, where):
+    root = tmp_path / "root"
+    w = write_cifar10(tmp_path / "staging")
+    if where == "DIR/cifar10/cifar-10-batches-py":
+        write_cifar10(root / "cifar10")
+    elif where.endswith("(the batch files)"):
+        dest = root / "cifar10" if where.startswith("DIR/cifar10") else root
+        dest.mkdir(parents=True)
+        for f in w["folder"].iterdir():
+            (dest / f.name).write_bytes(f.read_bytes())
+    else:
+        (root / "cifar10").mkdir(parents=True)
+        archive = make_tar_gz(root / "cifar10" / "cifar-10-python.tar.gz", w["folder"], "cifar-10-batches-py")
+        _patch_cifar(monkeypatch, "cifar10", md5=md5sum(archive))
+    before = tree(root)
+    ds = load_cifar("cifar10", root, download=False)
+    np.testing.assert_array_equal(ds.train.images, rows_to_nhwc(w["train_rows"]))
+    assert ds.class_names == CIFAR10_NAMES and ds.test.labels.tolist() == w["test_labels"]
+    assert tree(root) == before
+
+
+def test_fashion_mnist_gz_files_directly_in_data_dir_through_load_dataset(tmp_path):
+    """`--data fashion-mnist --data-dir DIR` with the four official .gz files directly in DIR."""
+    from cnnlab.data.sources import load_dataset
+    w = write_idx_set(tmp_path, gz_names=IDX_NAMES)
+    before = tree(tmp_path)
+    ds = load_dataset("fashion-mnist", data_dir=tmp_path)
+    np.testing.assert_array_equal(ds.test.images[..., 0], w["test"][0])
+    assert tree(tmp_path) == before and not (tmp_path / "fashion-mnist").exists()

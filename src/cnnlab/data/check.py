@@ -16,28 +16,29 @@ duplicates, imbalance, ignored entries).
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.data import images
 from cnnlab.data.dataset import Dataset
-from cnnlab.data.listing import SPLITS, FolderListing, _map_chunks, list_folder
+from cnnlab.data.listing import DEFAULT_TEST_SPLIT, SPLITS, FolderListing, _map_chunks, list_folder, progress_bar
 
 # Per-file errors: --bad-images skip leaves these files out. Every other error (layout,
 # empty classes) blocks training whatever the policy.
-FILE_ERRORS = frozenset({"missing-file", "empty-file", "not-image", "damaged", "too-large", "symlink"})
+# "vanished": listed in a run's saved split, no longer in the folder.
+FILE_ERRORS = frozenset({"missing-file", "empty-file", "not-image", "damaged", "too-large", "symlink", "vanished"})
 # Largest / smallest class size above which the check warns: past about 10x a plain
 # cross-entropy classifier tends to neglect the small classes.
 IMBALANCE_WARNING = 10.0
-_KIND_ORDER = ("layout", "empty-class", "symlink", "too-large", "empty-file", "not-image", "damaged",
-               "missing-file", "duplicate", "imbalance", "converted", "hidden", "unsupported", "ignored")
+_KIND_ORDER = ("layout", "empty-class", "small-class", "symlink", "vanished", "too-large", "empty-file",
+               "not-image", "damaged", "missing-file", "changed", "duplicate", "imbalance", "converted", "hidden",
+               "unsupported", "ignored")
 _WARNINGS_SHOWN = 20   # per kind in the text report; errors are always listed in full
 
 
@@ -60,6 +61,9 @@ class CheckReport:
     image_sizes: dict[str, int] = field(default_factory=dict)         # "WxH" -> usable images, commonest first
     imbalance: float | None = None                # largest / smallest train class; None if one is empty
     seconds: float = 0.0
+    layout: str = "splits"                        # image folders: listing.LAYOUTS; "flat" is split by seed
+    test_split: float | None = None               # flat: the fraction of each class held out for test
+    seed: int | None = None
 
     def add(self, kind: str, severity: str, path: str, message: str, related: list[str] | None = None) -> None:
         self.problems.append(Problem(kind, severity, path, message, list(related or [])))
@@ -96,7 +100,12 @@ class CheckReport:
         per_split = ", ".join(f"{s} {sum(c.values()):,}" for s, c in self.counts.items())
         ratio = "-" if self.imbalance is None else f"{self.imbalance:.1f}x"
         n_err, n_warn = len(self.errors), len(self.warnings)
-        return (f"{self.source}: {len(self.class_names)} classes, {total:,} usable images ({per_split}), "
+        classes = f"{len(self.class_names)} classes"
+        if self.layout == "flat" and self.test_split is not None:
+            held = round(100 * self.test_split)
+            classes = (f"{len(self.class_names)} class folders split {100 - held}/{held} into train/test "
+                       f"(seed {self.seed})")
+        return (f"{self.source}: {classes}, {total:,} usable images ({per_split}), "
                 f"imbalance {ratio}; {n_err} error{'s' * (n_err != 1)}, {n_warn} warning{'s' * (n_warn != 1)} "
                 f"({self.files_checked:,} files checked in {self.seconds:.1f} s)")
 
@@ -142,11 +151,14 @@ class CheckReport:
 FolderScan = tuple[FolderListing, CheckReport]
 
 
-def scan_folder(root: str | Path) -> FolderScan:
-    """The walk without decoding: layout, hidden entries, symlinks, other file types."""
+def scan_folder(root: str | Path, *, test_split: float = DEFAULT_TEST_SPLIT, seed: int = 0,
+                saved_split: Mapping[str, Any] | str | Path | None = None) -> FolderScan:
+    """The walk without decoding: layout, hidden entries, symlinks, other file types.
+    ``test_split``, ``seed`` and ``saved_split``: ``listing.list_folder``'s."""
     report = CheckReport(str(Path(root).expanduser()))
-    listing = list_folder(root, report=report.add)
+    listing = list_folder(root, report=report.add, test_split=test_split, seed=seed, saved_split=saved_split)
     report.class_names = list(listing.class_names)
+    report.layout, report.test_split, report.seed = listing.layout, listing.test_split, listing.seed
     return listing, report
 
 
@@ -176,15 +188,23 @@ def _inspect_chunk(task: tuple[list[str], int, tuple[int, int] | None, int]):
 
 
 def inspect_files(listing: FolderListing, report: CheckReport, *, max_pixels: int | None = None,
-                  decode: tuple[tuple[int, int], int] | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+                  decode: tuple[tuple[int, int], int] | None = None,
+                  progress: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
     """Decode every listed file, adding per-file problems, duplicates, counts and imbalance
     to ``report``. Returns (images, usable): the (N, H, W, C) images in listing order when
-    ``decode`` = ((width, height), channels) is given, else None; ``usable`` a bool mask."""
+    ``decode`` = ((width, height), channels) is given, else None; ``usable`` a bool mask.
+    ``progress``: a bar on a terminal when it takes more than a couple of seconds."""
     limit = images.MAX_PIXELS if max_pixels is None else max_pixels   # read now: tests may patch it
-    entries = [(split, path, label) for split, files in listing.files.items() for path, label in files]
-    paths = [path for _, path, _ in entries]
+    entries = [(split, path, label, rel) for split, files in listing.files.items()
+               for (path, label), (rel, _, _) in zip(files, listing.records[split])]
+    paths = [path for _, path, _, _ in entries]
     size, channels = decode if decode is not None else (None, 3)
-    chunks = _map_chunks(_inspect_chunk, paths, limit, size, channels)
+    bar = progress_bar(len(paths), f"{'decoding' if decode else 'checking'} {listing.root.name}", progress)
+    try:
+        chunks = _map_chunks(_inspect_chunk, paths, limit, size, channels, done=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
     results = [r for _, chunk in chunks for r in chunk]
     usable = np.array([r[0] is None for r in results], dtype=bool)
     report.files_checked += len(paths)
@@ -193,9 +213,8 @@ def inspect_files(listing: FolderListing, report: CheckReport, *, max_pixels: in
     listed = {split: Counter(label for _, label in files) for split, files in listing.files.items()}
     by_hash: dict[bytes, list[tuple[str, str, str]]] = defaultdict(list)   # digest -> [(split, class, rel)]
     sizes: Counter[str] = Counter()
-    for (split, path, label), (kind, reason, notes, digest, wh) in zip(entries, results):
+    for (split, path, label, rel), (kind, reason, notes, digest, wh) in zip(entries, results):
         cls = listing.class_names[label]
-        rel = f"{split}/{cls}/{os.path.basename(path)}"   # listed files sit directly in class folders
         if kind is not None:
             report.add(kind, "error", rel, reason or kind)
             continue
@@ -208,8 +227,9 @@ def inspect_files(listing: FolderListing, report: CheckReport, *, max_pixels: in
     for split, per_class in counts.items():
         for label, (cls, n) in enumerate(per_class.items()):
             if n == 0 and listed[split][label]:   # folders with no image files at all: list_folder's
-                report.add("empty-class", "error", f"{split}/{cls}", f"none of its {listed[split][label]} "
-                           f"files is a usable image: no images left for this class")
+                where = cls if listing.layout == "flat" else f"{split}/{cls}"
+                report.add("empty-class", "error", where, f"none of its {listed[split][label]} "
+                           f"{split} files is a usable image: no images left for this class")
     _add_duplicates(report, by_hash)
     report.counts = counts
     report.image_sizes = dict(sizes.most_common(10))
@@ -253,15 +273,17 @@ def _add_imbalance(report: CheckReport) -> None:
                    f"small classes may be neglected; collect more of them or oversample")
 
 
-def check_folder(root: str | Path, *, max_pixels: int | None = None) -> CheckReport:
+def check_folder(root: str | Path, *, max_pixels: int | None = None, test_split: float = DEFAULT_TEST_SPLIT,
+                 seed: int = 0, progress: bool = True) -> CheckReport:
     """Check an image folder without loading it: every problem, class counts, imbalance.
 
     ``max_pixels`` defaults to ``images.MAX_PIXELS``. A missing root raises ``CnnlabError``
-    (the same one training gives); everything else is reported.
+    (the same one training gives); everything else is reported. A flat folder is counted as
+    ``test_split`` and ``seed`` split it for training.
     """
     start = time.perf_counter()
-    listing, report = scan_folder(root)
-    inspect_files(listing, report, max_pixels=max_pixels)
+    listing, report = scan_folder(root, test_split=test_split, seed=seed)
+    inspect_files(listing, report, max_pixels=max_pixels, progress=progress)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -1,8 +1,11 @@
 """CIFAR-10 and CIFAR-100 from the official "python version" archives.
 
-Lookup under ``root``: the extracted folder (``cifar-10-batches-py/`` or ``cifar-100-python/``)
-is used as is; else the archive (``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``) is
-checked against its MD5 and extracted; else it is downloaded from the authors' site.
+Lookup in ``root`` and ``root/<kind>/`` (e.g. ``root/cifar10/``): the extracted folder
+(``cifar-10-batches-py/`` or ``cifar-100-python/``), or its files directly in either, are used as
+they are; else the archive (``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``) is
+checked against its MD5 and read in place, without extracting (a second or so for CIFAR-10;
+extract it yourself to save that); else it is downloaded from the authors' site into ``root``
+and extracted there. Nothing is written into ``root`` unless it downloads.
 
 The batches are Python 2 pickles. Unpickling can run arbitrary code, so they are read with an
 unpickler that only resolves the handful of NumPy names a CIFAR batch contains and refuses
@@ -11,15 +14,19 @@ everything else.
 from __future__ import annotations
 
 import codecs
+import io
 import pickle
+import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.data.dataset import Dataset, Split
-from cnnlab.data.download import default_data_dir, fetch, safe_extract_tar
+from cnnlab.data.download import _reason, default_data_dir, fetch, safe_extract_tar
 
 __all__ = ["load_cifar", "CIFAR_KINDS", "read_cifar_pickle"]
 
@@ -111,11 +118,12 @@ def _key(k) -> str:
     return k.decode("latin1") if isinstance(k, bytes) else k
 
 
-def read_cifar_pickle(path: str | Path) -> dict[str, object]:
-    """A CIFAR batch or meta file as a dict with ``str`` keys, read without running code."""
+def read_cifar_pickle(path: str | Path, data: bytes | None = None) -> dict[str, object]:
+    """A CIFAR batch or meta file as a dict with ``str`` keys, read without running code.
+    ``data``: the file's bytes when already read (from an archive; ``path`` names it)."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with (open(path, "rb") if data is None else io.BytesIO(data)) as f:
             obj = _CifarUnpickler(f, path).load()
     except CnnlabError:
         raise
@@ -130,9 +138,46 @@ def read_cifar_pickle(path: str | Path) -> dict[str, object]:
     return {_key(k): v for k, v in obj.items()}
 
 
-def _read_batch(path: Path, labels_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+# Member name -> (its content as read_cifar_pickle returns it, how messages name it).
+Members = Callable[[str], tuple[dict[str, object], Path]]
+
+
+def _folder_members(folder: Path) -> Members:
+    return lambda name: (read_cifar_pickle(folder / name), folder / name)
+
+
+def _archive_members(archive: Path, spec: CifarSpec) -> Members:
+    """Every file a CIFAR load needs, read from the archive in one pass, nothing written."""
+    names = (spec.meta_file, *spec.train_files, *spec.test_files)
+    wanted = {f"{spec.folder}/{n}": n for n in names}
+    read: dict[str, tuple[dict[str, object], Path]] = {}
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                name = wanted.get(member.name.removeprefix("./"))
+                if name is None or name in read:
+                    continue
+                f = tar.extractfile(member) if member.isfile() else None
+                if f is None:
+                    raise CnnlabError(f"{archive}: {member.name} is not a regular file: not the official "
+                                      f"archive; delete it and retry")
+                shown = Path(f"{archive}:{member.name}")
+                read[name] = (read_cifar_pickle(shown, f.read()), shown)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        # EOFError/zlib.error: a truncated or damaged compressed stream.
+        why = _reason(e).splitlines()[0].rstrip(":")   # tarfile's ReadError lists each method tried
+        raise CnnlabError(f"cannot read {archive}: {why}; the archive is corrupt or truncated: delete "
+                          f"it and retry, or replace it with the official file") from e
+    missing = [n for n in names if n not in read]
+    if missing:
+        raise CnnlabError(f"{archive} lacks {', '.join(spec.folder + '/' + n for n in missing)}: not the "
+                          f"official archive; delete it and retry")
+    return read.__getitem__
+
+
+def _read_batch(batch: dict[str, object], path: Path, labels_key: str,
+                num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 32, 32, 3) uint8 and labels (N,) int64 from one batch file."""
-    batch = read_cifar_pickle(path)
     missing = [k for k in ("data", labels_key) if k not in batch]
     if missing:
         raise CnnlabError(f"{path} has no {' or '.join(repr(k) for k in missing)} entry (found "
@@ -156,13 +201,12 @@ def _read_batch(path: Path, labels_key: str, num_classes: int) -> tuple[np.ndarr
     return np.ascontiguousarray(images), labels
 
 
-def _read_split(folder: Path, files: tuple[str, ...], spec: CifarSpec, num_classes: int) -> Split:
-    parts = [_read_batch(folder / name, spec.labels_key, num_classes) for name in files]
+def _read_split(members: Members, files: tuple[str, ...], spec: CifarSpec, num_classes: int) -> Split:
+    parts = [_read_batch(*members(name), spec.labels_key, num_classes) for name in files]
     return Split(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
 
-def _class_names(path: Path, key: str) -> list[str]:
-    meta = read_cifar_pickle(path)
+def _class_names(meta: dict[str, object], path: Path, key: str) -> list[str]:
     names = meta.get(key)
     if not isinstance(names, (list, tuple)) or not names \
             or not all(isinstance(n, (str, bytes)) for n in names):
@@ -170,42 +214,50 @@ def _class_names(path: Path, key: str) -> list[str]:
     return [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
 
 
-def _ensure_folder(spec: CifarSpec, root: Path, download: bool) -> Path:
-    folder = root / spec.folder
-    if folder.is_dir():
-        return folder
-    archive = root / spec.archive
-    if not archive.exists() and not download:
-        raise CnnlabError(f"{spec.folder}/ not found in {root}: place the official archive at "
-                          f"{archive} (from {spec.urls[0]}) or its extracted folder at {folder}, "
-                          f"or allow downloading")
-    # Verifies an existing archive, or downloads it; raises on a wrong checksum either way.
-    fetch(spec.urls, archive, spec.md5)
+def _locate(kind: str, spec: CifarSpec, root: Path, download: bool) -> Members:
+    """Where the batches are: an extracted folder, a folder holding the files, or the archive,
+    in ``root`` or ``root/<kind>/``; else downloaded into ``root``."""
+    names = (spec.meta_file, *spec.train_files, *spec.test_files)
+    places = (root, root / kind)
+    for folder in (place / spec.folder for place in places):
+        if folder.is_dir():
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise CnnlabError(f"{folder} lacks {', '.join(missing)}: the folder is incomplete; delete "
+                                  f"it so that {spec.archive} is extracted again")
+            return _folder_members(folder)
+    for place in places:
+        if all((place / n).is_file() for n in names):
+            return _folder_members(place)
+    for archive in (place / spec.archive for place in places):
+        if archive.exists():
+            fetch(spec.urls, archive, spec.md5)   # verifies it; raises on a wrong checksum
+            return _archive_members(archive, spec)
+    if not download:
+        raise CnnlabError(f"{kind} not found: looked for {spec.folder}/, its files, or {spec.archive} in "
+                          f"{places[0]} and in {places[1]}: place the official archive (from {spec.urls[0]}) "
+                          f"or its extracted folder in either, or allow downloading")
+    archive = fetch(spec.urls, root / spec.archive, spec.md5)
     safe_extract_tar(archive, root)
+    folder = root / spec.folder
     if not folder.is_dir():
         raise CnnlabError(f"{archive} did not contain {spec.folder}/: not the official archive; "
                           f"delete it and retry")
-    return folder
+    return _folder_members(folder)
 
 
 def load_cifar(kind: str, root: str | Path | None, download: bool = True) -> Dataset:
     """CIFAR-10 (``kind="cifar10"``) or CIFAR-100 (``"cifar100"``, fine labels) from ``root``.
 
-    ``root`` holds the archive and/or its extracted folder (``None``: the default data
-    directory). Missing files are downloaded when ``download`` is true.
+    ``root`` (``None``: the default data directory) or ``root/<kind>/`` holds the archive
+    and/or its extracted folder. Missing files are downloaded when ``download`` is true.
     """
     if kind not in CIFAR_KINDS:
         raise CnnlabError(f"unknown CIFAR dataset {kind!r}: expected one of "
                           f"{', '.join(CIFAR_KINDS)}")
     spec = CIFAR_KINDS[kind]
-    root = default_data_dir(root)
-    folder = _ensure_folder(spec, root, download)
-    missing = [n for n in (spec.meta_file, *spec.train_files, *spec.test_files)
-               if not (folder / n).is_file()]
-    if missing:
-        raise CnnlabError(f"{folder} lacks {', '.join(missing)}: the folder is incomplete; delete "
-                          f"it so that {spec.archive} is extracted again")
-    class_names = _class_names(folder / spec.meta_file, spec.names_key)
-    train = _read_split(folder, spec.train_files, spec, len(class_names))
-    test = _read_split(folder, spec.test_files, spec, len(class_names))
+    members = _locate(kind, spec, default_data_dir(root), download)
+    class_names = _class_names(*members(spec.meta_file), spec.names_key)
+    train = _read_split(members, spec.train_files, spec, len(class_names))
+    test = _read_split(members, spec.test_files, spec, len(class_names))
     return Dataset(name=kind, class_names=class_names, train=train, test=test)

@@ -130,28 +130,40 @@ def stratified_indices(labels: np.ndarray, count: int | float, rng: np.random.Ge
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
+# One generator per purpose, so the test subset does not depend on the train options.
+TRAIN_SUBSET, VAL_HOLDOUT, TEST_SUBSET = 1, 2, 3
+
+
+def split_rng(seed: int, purpose: int) -> np.random.Generator:
+    return np.random.default_rng([seed, purpose])
+
+
+def subset_index(labels: np.ndarray, size: int, seed: int, purpose: int) -> np.ndarray:
+    """The ``--train-size`` (``purpose=TRAIN_SUBSET``) or ``--test-size`` (``TEST_SUBSET``)
+    subset ``prepare_splits`` takes: the image folder reader decodes only these."""
+    return stratified_indices(labels, size, split_rng(seed, purpose))
+
+
 def prepare_splits(ds: Dataset, *, val_split: float, train_size: int | None,
                    test_size: int | None, seed: int) -> Dataset:
     """Carve the validation hold-out and the optional subsets, reproducibly from ``seed``.
 
     The validation set is ``val/`` when the source has one, else a stratified hold-out from
     train. The test split is only ever subset, never looked at. The values are the config's,
-    already checked by ``cnnlab.core.config.validate``.
+    already checked by ``cnnlab.core.config.validate``. A split already cut to its size (the
+    image folder reader's) comes back unchanged: the subset of all of it is all of it.
     """
-    # One generator per purpose, so the test subset does not depend on the train options.
-    def rng(purpose: int) -> np.random.Generator:
-        return np.random.default_rng([seed, purpose])
     train, val = ds.train, ds.val
     if train_size is not None:
         # The subset covers train + hold-out so `--train-size 1000 --val-split 0.1` trains on 900.
-        train = train.subset(stratified_indices(train.labels, train_size, rng(1)))
+        train = train.subset(subset_index(train.labels, train_size, seed, TRAIN_SUBSET))
     if val is None and val_split > 0:
-        held = stratified_indices(train.labels, float(val_split), rng(2))
+        held = stratified_indices(train.labels, float(val_split), split_rng(seed, VAL_HOLDOUT))
         keep = np.setdiff1d(np.arange(len(train)), held)
         val, train = train.subset(held), train.subset(keep)
     test = ds.test
     if test_size is not None:
-        test = test.subset(stratified_indices(test.labels, test_size, rng(3)))
+        test = test.subset(subset_index(test.labels, test_size, seed, TEST_SUBSET))
     if len(train) == 0:
         raise CnnlabError("no training images left after the validation split: lower --val-split "
                           "or raise --train-size")

@@ -139,6 +139,9 @@ def fetch(url_or_urls: str | Sequence[str], dest: str | Path, md5: str, *,
     if not urls:
         raise CnnlabError(f"{dest} is missing and no download URL is known: place the official "
                           f"file (MD5 {md5}) at {dest}")
+    # The folders made for the download, outermost first: removed again if it fails, so a
+    # failed download leaves the data folder as it was.
+    created = [d for d in reversed(dest.parents) if not d.exists()]
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -146,20 +149,28 @@ def fetch(url_or_urls: str | Sequence[str], dest: str | Path, md5: str, *,
                           f"another data folder with --data-dir or ${DATA_ENV}") from e
     failures: list[str] = []
     mismatches: list[str] = []
-    for url in urls:
-        try:
-            tmp, actual = _download_once(url, dest, timeout)
-        except (OSError, ValueError, http.client.HTTPException) as e:
-            # OSError covers socket errors, timeouts and URLError; ValueError an unusable
-            # URL; HTTPException a connection cut mid-body (IncompleteRead).
-            failures.append(f"{url}: {_reason(e)}")
-            continue
-        if actual != md5:
-            tmp.unlink(missing_ok=True)
-            mismatches.append(f"{url} gave MD5 {actual}")
-            continue
-        os.replace(tmp, dest)
-        return dest
+    try:
+        for url in urls:
+            try:
+                tmp, actual = _download_once(url, dest, timeout)
+            except (OSError, ValueError, http.client.HTTPException) as e:
+                # OSError covers socket errors, timeouts and URLError; ValueError an unusable
+                # URL; HTTPException a connection cut mid-body (IncompleteRead).
+                failures.append(f"{url}: {_reason(e)}")
+                continue
+            if actual != md5:
+                tmp.unlink(missing_ok=True)
+                mismatches.append(f"{url} gave MD5 {actual}")
+                continue
+            os.replace(tmp, dest)
+            created = []
+            return dest
+    finally:
+        for d in reversed(created):
+            try:
+                d.rmdir()   # only when still empty: never anything another process put there
+            except OSError:
+                break
     if mismatches:
         raise CnnlabError(f"downloaded {dest.name} has the wrong MD5 (expected {md5}; "
                           f"{'; '.join(mismatches)}) and was deleted: delete it and retry, or "

@@ -1,10 +1,14 @@
-"""Image folders: ``root/{train,val,test}/<class>/<image>``, decoded once and cached.
+"""Image folders (``root/{train,val,test}/<class>/<image>`` or ``root/<class>/<image>``),
+decoded once and cached.
 
-Every image is converted to one size (``image_size``, default the most common size found)
-and one channel count (1 when every image is greyscale, else 3). Decoding uses a process
-pool, since Pillow's JPEG decoder holds the GIL; the decoded arrays are cached under the data
-directory, keyed by the files' names, sizes and modification times, so a second load only
-lists the folder and reads one file.
+Every image is converted to one size (``image_size``, default the most common size among the
+decoded images) and one channel count (1 when every decoded image is greyscale, else 3).
+Only the images asked for are decoded: with ``train_size`` / ``test_size`` the reader takes
+the very subsets ``dataset.prepare_splits`` would take (the same stratified indices from the
+same generators), so CIFAR-10's first ``--train-size 500`` load decodes 10,500 files, not
+60,000. Decoding uses a process pool, since Pillow's JPEG decoder holds the GIL; the decoded
+arrays are cached under the data directory, keyed by the files' names, sizes and modification
+times and by the subset chosen, so a second load only lists the folder and reads one file.
 """
 from __future__ import annotations
 
@@ -15,26 +19,46 @@ import shutil
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
 from cnnlab.data import check
 from cnnlab.data.check import FolderScan
-from cnnlab.data.dataset import Dataset, Split
+from cnnlab.data.dataset import TEST_SUBSET, TRAIN_SUBSET, Dataset, Split, subset_index
 from cnnlab.data.images import GREY_MODES
-from cnnlab.data.listing import SPLITS, FolderListing, _headers, _map_chunks
+from cnnlab.data.listing import DEFAULT_TEST_SPLIT, SPLITS, FolderListing, _headers, _map_chunks, progress_bar
 
 CACHE_VERSION = 2   # 2: symlinks leaving the root refused; check results cached
 
 
-def _fingerprint(listing: FolderListing, image_size: int | None) -> str:
+def _fingerprint(listing: FolderListing, image_size: int | None, chosen: Mapping[str, np.ndarray]) -> str:
     key = f"v{CACHE_VERSION}|{listing.root.resolve()}|{image_size}\n{listing.stamp}"
+    if chosen:   # a subset: which files, so a changed --train-size or seed never reads a stale cache
+        key += "\n" + "\n".join(f"{split}:{hashlib.sha256(ix.astype(np.int64).tobytes()).hexdigest()}"
+                                for split, ix in sorted(chosen.items()))
     return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def chosen_subsets(listing: FolderListing, train_size: int | None, test_size: int | None,
+                   seed: int) -> dict[str, np.ndarray]:
+    """split -> the listing indices ``prepare_splits`` keeps for ``train_size`` / ``test_size``;
+    a split kept whole is absent."""
+    out = {}
+    for split, size, purpose in (("train", train_size, TRAIN_SUBSET), ("test", test_size, TEST_SUBSET)):
+        files = listing.files.get(split)
+        if size is not None and files is not None and size < len(files):
+            labels = np.array([label for _, label in files], dtype=np.int64)
+            out[split] = subset_index(labels, size, seed, purpose)
+    return out
 
 
 def load_image_folder(root: str | Path, *, image_size: int | None = None,
                       cache_dir: Path | None = None, bad_images: str = "error",
-                      scan: FolderScan | None = None) -> Dataset:
+                      scan: FolderScan | None = None, train_size: int | None = None,
+                      test_size: int | None = None, seed: int = 0, test_split: float = DEFAULT_TEST_SPLIT,
+                      saved_split: Mapping[str, Any] | str | Path | None = None,
+                      progress: bool = True) -> Dataset:
     """Check and decode an image folder into a ``Dataset`` (from the cache when nothing changed).
 
     The check is ``cnnlab data check``'s own (``cnnlab.data.check``), made in the same pass as
@@ -42,15 +66,22 @@ def load_image_folder(root: str | Path, *, image_size: int | None = None,
     training; "skip" leaves out the unusable files (unreadable, over the pixel limit, symlinks
     leaving the folder) and counts them in ``Dataset.skipped``. Layout problems (missing
     splits, differing or empty classes) stop it either way. ``scan``: the folder's walk
-    (``check.scan_folder(root)``) when the caller has made it already.
+    (``check.scan_folder(root, ...)``) when the caller has made it already; else the folder
+    is walked with ``test_split``, ``seed`` and ``saved_split`` (``listing.list_folder``'s).
+
+    ``train_size`` / ``test_size`` / ``seed``: decode only the subsets ``prepare_splits``
+    takes with the same values (which then keeps them whole); the validation split is never
+    subset. Only the chosen files are checked. ``progress``: a bar on stderr when decoding
+    takes more than a couple of seconds and stderr is a terminal.
     """
-    listing, report = scan or check.scan_folder(root)
+    listing, report = scan or check.scan_folder(root, test_split=test_split, seed=seed, saved_split=saved_split)
     # Layout errors stop before anything is decoded; unusable files are listed after decoding.
     check.enforce(report, "skip")
     scanned = len(report.problems)   # the walk's findings are redone on every load, never cached
+    chosen = chosen_subsets(listing, train_size, test_size, seed)
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"folder-{_fingerprint(listing, image_size)}-{bad_images}"
+        cache_file = Path(cache_dir) / f"folder-{_fingerprint(listing, image_size, chosen)}-{bad_images}"
         if cache_file.exists():
             try:
                 ds = _read_cache(cache_file, listing)
@@ -62,19 +93,26 @@ def load_image_folder(root: str | Path, *, image_size: int | None = None,
                 check.enforce(report, bad_images)
                 ds.skipped = len(report.skippable)
                 return ds
-    all_paths = [p for split in listing.files for p, _ in listing.files[split]]
-    headers = [h for chunk in _map_chunks(_headers, all_paths) for h in chunk]
+    wanted = listing.subset(chosen) if chosen else listing
+    all_paths = [p for split in wanted.files for p, _ in wanted.files[split]]
+    bar = progress_bar(len(all_paths), f"sizing {listing.root.name}", progress)
+    try:
+        chunks = _map_chunks(_headers, all_paths, done=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    headers = [h for chunk in chunks for h in chunk]
     good = [h for h in headers if not isinstance(h, str)] or [((1, 1), "RGB")]   # all bad: reported below
     if image_size is not None:
         size = (image_size, image_size)
     else:
         size = Counter(s for s, _ in good).most_common(1)[0][0]
     channels = 1 if all(m in GREY_MODES for _, m in good) else 3
-    images, usable = check.inspect_files(listing, report, decode=(size, channels))
+    images, usable = check.inspect_files(wanted, report, decode=(size, channels), progress=progress)
     assert images is not None   # decode was given
     check.enforce(report, bad_images)
     splits, offset = {}, 0
-    for split, entries in listing.files.items():
+    for split, entries in wanted.files.items():
         keep = usable[offset:offset + len(entries)]
         labels = np.array([label for _, label in entries], dtype=np.int64)[keep]
         splits[split] = Split(images[offset:offset + len(entries)][keep], labels)

@@ -1,11 +1,15 @@
 """MNIST and Fashion-MNIST from the official IDX files.
 
 The four files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
-``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``) live in ``root/<kind>/``, e.g.
-``root/mnist/`` or ``root/fashion-mnist/``, each either gzipped (the published ``.gz``) or
-already decompressed; the plain file is preferred when both exist. Files already present are
-used as found (their structure is validated, not their checksum, so a decompressed copy
-works); missing ones are downloaded as ``.gz`` and checked against the published MD5s.
+``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``) are looked for in ``root/<kind>/``
+(e.g. ``root/fashion-mnist/``, where downloads go) and then in ``root`` itself (as the official
+repositories and Linux packages lay them out), each either gzipped (the published ``.gz``) or
+already decompressed; the plain file is preferred when both exist, and the first folder that
+holds all four is used. Files already present are used as found (their structure is
+validated, not their checksum, so a decompressed copy works), except that a ``.gz`` whose MD5
+is the other dataset's published one is refused: the two share their file names. Nothing is
+written unless files are missing and may be downloaded: they are then fetched as ``.gz`` into
+``root/<kind>/`` and checked against the published MD5s.
 
 IDX format (http://yann.lecun.com/exdb/mnist/): two zero bytes, a type code, the number of
 dimensions, then one big-endian uint32 per dimension, then the values, big-endian, row-major.
@@ -21,7 +25,7 @@ import numpy as np
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.data.dataset import Dataset, Split
-from cnnlab.data.download import default_data_dir, fetch
+from cnnlab.data.download import default_data_dir, fetch, md5sum
 
 __all__ = ["load_idx_dataset", "read_idx", "IDX_KINDS"]
 
@@ -113,21 +117,49 @@ def read_idx(path: str | Path) -> np.ndarray:
     return values.astype(dtype.newbyteorder("="), copy=True)
 
 
-def _find_or_fetch(folder: Path, name: str, spec: IdxSpec, download: bool) -> Path:
+def _present(folder: Path, name: str) -> Path | None:
     for candidate in (folder / name, folder / (name + ".gz")):
         if candidate.is_file():
             return candidate
-    gz = name + ".gz"
+    return None
+
+
+def _refuse_other_kind(kind: str, paths: list[Path]) -> None:
+    """MNIST and Fashion-MNIST share file names: a published .gz of the other one is refused."""
+    theirs = {md5: (other, name) for other, spec in IDX_KINDS.items() if other != kind
+              for name, md5 in spec.md5.items()}
+    for path in paths:
+        if path.suffix == ".gz" and (hit := theirs.get(md5sum(path))):
+            other, name = hit
+            raise CnnlabError(f"{path} is {other}'s {name}, not {kind}'s (its MD5 is {other}'s published one): "
+                              f"use --data {other}, or put {kind}'s files in {path.parent / kind}")
+
+
+def _locate(kind: str, root: Path, download: bool) -> dict[str, Path]:
+    """File name (without .gz) -> path, from the first folder that holds all four; else the
+    missing ones downloaded into ``root/<kind>/``."""
+    spec = IDX_KINDS[kind]
+    names = [n for pair in SPLIT_FILES.values() for n in pair]
+    places = (root / kind, root)
+    found = {place: {n: p for n in names if (p := _present(place, n)) is not None} for place in places}
+    for place in places:
+        if len(found[place]) == len(names):
+            _refuse_other_kind(kind, list(found[place].values()))
+            return found[place]
     if not download:
-        raise CnnlabError(f"{name} not found in {folder}: place {gz} (from {spec.mirrors[0]}{gz}) "
-                          f"or its decompressed form there, or allow downloading")
-    return fetch([base + gz for base in spec.mirrors], folder / gz, spec.md5[gz])
+        partial = "".join(f"; {place} has {len(have)} of the 4, lacking {', '.join(n for n in names if n not in have)}"
+                          for place, have in found.items() if have)
+        raise CnnlabError(f"{kind} not found: looked for {', '.join(names)} (each .gz or decompressed) in "
+                          f"{places[0]} and in {places[1]}{partial}: put the four files (from "
+                          f"{spec.mirrors[0]}) in either folder, or allow downloading")
+    folder = places[0]
+    have = found[folder]
+    _refuse_other_kind(kind, list(have.values()))
+    return {n: have.get(n) or fetch([base + n + ".gz" for base in spec.mirrors], folder / (n + ".gz"),
+                                    spec.md5[n + ".gz"]) for n in names}
 
 
-def _read_split(folder: Path, split: str, spec: IdxSpec, download: bool) -> Split:
-    image_name, label_name = SPLIT_FILES[split]
-    image_path = _find_or_fetch(folder, image_name, spec, download)
-    label_path = _find_or_fetch(folder, label_name, spec, download)
+def _read_split(image_path: Path, label_path: Path, spec: IdxSpec) -> Split:
     images, labels = read_idx(image_path), read_idx(label_path)
     if images.dtype != np.uint8 or images.shape[1:] != (_SIDE, _SIDE):
         raise CnnlabError(f"{image_path} holds {images.dtype} {images.shape}, expected uint8 "
@@ -145,15 +177,15 @@ def _read_split(folder: Path, split: str, spec: IdxSpec, download: bool) -> Spli
 
 
 def load_idx_dataset(kind: str, root: str | Path | None, download: bool = True) -> Dataset:
-    """MNIST (``kind="mnist"``) or Fashion-MNIST (``"fashion-mnist"``) from ``root/<kind>/``.
+    """MNIST (``kind="mnist"``) or Fashion-MNIST (``"fashion-mnist"``) from ``root/<kind>/``
+    or ``root`` itself.
 
-    ``root`` of ``None`` means the default data directory. Missing files are downloaded when
-    ``download`` is true.
+    ``root`` of ``None`` means the default data directory. Missing files are downloaded into
+    ``root/<kind>/`` when ``download`` is true; nothing is written otherwise.
     """
     if kind not in IDX_KINDS:
         raise CnnlabError(f"unknown IDX dataset {kind!r}: expected one of {', '.join(IDX_KINDS)}")
     spec = IDX_KINDS[kind]
-    folder = default_data_dir(root) / kind
-    train = _read_split(folder, "train", spec, download)
-    test = _read_split(folder, "test", spec, download)
+    paths = _locate(kind, default_data_dir(root), download)
+    train, test = (_read_split(paths[SPLIT_FILES[s][0]], paths[SPLIT_FILES[s][1]], spec) for s in ("train", "test"))
     return Dataset(name=kind, class_names=list(spec.class_names), train=train, test=test)
