@@ -26,7 +26,7 @@ from cnnlab.data import stream
 from cnnlab.data.batches import BatchStream
 from cnnlab.data.stream import FileSplit, StreamingDataset, choose_loader, random_resized_box
 from cnnlab.engine.distributed import training_batches
-from cnnlab.engine.loop import fit, load_data
+from cnnlab.engine.loop import check_config, fit, load_data
 
 IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 CPU = torch.device("cpu")
@@ -192,7 +192,7 @@ def test_loader_choice_by_size_and_refusals(tiny_cifar, monkeypatch):
     monkeypatch.setattr(stream, "MEMORY_BUDGET", 100_000)
     assert choose_loader(cfg) == "stream"
     with pytest.raises(CnnlabError, match="reads image folders"):
-        choose_loader(Config(data="cifar10", loader="stream"))
+        check_config(Config(data="cifar10", loader="stream"))
     with pytest.raises(CnnlabError, match="only the streaming"):
         validate(cfg.replace(loader="memory", crop="random_resized"))
 

@@ -296,7 +296,7 @@ def test_evaluate_scores_a_streamed_run_as_training_did(tiny_cifar, tmp_path, mo
     run = loop.fit(cfg, out=tmp_path / "run", progress=False)
     loaded = []
     real = loop.load_data
-    monkeypatch.setattr(loop, "load_data", lambda c: loaded.append(real(c)) or loaded[-1])
+    monkeypatch.setattr(loop, "load_data", lambda c, **kw: loaded.append(real(c, **kw)) or loaded[-1])
     result = evaluate_run(run.path, device="cpu")
     assert len(loaded) == 1 and isinstance(loaded[0], StreamingDataset)
     assert result["test_images"] == run.metrics["test_images"] == 60

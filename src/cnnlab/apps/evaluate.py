@@ -24,7 +24,8 @@ def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str
     cfg = run.config
     spec = data or cfg.data
     # The run's own data: its config, so the same loader and the same test subset it was scored on.
-    changes: dict[str, Any] = {"val_split": 0.0, "train_size": None, "data_dir": data_dir or cfg.data_dir,
+    # train_size 1: an image folder decodes its test split and a single training image, unused.
+    changes: dict[str, Any] = {"val_split": 0.0, "train_size": 1, "data_dir": data_dir or cfg.data_dir,
                                "bad_images": bad_images or cfg.bad_images}
     if data:
         changes.update(data=data, test_size=None, crop="center", loader="auto")   # all of its test split
@@ -34,7 +35,9 @@ def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str
         # as training decoded it; an official dataset comes at its own size (a mismatch is refused below).
         h, w = run.input_size
         changes.update(loader="stream" if streams else "memory", image_size=h if folder and h == w else None)
-    ds = load_data(cfg.replace(**changes))
+    # Its own image folder splits as it did in training (a flat folder's split is saved with the run).
+    saved = run.splits_file if not data and run.splits_file.is_file() else None
+    ds = load_data(cfg.replace(**changes), saved_split=saved)
     if ds.class_names != run.class_names:
         raise CnnlabError(f"{spec} has classes {ds.class_names[:5]}... but the run was trained on "
                           f"{run.class_names[:5]}...: evaluate on data with the same classes")

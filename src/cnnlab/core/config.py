@@ -41,6 +41,8 @@ class Config:
     data_dir: str | None = option(None, "where official archives are kept (default: $CNNLAB_DATA, else "
                                         "~/.cache/cnnlab/data)", group=DATA)
     val_split: float = option(0.1, "fraction of train held out for validation when the data has no val/", group=DATA)
+    test_split: float = option(0.2, "a flat folder (<class>/<image> only): fraction of each class held out for "
+                                    "test, chosen by the seed; the split is saved in the run folder", group=DATA)
     train_size: int | None = option(None, "a stratified subset of train, in images, before the hold-out (default: all of it)", group=DATA)
     test_size: int | None = option(None, "a stratified subset of test, in images (default: all of it)", group=DATA)
     image_size: int | None = option(None, "image folders: resize to this many pixels (default: the most common "
@@ -271,6 +273,8 @@ def validate(cfg: Config) -> Config:
                           f"weights: give --init-from RUN_OR_FILE, or drop --freeze-epochs")
     if not (cfg.body_lr_scale > 0 and math.isfinite(cfg.body_lr_scale)):
         bad("body_lr_scale", "a positive fraction of the learning rate, e.g. 0.1")
+    if not 0 < cfg.test_split < 1:
+        bad("test_split", "in (0, 1): the fraction of each class of a flat folder held out for test, e.g. 0.2")
     if not 0 <= cfg.val_split < 1:
         bad("val_split", "in [0, 1): the fraction of train held out, e.g. --val-split 0.1")
     for key in ("train_size", "test_size"):

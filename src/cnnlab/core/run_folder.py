@@ -6,6 +6,7 @@ what the files hold, read as plain JSON and arrays.
     <run>/model.json         architecture, classes, input shape, normalisation: how to rebuild it
     <run>/history.json/.csv  per-epoch lists: loss, accuracy, val_loss, val_accuracy, lr, seconds
     <run>/metrics.json       final test figures, per-class accuracy
+    <run>/splits.json        an image folder's train/val/test file lists (a flat folder's, seeded)
     <run>/evaluation.npz     test logits and labels, sample images, mistakes and their Grad-CAM
     <run>/plots/*.png, <run>/report.html, <run>/tensorboard/, <run>/checkpoints/
     <run>/model.onnx, <run>/explain/  what ``cnnlab export`` and ``cnnlab explain`` write by default
@@ -42,6 +43,7 @@ class RunFolder:
     history_file = property(lambda self: self.path / "history.json")
     history_csv_file = property(lambda self: self.path / "history.csv")
     metrics_file = property(lambda self: self.path / "metrics.json")
+    splits_file = property(lambda self: self.path / "splits.json")      # an image folder's split
     evaluation_file = property(lambda self: self.path / "evaluation.npz")
     report_file = property(lambda self: self.path / "report.html")
     plots_dir = property(lambda self: self.path / "plots")

@@ -6,6 +6,7 @@ evaluation and the run folder use only the protocol, never which kind it is.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Iterator, Protocol, Sequence
 
@@ -97,6 +98,10 @@ class Dataset:
     test: ImageSplit
     val: ImageSplit | None = None
     skipped: int = 0     # unreadable files left out (``--bad-images skip``)
+    # An image folder's split file lists (``FolderListing.split_record``): saved with a run as
+    # splits.json, so evaluate and resume read the same held-out files.
+    split_record: dict | None = None
+    size_reason: str = ""   # why an image folder was decoded at this size, for the run header
 
     @property
     def num_classes(self) -> int:
@@ -167,4 +172,4 @@ def prepare_splits(ds: Dataset, *, val_split: float, train_size: int | None,
     if len(train) == 0:
         raise CnnlabError("no training images left after the validation split: lower --val-split "
                           "or raise --train-size")
-    return Dataset(ds.name, ds.class_names, train, test, val, ds.skipped)
+    return dataclasses.replace(ds, train=train, test=test, val=val)

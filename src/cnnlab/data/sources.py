@@ -50,7 +50,7 @@ def load_for_config(cfg: Config, *, scan: FolderScan | None = None,
     the config has it) ``test_split``. ``prepare_splits`` with the same config comes next."""
     return load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size, bad_images=cfg.bad_images,
                         scan=scan, train_size=cfg.train_size, test_size=cfg.test_size, seed=cfg.seed,
-                        test_split=getattr(cfg, "test_split", DEFAULT_TEST_SPLIT), saved_split=saved_split,
+                        test_split=cfg.test_split, saved_split=saved_split,
                         progress=progress)
 
 

@@ -284,7 +284,7 @@ def _is_official(cfg: Config) -> bool:
     return official(cfg.data) is not None
 
 
-def _sample_headers(paths: list[str]) -> list[tuple[tuple[int, int], str]]:
+def sample_headers(paths: list[str]) -> list[tuple[tuple[int, int], str]]:
     """(size, mode) of up to ``HEADER_SAMPLE`` evenly spaced files (unreadable ones left out)."""
     step = max(1, len(paths) // HEADER_SAMPLE)
     out = []
@@ -306,15 +306,9 @@ def memory_budget(processes: int = 1) -> int:
     return min(MEMORY_BUDGET, ram // 4 // max(1, processes))
 
 
-def _refuse_impossible(cfg: Config) -> None:
-    if cfg.loader == "stream" and _is_official(cfg):
-        raise CnnlabError(f"--loader stream reads image folders; {cfg.data} is read from its archives "
-                          f"into memory: use --loader memory (or auto)")
-
-
 def choose_loader(cfg: Config, listing=None, processes: int = 1) -> str:
-    """"memory" or "stream" for ``cfg`` (``listing``: the folder's, when already made)."""
-    _refuse_impossible(cfg)
+    """"memory" or "stream" for ``cfg`` (``listing``: the folder's, when already made); the
+    config is ``check_config``'s (--loader stream names an image folder)."""
     official = _is_official(cfg)
     if cfg.loader != "auto":
         return cfg.loader
@@ -328,9 +322,9 @@ def choose_loader(cfg: Config, listing=None, processes: int = 1) -> str:
 def decoded_bytes(cfg: Config, listing=None) -> int:
     """What the in-memory path would hold: every listed image at its decoded size."""
     from cnnlab.data.listing import list_folder
-    listing = listing or list_folder(cfg.data, test_split=getattr(cfg, "test_split", 0.2), seed=cfg.seed)
+    listing = listing or list_folder(cfg.data, test_split=cfg.test_split, seed=cfg.seed)
     paths = [p for files in listing.files.values() for p, _ in files]
-    headers = _sample_headers(paths)
+    headers = sample_headers(paths)
     if cfg.image_size is not None:
         w = h = cfg.image_size
     else:
@@ -353,7 +347,7 @@ def scan_data_folder(cfg: Config, saved_split: Mapping[str, Any] | str | Path | 
     if _is_official(cfg) or not Path(cfg.data).expanduser().is_dir():
         return None
     from cnnlab.data import check
-    return check.scan_folder(cfg.data, test_split=getattr(cfg, "test_split", 0.2), seed=cfg.seed,
+    return check.scan_folder(cfg.data, test_split=cfg.test_split, seed=cfg.seed,
                              saved_split=saved_split)
 
 
@@ -362,7 +356,6 @@ def open_streaming(cfg: Config, processes: int = 1, scan: FolderScan | None = No
     ``scan`` is ``scan_data_folder(cfg)``: the same walk as the in-memory reader's, so a
     messy folder gets the full list of problems either way."""
     if scan is None or cfg.loader == "memory":
-        _refuse_impossible(cfg)
         return None                  # the in-memory reader (and its messages for bad --data)
     from cnnlab.data import check
     listing, report = scan
@@ -373,7 +366,7 @@ def open_streaming(cfg: Config, processes: int = 1, scan: FolderScan | None = No
         check.enforce(check.CheckReport(report.source, problems=[p for p in report.problems
                                                                    if p.kind == "vanished"]), cfg.bad_images)
     train_paths = [p for p, _ in listing.files["train"]]
-    headers = _sample_headers(train_paths)
+    headers = sample_headers(train_paths)
     channels = 1 if headers and all(m in GREY_MODES for _, m in headers) else 3
     workers = cfg.workers if cfg.workers is not None else default_workers(processes)
     decoding = Decoding(cfg.image_size or IMAGENET_SIZE, channels, cfg.center_crop, workers, cfg.bad_images,

@@ -15,6 +15,7 @@ import math
 import shutil
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -38,10 +39,11 @@ from cnnlab.core.hardware import (
 from cnnlab.core.metrics import per_class_accuracy
 from cnnlab.core.run_folder import RunFolder
 from cnnlab.data.batches import derive_seed, model_input
+from cnnlab.data.check import FolderScan
 from cnnlab.data.dataset import Dataset, Split, prepare_splits
-from cnnlab.data.sources import load_dataset
+from cnnlab.data.sources import load_for_config
 from cnnlab.data.stream import describe as describe_streaming
-from cnnlab.data.stream import open_streaming, scan_data_folder
+from cnnlab.data.stream import open_streaming, sample_headers, scan_data_folder
 from cnnlab.engine import checkpoint as ckpt
 from cnnlab.engine import distributed
 from cnnlab.engine.callbacks import Callback, default_callbacks
@@ -435,7 +437,7 @@ class Trainer:
 # The config keys that decide what ``load_data`` returns: runs that agree on these train on
 # the same images (the tuner loads them once for all its trials).
 DATA_KEYS = ("data", "data_dir", "image_size", "bad_images", "loader", "workers", "crop", "center_crop",
-             "val_split", "train_size", "test_size", "seed", "nproc")
+             "val_split", "test_split", "train_size", "test_size", "seed", "nproc", "model")   # model: its size
 
 
 def check_config(cfg: Config) -> Config:
@@ -470,17 +472,39 @@ def data_key(cfg: Config) -> tuple:
     return tuple(getattr(cfg, k) for k in DATA_KEYS)
 
 
-def load_data(cfg: Config) -> Dataset:
-    """The splits ``cfg`` trains, validates and tests on (``DATA_KEYS`` decide them)."""
+def image_size_for(cfg: Config, scan: FolderScan | None) -> tuple[int | None, str]:
+    """The square side an image folder trains at, and why: ``--image-size``, else the images'
+    shorter side (of their most common size, from a sample of headers) capped at what the
+    model's family trains at (``models.registry.default_image_size``). None for an official
+    dataset, which comes at its own size."""
+    from cnnlab.models.registry import default_image_size
+    if cfg.image_size is not None:
+        return cfg.image_size, "--image-size"
+    if scan is None:
+        return None, ""
+    listing, _ = scan
+    sizes = Counter(size for size, _ in sample_headers([p for p, _ in listing.files.get("train", [])]))
+    if not sizes:
+        return None, ""            # no readable header: the reader reports the files
+    (w, h), _ = sizes.most_common(1)[0]
+    return default_image_size(cfg.model, min(w, h))
+
+
+def load_data(cfg: Config, saved_split: Path | None = None) -> Dataset:
+    """The splits ``cfg`` trains, validates and tests on (``DATA_KEYS`` decide them).
+    ``saved_split``: a run's splits.json, so an image folder splits as it did for that run."""
     with distributed.main_first():   # rank 0 fills the decoded-image cache, the others read it
-        scan = scan_data_folder(cfg)   # one walk of an image folder, whichever loader reads it
-        streamed = open_streaming(cfg, distributed.local_world_size(), scan)
-        if streamed is not None:
-            return streamed
-        ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size, bad_images=cfg.bad_images,
-                          scan=scan)
-    return prepare_splits(ds, val_split=cfg.val_split, train_size=cfg.train_size,
-                          test_size=cfg.test_size, seed=cfg.seed)
+        scan = scan_data_folder(cfg, saved_split)   # one walk of an image folder, whichever loader reads it
+        size, why = image_size_for(cfg, scan)
+        cfg = cfg.replace(image_size=size)
+        data: Dataset | None = open_streaming(cfg, distributed.local_world_size(), scan)
+        if data is None:
+            data = prepare_splits(load_for_config(cfg, scan=scan, progress=distributed.is_main()),
+                                  val_split=cfg.val_split, train_size=cfg.train_size,
+                                  test_size=cfg.test_size, seed=cfg.seed)
+    data.split_record = scan[0].split_record() if scan is not None else None
+    data.size_reason = why
+    return data
 
 
 def fit(config: Config | None = None, data: Dataset | None = None, *, out: str | Path | None = None,
@@ -506,6 +530,8 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
     path = distributed.from_main(run_path(out=out, name=name, default_name=default_run_name(cfg)))
     check_new_run_folder(path)
     data = load_data(cfg) if data is None else data
+    if cfg.image_size is None and data.split_record is not None:
+        cfg = cfg.replace(image_size=data.image_shape[0])   # the size chosen for the folder, saved with the run
     if data.skipped and progress:
         print(f"skipped {data.skipped} unreadable image(s) (--bad-images skip)", flush=True)
     trainer = Trainer(cfg, data, path, device, progress)
@@ -515,6 +541,8 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
     if distributed.is_main():
         path.mkdir(parents=True, exist_ok=True)
         save_config(path, cfg, environment(device, trainer.precision))
+        if data.split_record is not None:
+            write_json(RunFolder(path).splits_file, data.split_record)
     try:
         if progress:
             _print_header(cfg, data, trainer, path, device)
@@ -544,7 +572,8 @@ def resume(run: str | Path, *, progress: bool = True, changes: dict[str, Any] | 
     distributed.check_resume_world(meta.get("world_size", 1), path)
     set_threads(cfg.threads or distributed.threads_per_process())
     progress = progress and distributed.is_main()
-    data = load_data(cfg)
+    splits = RunFolder(path).splits_file
+    data = load_data(cfg, saved_split=splits if splits.is_file() else None)
     trainer = Trainer(cfg, data, path, device, progress, initial_weights=False)
     trainer.restore(tensors, meta)
     if progress:
@@ -561,6 +590,8 @@ def _print_header(cfg: Config, data: Dataset, trainer: Trainer, path: Path, devi
     val = len(data.val) if data.val is not None else 0
     print(f"cnnlab: {cfg.model} ({params:,} parameters) on {data.name}: {len(data.train):,} train / "
           f"{val:,} val / {len(data.test):,} test images, {w}x{h}x{c}, {data.num_classes} classes", flush=True)
+    if data.size_reason and data.size_reason != "--image-size":
+        print(f"  images decoded at {w}x{h}: {data.size_reason} (--image-size N to choose)", flush=True)
     print(f"  {cfg.epochs:g} epochs x {trainer.steps_per_epoch} batches of {cfg.batch_size}, "
           f"{cfg.optimizer} lr {cfg.lr:g} -> {path}", flush=True)
     print(f"  {hardware_line(device, trainer.precision)}", flush=True)
