@@ -1,6 +1,6 @@
 """Your own photos: train from scratch against fine-tuning from a CIFAR-10 run, and the first decode.
 
-    python benchmarks/finetune.py [--seeds 3] [--epochs 8] [--source-epochs 10]
+    python benchmarks/finetune.py [--seeds 3] [--epochs 8] [--source-epochs 5] [--source-train-size 10000]
 
 Builds a flat folder of real photos (``<class>/<image>``, the layout most downloads come in)
 from ../shared/data/imagenet-sample, one photo per ImageNet class grouped into superclasses by
@@ -62,7 +62,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=float, default=8)
-    p.add_argument("--source-epochs", type=float, default=10)
+    p.add_argument("--source-epochs", type=float, default=5)
+    p.add_argument("--source-train-size", type=int, default=10_000, help="CIFAR-10 training images for the source")
     p.add_argument("--model", default="resnet20")
     args = p.parse_args()
     from cnnlab.core.config import Config
@@ -80,9 +81,10 @@ def main() -> None:
         base = dict(model=args.model, optimizer="nesterov", lr=0.2, lr_per_1024=True, weight_decay=5e-4,
                     batch_size=64, schedule="linear", warmup=1.0, flip="random", translate=2)
         t0 = time.perf_counter()
-        source = fit(Config(data=str(SHARED / "cifar10"), epochs=args.source_epochs, seed=0, **base),
+        source = fit(Config(data=str(SHARED / "cifar10"), epochs=args.source_epochs, seed=0,
+                            train_size=args.source_train_size, **base),
                      out=tmp / "cifar10", progress=False)
-        print(f"source: {args.model} on CIFAR-10, {args.source_epochs:g} epochs: test accuracy "
+        print(f"source: {args.model} on {args.source_train_size:,} CIFAR-10 images, {args.source_epochs:g} epochs: test accuracy "
               f"{source.metrics['test_accuracy']:.2%} ({time.perf_counter() - t0:.0f} s)")
         results: dict[str, list[float]] = {"scratch": [], "fine-tuned": []}
         for seed in range(args.seeds):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from cnnlab.core.config import Config
 from cnnlab.core.hardware import autocast, available_cores, choose_precision
 from cnnlab.engine.distributed import training_batches
-from cnnlab.engine.loop import load_data
+from cnnlab.engine.prepare import load_data
 from cnnlab.models.classifier import build_classifier
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"

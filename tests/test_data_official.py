@@ -562,7 +562,7 @@ def test_the_registry_names_every_official_dataset_and_loads_each_by_name(tmp_pa
     assert load_dataset("cifar10", data_dir=tmp_path, download=False) == "loaded"
     assert calls == [(tmp_path, False)]
     from cnnlab.core.config import Config
-    from cnnlab.engine.loop import check_config
+    from cnnlab.engine.prepare import check_config
     with pytest.raises(CnnlabError, match="cifar10 is always 32x32"):
         check_config(Config(data="cifar10", image_size=64))
     with pytest.raises(CnnlabError, match="did you mean 'fashion-mnist'.*use one of cifar10, cifar100, mnist, "

@@ -26,7 +26,8 @@ from cnnlab.data import stream
 from cnnlab.data.batches import BatchStream
 from cnnlab.data.stream import FileSplit, StreamingDataset, choose_loader, random_resized_box
 from cnnlab.engine.distributed import training_batches
-from cnnlab.engine.loop import check_config, fit, load_data
+from cnnlab.engine.loop import fit
+from cnnlab.engine.prepare import check_config, load_data
 
 IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 CPU = torch.device("cpu")

@@ -254,7 +254,8 @@ def test_a_callback_sees_every_hook_and_can_stop_the_run(tiny_cifar, tmp_path):
 
 def test_a_caller_sets_each_steps_rate_and_the_trainer_counts_the_steps(tiny_cifar, tmp_path):
     """``lr_at`` replaces the schedule (the range test's ramp); ``train_steps`` runs on across epochs."""
-    from cnnlab.engine.loop import Trainer, load_data
+    from cnnlab.engine.loop import Trainer
+    from cnnlab.engine.prepare import load_data
     cfg = Config(data=str(tiny_cifar), batch_size=64, threads=1, bias_lr_scale=2.0)
     trainer = Trainer(cfg, load_data(cfg), tmp_path / "r", torch.device("cpu"), progress=False,
                       lr_at=lambda step: 1e-4 * 2 ** step)
@@ -290,13 +291,13 @@ def test_evaluate_scores_a_streamed_run_as_training_did(tiny_cifar, tmp_path, mo
     centre-cropped test subset, to the same accuracy."""
     from cnnlab.apps.evaluate import evaluate_run
     from cnnlab.data.stream import StreamingDataset
-    from cnnlab.engine import loop
+    from cnnlab.engine import loop, prepare
     cfg = Config(data=str(tiny_cifar), loader="stream", workers=0, image_size=32, crop="random_resized",
                  center_crop=0.875, test_size=60, epochs=1, batch_size=64, threads=1)
     run = loop.fit(cfg, out=tmp_path / "run", progress=False)
     loaded = []
-    real = loop.load_data
-    monkeypatch.setattr(loop, "load_data", lambda c, **kw: loaded.append(real(c, **kw)) or loaded[-1])
+    real = prepare.load_data
+    monkeypatch.setattr(prepare, "load_data", lambda c, **kw: loaded.append(real(c, **kw)) or loaded[-1])
     result = evaluate_run(run.path, device="cpu")
     assert len(loaded) == 1 and isinstance(loaded[0], StreamingDataset)
     assert result["test_images"] == run.metrics["test_images"] == 60

@@ -267,7 +267,7 @@ def test_config_rules_fire_before_any_data_loads(changes, message):
 
 def test_rules_that_need_a_registry_refuse_official_datasets_before_loading(tmp_path):
     """No archive exists under data_dir: each rule must fire before anything is looked for."""
-    from cnnlab.engine.loop import check_config
+    from cnnlab.engine.prepare import check_config
     for changes, message in [({"loader": "stream"}, "--loader stream reads image folders"),
                              ({"image_size": 64}, "--image-size applies to image folders; mnist is always 28x28")]:
         with pytest.raises(CnnlabError, match=message):

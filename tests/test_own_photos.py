@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
-from cnnlab.engine import loop
+from cnnlab.engine import loop, prepare
 
 IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 # Three superclasses by ImageNet class index, a few photos each (mostly 500x375, some other sizes).
@@ -87,9 +87,9 @@ def test_the_training_size_follows_the_model_family(photos):
     from cnnlab.data.stream import scan_data_folder
     cfg = Config(data=str(photos))
     scan = scan_data_folder(cfg)
-    size, why = loop.image_size_for(cfg.replace(model="resnet18"), scan)
+    size, why = prepare.image_size_for(cfg.replace(model="resnet18"), scan)
     assert size == 224 and why.startswith("resnet18 trains at up to 224 px; the images' shorter side is")
-    assert loop.image_size_for(cfg.replace(model="alexnet"), scan)[0] == 64
-    assert loop.image_size_for(cfg.replace(image_size=48), scan) == (48, "--image-size")
+    assert prepare.image_size_for(cfg.replace(model="alexnet"), scan)[0] == 64
+    assert prepare.image_size_for(cfg.replace(image_size=48), scan) == (48, "--image-size")
     with pytest.raises(CnnlabError, match="alexnet needs images of at least 15x15 pixels; got 12x12"):
-        loop.check_config(cfg.replace(model="alexnet", image_size=12))
+        prepare.check_config(cfg.replace(model="alexnet", image_size=12))

@@ -224,15 +224,15 @@ def test_lr_find_refuses_a_backwards_range(tiny_cifar, tmp_path):
 
 
 def test_trials_that_agree_on_the_data_load_it_once(tiny_cifar, tmp_path, monkeypatch):
-    from cnnlab.engine import loop
+    from cnnlab.engine import prepare
     loads = []
-    real = loop.load_data
+    real = prepare.load_data
 
-    def counted(cfg):
+    def counted(cfg, **kw):
         loads.append(cfg.image_size)
-        return real(cfg)
+        return real(cfg, **kw)
 
-    monkeypatch.setattr(loop, "load_data", counted)
+    monkeypatch.setattr(prepare, "load_data", counted)
     cfg = resolve(overrides={"data": str(tiny_cifar), "model": "tutorial", "train_size": 200,
                              "val_split": 0.2, "threads": 1, "epochs": 1})
     space = parse_space({"lr": [1e-3, 3e-3, 1e-2], "batch_size": 64})

@@ -1,6 +1,6 @@
 """``cnnlab evaluate``: a run's model on the test split of its data (or of another dataset).
 
-The data loads as training loaded it (``cnnlab.engine.loop.load_data``: in memory or streamed
+The data loads as training loaded it (``cnnlab.engine.prepare.load_data``: in memory or streamed
 from disk, the same test subset) and is scored by the loop's own ``evaluate``.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str
                  device: str = "auto", bad_images: str | None = None) -> dict[str, Any]:
     """``bad_images``: "skip" leaves out unusable files of an image folder (default: the run's)."""
     from cnnlab.engine.evaluation import evaluate
-    from cnnlab.engine.loop import load_data
+    from cnnlab.engine.prepare import load_data
     run = load_run(run_path)
     cfg = run.config
     spec = data or cfg.data

@@ -227,7 +227,7 @@ def _check_value(key: str, value: Any, source: str) -> Any:
 def validate(cfg: Config) -> Config:
     """Every rule on the config's own values that types alone cannot express (ranges, and fields
     that exclude each other), checked before anything loads. Rules that need a registry (the
-    model's, the datasets') are ``cnnlab.engine.loop.check_config``'s, which runs this first."""
+    model's, the datasets') are ``cnnlab.engine.prepare.check_config``'s, which runs this first."""
     def bad(key, rule):
         raise CnnlabError(f"{key} must be {rule}; got {getattr(cfg, key)!r}")
     if not (cfg.epochs > 0 and math.isfinite(cfg.epochs)):

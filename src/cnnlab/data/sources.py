@@ -30,7 +30,7 @@ def load_dataset(spec: str, *, data_dir: str | Path | None = None, image_size: i
     from cnnlab.data.download import default_data_dir
     root = default_data_dir(data_dir)
     source = official(spec)
-    if source is not None:   # --image-size for it is refused by cnnlab.engine.loop.check_config
+    if source is not None:   # --image-size for it is refused by cnnlab.engine.prepare.check_config
         return source.load(root, download)
     if not Path(spec).exists() and not looks_like_path(spec):
         close = difflib.get_close_matches(spec, DATASETS, n=1, cutoff=0.6)

@@ -15,7 +15,6 @@ import math
 import shutil
 import signal
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -39,13 +38,10 @@ from cnnlab.core.hardware import (
 from cnnlab.core.metrics import per_class_accuracy
 from cnnlab.core.run_folder import RunFolder
 from cnnlab.data.batches import derive_seed, model_input
-from cnnlab.data.check import FolderScan
-from cnnlab.data.dataset import Dataset, Split, prepare_splits
-from cnnlab.data.sources import load_for_config
+from cnnlab.data.dataset import Dataset, channel_stats
 from cnnlab.data.stream import describe as describe_streaming
-from cnnlab.data.stream import open_streaming, sample_headers, scan_data_folder
 from cnnlab.engine import checkpoint as ckpt
-from cnnlab.engine import distributed
+from cnnlab.engine import distributed, prepare
 from cnnlab.engine.callbacks import Callback, default_callbacks
 from cnnlab.engine.ema import WeightAverage
 from cnnlab.engine.evaluation import Evaluation, evaluate
@@ -97,24 +93,6 @@ class LoopState:
     epoch_seconds: float = 0.0
 
 
-def _dataset_stats(train: Split, normalize: str) -> tuple[list[float], list[float]]:
-    c = train.images.shape[-1]
-    if normalize == "none":
-        return [0.0] * c, [1.0] * c
-    # From a histogram of the 256 pixel values per channel (no float copy of the data), over
-    # an evenly spaced sample of at most ~2,500 images: plenty for two numbers per channel.
-    sample = train.images[::max(1, len(train.images) // 2_500)]
-    values = np.arange(256, dtype=np.float64) / 255.0
-    mean, std = [], []
-    for ch in range(c):
-        counts = np.bincount(sample[..., ch].ravel(), minlength=256)
-        p = counts / counts.sum()
-        m = float(p @ values)
-        mean.append(m)
-        std.append(float(np.sqrt(max(p @ values ** 2 - m * m, 0.0))))
-    return [float(m) for m in mean], [float(max(s, 1e-3)) for s in std]
-
-
 @dataclass
 class EpochSums:
     """Running sums of the epoch in progress (on the device: no sync a step)."""
@@ -141,7 +119,7 @@ class Trainer:
         self.scaler = grad_scaler(device, self.precision)   # float16 only
         h, w, c = data.image_shape
         torch.manual_seed(derive_seed(cfg.seed, 0x1717))   # weight initialisation
-        self.mean, self.std = _dataset_stats(data.train.stats_sample(), cfg.normalize)
+        self.mean, self.std = channel_stats(data.train.stats_sample(), cfg.normalize)
         self.model: Classifier = build_classifier(cfg.model, data.num_classes, c, (h, w), self.mean, self.std).to(device)
         self.head = head_name(self.model.net)
         # Fine-tuning: trained weights over the fresh ones (a resumed run's come from its checkpoint).
@@ -434,79 +412,6 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- fit
-# The config keys that decide what ``load_data`` returns: runs that agree on these train on
-# the same images (the tuner loads them once for all its trials).
-DATA_KEYS = ("data", "data_dir", "image_size", "bad_images", "loader", "workers", "crop", "center_crop",
-             "val_split", "test_split", "train_size", "test_size", "seed", "nproc", "model")   # model: its size
-
-
-def check_config(cfg: Config) -> Config:
-    """Every rule a run's config must meet, checked before any data loads: its own values
-    (``config.validate``), then the rules that need a registry: the model exists and takes the
-    image size asked for, a switch only some models act on (``--whiten``) is on for one of them,
-    and ``--loader stream`` names an image folder, not a dataset read from its archives."""
-    from cnnlab.data.registry import official
-    from cnnlab.models.registry import check_input_size, list_models, model_info
-    cfg = config_mod.validate(cfg)
-    info = model_info(cfg.model)
-    for key in sorted({k for name in list_models() for k in model_info(name).setup_keys}):
-        if getattr(cfg, key) not in (False, None) and key not in info.setup_keys:
-            takers = [name for name in list_models() if key in model_info(name).setup_keys]
-            raise CnnlabError(f"--{key.replace('_', '-')} needs a model with a patch-whitening first layer; "
-                              f"{cfg.model!r} has none (try --model {takers[0]})")
-    source = official(cfg.data)
-    if source is not None and cfg.image_size is not None:
-        h, w, _ = source.image_shape
-        raise CnnlabError(f"--image-size applies to image folders; {cfg.data} is always {w}x{h}")
-    if source is not None and cfg.loader == "stream":
-        raise CnnlabError(f"--loader stream reads image folders; {cfg.data} is read from its archives "
-                          f"into memory: use --loader memory (or auto)")
-    if source is not None:
-        check_input_size(cfg.model, source.image_shape[:2], hint="choose another --model")
-    elif cfg.image_size is not None:
-        check_input_size(cfg.model, cfg.image_size)
-    return cfg
-
-
-def data_key(cfg: Config) -> tuple:
-    return tuple(getattr(cfg, k) for k in DATA_KEYS)
-
-
-def image_size_for(cfg: Config, scan: FolderScan | None) -> tuple[int | None, str]:
-    """The square side an image folder trains at, and why: ``--image-size``, else the images'
-    shorter side (of their most common size, from a sample of headers) capped at what the
-    model's family trains at (``models.registry.default_image_size``). None for an official
-    dataset, which comes at its own size."""
-    from cnnlab.models.registry import default_image_size
-    if cfg.image_size is not None:
-        return cfg.image_size, "--image-size"
-    if scan is None:
-        return None, ""
-    listing, _ = scan
-    sizes = Counter(size for size, _ in sample_headers([p for p, _ in listing.files.get("train", [])]))
-    if not sizes:
-        return None, ""            # no readable header: the reader reports the files
-    (w, h), _ = sizes.most_common(1)[0]
-    return default_image_size(cfg.model, min(w, h))
-
-
-def load_data(cfg: Config, saved_split: Path | None = None) -> Dataset:
-    """The splits ``cfg`` trains, validates and tests on (``DATA_KEYS`` decide them).
-    ``saved_split``: a run's splits.json, so an image folder splits as it did for that run."""
-    with distributed.main_first():   # rank 0 fills the decoded-image cache, the others read it
-        scan = scan_data_folder(cfg, saved_split)   # one walk of an image folder, whichever loader reads it
-        size, why = image_size_for(cfg, scan)
-        cfg = cfg.replace(image_size=size)
-        data: Dataset | None = open_streaming(cfg, distributed.local_world_size(), scan)
-        if data is None:
-            data = prepare_splits(load_for_config(cfg, scan=scan, progress=distributed.is_main()),
-                                  val_split=cfg.val_split, train_size=cfg.train_size,
-                                  test_size=cfg.test_size, seed=cfg.seed)
-    data.split_record = scan[0].split_record() if scan is not None else None
-    data.size_reason = why
-    return data
-
-
 def fit(config: Config | None = None, data: Dataset | None = None, *, out: str | Path | None = None,
         name: str | None = None, progress: bool = True, on_epoch: Callable[[int, dict[str, list]], bool] | None = None,
         callbacks: Sequence[Callback] = (), **overrides: Any) -> Run:
@@ -523,13 +428,13 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
     above, draws it (the command line after training, the tuner for its best trial only).
     """
     cfg = config_mod.merge(config or Config(), overrides, source="fit()") if overrides else (config or Config())
-    cfg = check_config(cfg)   # bad input leaves no folder behind
+    cfg = prepare.check_config(cfg)   # bad input leaves no folder behind
     device = distributed.setup(pick_device(cfg.device))   # joins torchrun's process group, if any
     set_threads(cfg.threads or distributed.threads_per_process())
     progress = progress and distributed.is_main()
     path = distributed.from_main(run_path(out=out, name=name, default_name=default_run_name(cfg)))
     check_new_run_folder(path)
-    data = load_data(cfg) if data is None else data
+    data = prepare.load_data(cfg) if data is None else data
     if cfg.image_size is None and data.split_record is not None:
         cfg = cfg.replace(image_size=data.image_shape[0])   # the size chosen for the folder, saved with the run
     if data.skipped and progress:
@@ -573,7 +478,7 @@ def resume(run: str | Path, *, progress: bool = True, changes: dict[str, Any] | 
     set_threads(cfg.threads or distributed.threads_per_process())
     progress = progress and distributed.is_main()
     splits = RunFolder(path).splits_file
-    data = load_data(cfg, saved_split=splits if splits.is_file() else None)
+    data = prepare.load_data(cfg, saved_split=splits if splits.is_file() else None)
     trainer = Trainer(cfg, data, path, device, progress, initial_weights=False)
     trainer.restore(tensors, meta)
     if progress:

@@ -198,7 +198,7 @@ def _claim_folder(out: Path, study_name: str, storage_label: str) -> None:
 
 def _check_validation(cfg: Config) -> int:
     """The number of validation images; none is an error (trials are never scored on test)."""
-    from cnnlab.engine.loop import load_data
+    from cnnlab.engine.prepare import load_data
     from cnnlab.models.registry import model_info
     model_info(cfg.model)
     data = load_data(cfg)
@@ -313,7 +313,7 @@ class _Objective:
     def data_for(self, cfg: Config) -> Dataset:
         """Trials that agree on the data keys share one load (in memory: streamed data is
         reopened per trial, its worker processes belong to one run)."""
-        from cnnlab.engine.loop import data_key, load_data
+        from cnnlab.engine.prepare import data_key, load_data
         if self._data is None or self._data[0] != data_key(cfg):
             self._data = None   # the old images go before the new ones load
             data = load_data(cfg)

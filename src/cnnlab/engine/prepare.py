@@ -1,0 +1,90 @@
+"""Before a run trains: its config checked against every rule, and its data loaded and sized.
+
+``check_config`` runs every rule before anything loads (the config's own values, then those
+that need the model and dataset registries); ``load_data`` reads the splits a config trains,
+validates and tests on, an image folder decoded at a size chosen for the model, a flat folder
+split as a run saved it. ``DATA_KEYS`` name the config keys that decide the data: runs that
+agree on them train on the same images (the tuner loads them once for all its trials).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from cnnlab.core.config import Config, validate
+from cnnlab.core.errors import CnnlabError
+from cnnlab.data.check import FolderScan
+from cnnlab.data.dataset import Dataset, prepare_splits
+from cnnlab.data.sources import load_for_config
+from cnnlab.data.stream import open_streaming, sample_headers, scan_data_folder
+from cnnlab.engine import distributed
+
+DATA_KEYS = ("data", "data_dir", "image_size", "bad_images", "loader", "workers", "crop", "center_crop",
+             "val_split", "test_split", "train_size", "test_size", "seed", "nproc", "model")   # model: its size
+
+
+def check_config(cfg: Config) -> Config:
+    """Every rule a run's config must meet, checked before any data loads: its own values
+    (``config.validate``), then the rules that need a registry: the model exists and takes the
+    image size asked for, a switch only some models act on (``--whiten``) is on for one of them,
+    and ``--loader stream`` names an image folder, not a dataset read from its archives."""
+    from cnnlab.data.registry import official
+    from cnnlab.models.registry import check_input_size, list_models, model_info
+    cfg = validate(cfg)
+    info = model_info(cfg.model)
+    for key in sorted({k for name in list_models() for k in model_info(name).setup_keys}):
+        if getattr(cfg, key) not in (False, None) and key not in info.setup_keys:
+            takers = [name for name in list_models() if key in model_info(name).setup_keys]
+            raise CnnlabError(f"--{key.replace('_', '-')} needs a model with a patch-whitening first layer; "
+                              f"{cfg.model!r} has none (try --model {takers[0]})")
+    source = official(cfg.data)
+    if source is not None and cfg.image_size is not None:
+        h, w, _ = source.image_shape
+        raise CnnlabError(f"--image-size applies to image folders; {cfg.data} is always {w}x{h}")
+    if source is not None and cfg.loader == "stream":
+        raise CnnlabError(f"--loader stream reads image folders; {cfg.data} is read from its archives "
+                          f"into memory: use --loader memory (or auto)")
+    if source is not None:
+        check_input_size(cfg.model, source.image_shape[:2], hint="choose another --model")
+    elif cfg.image_size is not None:
+        check_input_size(cfg.model, cfg.image_size)
+    return cfg
+
+
+def data_key(cfg: Config) -> tuple:
+    return tuple(getattr(cfg, k) for k in DATA_KEYS)
+
+
+def image_size_for(cfg: Config, scan: FolderScan | None) -> tuple[int | None, str]:
+    """The square side an image folder trains at, and why: ``--image-size``, else the images'
+    shorter side (of their most common size, from a sample of headers) capped at what the
+    model's family trains at (``models.registry.default_image_size``). None for an official
+    dataset, which comes at its own size."""
+    from cnnlab.models.registry import default_image_size
+    if cfg.image_size is not None:
+        return cfg.image_size, "--image-size"
+    if scan is None:
+        return None, ""
+    listing, _ = scan
+    sizes = Counter(size for size, _ in sample_headers([p for p, _ in listing.files.get("train", [])]))
+    if not sizes:
+        return None, ""            # no readable header: the reader reports the files
+    (w, h), _ = sizes.most_common(1)[0]
+    return default_image_size(cfg.model, min(w, h))
+
+
+def load_data(cfg: Config, saved_split: Path | None = None) -> Dataset:
+    """The splits ``cfg`` trains, validates and tests on (``DATA_KEYS`` decide them).
+    ``saved_split``: a run's splits.json, so an image folder splits as it did for that run."""
+    with distributed.main_first():   # rank 0 fills the decoded-image cache, the others read it
+        scan = scan_data_folder(cfg, saved_split)   # one walk of an image folder, whichever loader reads it
+        size, why = image_size_for(cfg, scan)
+        cfg = cfg.replace(image_size=size)
+        data: Dataset | None = open_streaming(cfg, distributed.local_world_size(), scan)
+        if data is None:
+            data = prepare_splits(load_for_config(cfg, scan=scan, progress=distributed.is_main()),
+                                  val_split=cfg.val_split, train_size=cfg.train_size,
+                                  test_size=cfg.test_size, seed=cfg.seed)
+    data.split_record = scan[0].split_record() if scan is not None else None
+    data.size_reason = why
+    return data
