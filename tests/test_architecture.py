@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cnnlab"
 LAYERS = ("core", "data", "models", "engine", "report", "apps", "top")
 LAYER_OF_PACKAGE = {"cnnlab.core": "core", "cnnlab.recipes": "core", "cnnlab.data": "data",
                     "cnnlab.models": "models", "cnnlab.engine": "engine", "cnnlab.report": "report",
-                    "cnnlab.apps": "apps", "cnnlab.cli": "top", "cnnlab.__main__": "top", "cnnlab": "top"}
+                    "cnnlab.apps": "apps", "cnnlab.cli": "top", "cnnlab.__main__": "top", "cnnlab.api": "top",
+                    "cnnlab": "top"}
 
 
 def module_names(root: Path = PACKAGE) -> dict[str, Path]:

@@ -24,12 +24,17 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm as auto_tqdm
+from tqdm.std import tqdm as terminal_tqdm
 
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.run_folder import RunFolder
 from cnnlab.engine.distributed import is_main
+
+# tqdm.auto is tqdm.notebook's widget under a Jupyter kernel that has ipywidgets, else the text
+# bar (named by module: importing tqdm.notebook would import ipywidgets into the command line).
+NOTEBOOK = any(c.__module__ == "tqdm.notebook" for c in auto_tqdm.__mro__)
 
 
 class Trainer(Protocol):
@@ -58,16 +63,33 @@ class Callback:
 
 
 class ProgressBar(Callback):
-    """A tqdm bar per epoch (on stderr) and one line per finished epoch (on stdout)."""
+    """Each epoch's steps live, and one line per finished epoch (on stdout).
 
-    def __init__(self, total_epochs: int):
+    ``tqdm.auto``: in a Jupyter notebook (with ipywidgets) one widget for the whole run, reset
+    at each epoch, so a cell holds one bar above the epoch lines however long training runs; in
+    a terminal a text bar per epoch on stderr, cleared for the epoch's line; none when stderr
+    is not a terminal (a log would get a line per refresh). ``fit(progress=False)`` (the API's
+    ``quiet``) leaves out this callback: no bar and no lines."""
+
+    def __init__(self, total_epochs: int, *, notebook: bool | None = None):
         self.total_epochs = total_epochs
-        self.bar: tqdm | None = None
+        self.notebook = NOTEBOOK if notebook is None else notebook
+        self.bar: Any = None
 
     def on_epoch_begin(self, trainer: Trainer, steps: int) -> None:
         s = trainer.state
-        self.bar = tqdm(total=steps, initial=s.step_in_epoch, leave=False, desc=f"epoch {s.epoch + 1}/"
-                        f"{self.total_epochs}", unit="batch", dynamic_ncols=True, file=sys.stderr)
+        desc = f"epoch {s.epoch + 1}/{self.total_epochs}"
+        if not self.notebook:
+            self.bar = terminal_tqdm(total=steps, initial=s.step_in_epoch, leave=False, desc=desc, unit="batch",
+                                     dynamic_ncols=True, file=sys.stderr, disable=None)
+            return
+        if self.bar is None:
+            self.bar = auto_tqdm(total=steps, desc=desc, unit="batch")
+        else:
+            self.bar.reset(total=steps)
+            self.bar.set_description(desc, refresh=False)
+        if s.step_in_epoch:   # a resumed epoch
+            self.bar.update(s.step_in_epoch)
 
     def on_log(self, trainer: Trainer, logs: dict[str, float]) -> None:
         assert self.bar is not None
@@ -83,8 +105,14 @@ class ProgressBar(Callback):
     def on_interrupt(self, trainer: Trainer) -> None:
         self._close()
 
-    def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+    def on_train_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self._close()
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        if self.notebook and self.bar is not None:
+            self.bar.update(self.bar.total - self.bar.n)   # the epoch's last steps, since the last log
+        else:
+            self._close()
         h, s = trainer.state.history, trainer.state
         seconds = h["seconds"][-1]
         line = f"epoch {s.epoch}/{self.total_epochs}  loss {h['loss'][-1]:.4f}  accuracy {h['accuracy'][-1]:.4f}"
