@@ -6,6 +6,8 @@ server tests start ``python -m cnnlab serve`` on a free loopback port, as a user
 from __future__ import annotations
 
 import csv
+import http.client
+import importlib.util
 import io
 import json
 import os
@@ -14,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -290,7 +293,8 @@ def _raw_status(port: int, request: bytes, body_chunks=()) -> tuple[int, bytes]:
 
 
 @pytest.fixture(scope="module")
-def server(trained_run):
+def server_process(trained_run):
+    """The server's base URL and its process."""
     port = _free_port()
     log = trained_run.path.parent / "serve.log"
     with open(log, "wb") as out:
@@ -308,13 +312,18 @@ def server(trained_run):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"cnnlab serve did not start: {log.read_text()[-2000:]}")
             time.sleep(0.3)
-        yield base
+        yield base, proc
     finally:
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(server_process):
+    return server_process[0]
 
 
 def test_server_health_and_self_contained_page(server, trained_run):
@@ -365,6 +374,119 @@ def test_server_refuses_oversize_chunked_upload_while_streaming(server):
     assert status == 413 and b"upload too large" in reply
 
 
+def test_server_413_reaches_clients_that_send_the_whole_body(server):
+    """urllib sends all 64 MB before it reads a byte: the server reads and drops them, so the
+    413 arrives instead of "connection reset by peer" (which closing at once gave)."""
+    huge = b"\xff\xd8" + b"\0" * (64 * 1_000_000)
+    status, reply = _post_file(server + "/predict", huge, "huge.jpg")
+    assert status == 413 and "the limit is 1,000,000 bytes (1 MB)" in reply["detail"]
+
+    # The same for a chunked body with no length, sent to its end by http.client.
+    host, port = server.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        pieces = [b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n',
+                  *[b"\xff" * 65536] * 80, b"\r\n--x--\r\n"]
+        conn.request("POST", "/predict", body=iter(pieces), encode_chunked=True,
+                     headers={"Content-Type": "multipart/form-data; boundary=x"})
+        response = conn.getresponse()
+        assert response.status == 413 and b"sent more than 1,000,000 bytes" in response.read()
+        assert response.getheader("content-security-policy")          # the middleware's answers too
+    finally:
+        conn.close()
+    assert _get(server + "/health")[0] == 200                         # and the server carries on
+
+
+def _load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["serve_load"] = module        # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_server_under_concurrent_load(server_process, trained_run, tmp_path):
+    """benchmarks/serve_load.py, small: 4 clients x 20 requests of good images, 4 MB bodies and
+    text, every answer checked against Run.predict, the server's memory read from /proc."""
+    base, proc = server_process
+    bench = _load_benchmark()
+    goods = bench.good_images(trained_run, tmp_path / "images")
+    assert len(goods) >= 40 and {g.content_type for g in goods} == {"image/jpeg", "image/png"}
+    result = bench.drive(base, proc.pid, goods, clients=4, requests=20, seed=1)
+    assert result["errors"] == 0, result["error_examples"]
+    assert result["requests"] == 80 and set(result["statuses"]) == {"200", "413", "415"}
+    assert result["server"]["peak_running"] <= result["server"]["workers"] and result["server"]["refused"] == 0
+    # Sixteen 4 MB bodies went through; none stayed (or was ever held whole).
+    assert result["rss_peak_mb"] - result["rss_baseline_mb"] < 40, result
+
+
+def test_busy_server_runs_at_most_its_workers_and_answers_503_beyond_the_queue(trained_run):
+    """One worker and one waiting place: a third request at once gets 503 and Retry-After,
+    the first two finish; the model never runs twice at a time."""
+    import uvicorn
+
+    from cnnlab.apps.serve import create_app
+    app = create_app(trained_run.path, UPLOAD_LIMIT_MB * 1_000_000, workers=1, max_waiting=1)
+    gate, predictor = app.state.gate, app.state.predictor
+    release, running, seen = threading.Event(), [0], [0]
+    real = predictor.classify
+
+    def slow_classify(*args):
+        running[0] += 1
+        seen[0] = max(seen[0], running[0])
+        try:
+            release.wait(30)
+            return real(*args)
+        finally:
+            running[0] -= 1
+
+    predictor.classify = slow_classify
+    port = _free_port()
+    userver = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=userver.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    image = _cifar_test_images(per_class=1)[0][0].read_bytes()
+    try:
+        deadline = time.monotonic() + 30
+        while not userver.started:
+            assert time.monotonic() < deadline, "the in-process server did not start"
+            time.sleep(0.05)
+        answers: list = [None, None]
+
+        def post(i: int) -> None:
+            answers[i] = _post_file(base + "/predict", image)
+
+        first = threading.Thread(target=post, args=(0,))
+        second = threading.Thread(target=post, args=(1,))
+        first.start()
+        _wait_for(lambda: gate.running == 1)
+        second.start()
+        _wait_for(lambda: gate.waiting == 1)
+        status, body, headers = _post_raw(base + "/predict", image)
+        assert status == 503 and headers["retry-after"] == "1"
+        assert json.loads(body)["detail"].startswith("server busy: 1 request(s) running the model and 1 waiting")
+        release.set()
+        first.join(30)
+        second.join(30)
+        assert [a[0] for a in answers] == [200, 200]
+        assert seen[0] == 1 and gate.peak_running == 1 and gate.refused == 1
+        assert json.loads(_get(base + "/health")[1])["inference"] == {
+            "workers": 1, "max_waiting": 1, "running": 0, "waiting": 0, "peak_running": 1, "refused": 1}
+    finally:
+        release.set()
+        userver.should_exit = True
+        thread.join(30)
+
+
+def _wait_for(condition, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the server"
+        time.sleep(0.01)
+
+
 def test_server_wrong_type_corrupt_bomb_and_missing_field(server, tmp_path):
     status, reply = _post_file(server + "/predict", b"%PDF-1.4 definitely not an image", "doc.pdf",
                                "application/pdf")
@@ -408,6 +530,8 @@ def test_browser_uploads_an_image_and_sees_the_prediction(server, trained_run, t
     path = _cifar_test_images(per_class=1)[0][5]
     not_image = tmp_path / "notes.png"
     not_image.write_text("hello")
+    too_big = tmp_path / "big.png"
+    too_big.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * (3 * UPLOAD_LIMIT_MB * 500_000))
     console_errors: list[str] = []
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
@@ -431,6 +555,15 @@ def test_browser_uploads_an_image_and_sees_the_prediction(server, trained_run, t
             page.set_input_files("#file", str(not_image))
             sync_api.expect(page.locator("#error")).to_contain_text("not an image", timeout=20_000)
             sync_api.expect(page.locator("#top-panel")).to_be_hidden()     # no stale answer shown
+
+            # Over the limit: refused by the page, with the limit in words, and never sent.
+            posts: list[str] = []
+            page.on("request", lambda r: r.method == "POST" and posts.append(r.url))
+            page.set_input_files("#file", str(too_big))
+            sync_api.expect(page.locator("#error")).to_contain_text(
+                "big.png is 1.5 MB, over this server's upload limit of 1 MB", timeout=20_000)
+            sync_api.expect(page.locator("#limits")).to_contain_text("up to 1 MB")
+            assert posts == []
         finally:
             browser.close()
     # A refused upload logs its 415 as a failed resource; anything else is a page bug.

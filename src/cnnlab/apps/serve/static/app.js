@@ -16,6 +16,9 @@ const cnnlab = (() => {
     box.hidden = !message;
   }
 
+  // 1500000 -> "1.5 MB", 10000000 -> "10 MB": the server's --max-upload-mb is in these units.
+  function megabytes(bytes) { return `${Number((bytes / 1e6).toFixed(1))} MB`; }
+
   function detailText(body, response) {
     const detail = body && body.detail;
     if (typeof detail === "string") return detail;
@@ -31,7 +34,7 @@ const cnnlab = (() => {
       const acc = m.test_accuracy == null ? "" : `, test accuracy ${(100 * m.test_accuracy).toFixed(1)}%`;
       $("model-info").textContent = `model ${m.arch} (run ${m.run}): ${m.num_classes} classes at `
         + `${m.input_size[1]}x${m.input_size[0]} px${acc}`;
-      $("limits").textContent = `Any size or format up to ${(state.info.max_upload_bytes / 1e6).toFixed(1)} MB; `
+      $("limits").textContent = `Any size or format up to ${megabytes(state.info.max_upload_bytes)}; `
         + `it is resized to ${m.input_size[1]}x${m.input_size[0]}.`;
     } catch (err) {
       showError(`cannot reach the server: ${err}`);
@@ -46,9 +49,12 @@ const cnnlab = (() => {
     showError("");
     if (!file) return;
     hidePanels();             // never show the last image's answer next to a new upload
-    if (state.info && file.size > state.info.max_upload_bytes) {
-      showError(`${file.name} is ${(file.size / 1e6).toFixed(1)} MB; the limit is `
-        + `${(state.info.max_upload_bytes / 1e6).toFixed(1)} MB`);
+    const limit = state.info && state.info.max_upload_bytes;
+    if (limit && file.size > limit) {              // refused here: nothing is sent
+      let size = megabytes(file.size);
+      if (size === megabytes(limit)) size = `${file.size.toLocaleString("en")} bytes`;   // not "1 MB, over 1 MB"
+      showError(`${file.name} is ${size}, over this server's upload limit of ${megabytes(limit)}: `
+        + "resize or compress the image and try again.");
       return;
     }
     const drop = $("drop");
