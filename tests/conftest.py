@@ -41,3 +41,17 @@ def make_subset(tmp_path):
     def make(per_class: dict[str, int], classes: list[str] | None = None, name: str = "subset") -> Path:
         return _copy_subset(tmp_path / name, per_class, classes)
     return make
+
+
+def train_then_crash(fit, cfg, out: Path, epochs: int = 1) -> None:
+    """``fit(cfg, out=out)`` that dies right after epoch ``epochs``'s checkpoint, as a killed
+    process would: the folder holds a checkpoint and no model, so resume continues it."""
+    from cnnlab.engine.callbacks import Callback
+
+    class Crash(Callback):
+        def on_epoch_end(self, trainer, logs):
+            if trainer.state.epoch == epochs:
+                raise SystemExit("simulated crash after the checkpoint")
+
+    with pytest.raises(SystemExit, match="simulated crash"):
+        fit(cfg, out=out, progress=False, callbacks=[Crash()])

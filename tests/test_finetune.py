@@ -15,6 +15,7 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.engine import loop, prepare
 from cnnlab.models.pretrained import head_name, init_from
 from cnnlab.models.registry import create_model, list_models
+from conftest import train_then_crash
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,7 @@ def test_freeze_epochs_train_only_the_head_then_everything_and_resume_exactly(so
     assert (1.0, True) in rates and (0.1, False) in rates
     # Stopped after epoch 1 and resumed without the source: the same weights, bit for bit.
     moved = source_run.path.with_name("moved")
-    loop.fit(cfg, out=tmp_path / "cut", progress=False, on_epoch=lambda epoch, h: epoch == 1)
+    train_then_crash(loop.fit, cfg, tmp_path / "cut")
     source_run.path.rename(moved)
     try:
         resumed = loop.resume(tmp_path / "cut", progress=False)

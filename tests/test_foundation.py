@@ -330,3 +330,16 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_cifa
     with pytest.raises(RuntimeError):
         loop.fit(cfg, out=tmp_path / "empty", progress=False)
     assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())   # emptied, kept
+
+
+def test_image_size_is_one_side_or_height_and_width():
+    assert merge(Config(), {"image_size": "48"}, source="t").image_size == 48
+    assert merge(Config(), {"image_size": "96,128"}, source="t").image_size == (96, 128)
+    assert merge(Config(), {"image_size": [64, 64]}, source="t").image_size == 64        # a square is one side
+    cfg = merge(Config(), {"image_size": [96, 128]}, source="config.json")               # as a run saves it
+    assert cfg.image_size == (96, 128) and cfg.to_dict()["image_size"] == [96, 128]
+    for bad in ("96,", "a,b", "1,2,3", [1.5, 2], True):
+        with pytest.raises(CnnlabError, match="image_size must be N or H,W"):
+            merge(Config(), {"image_size": bad}, source="t")
+    with pytest.raises(CnnlabError, match="image_size must be at least 8 pixels a side"):
+        resolve(overrides={"image_size": "64,4"})

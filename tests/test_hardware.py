@@ -17,6 +17,7 @@ from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.hardware import Precision, choose_precision, pick_device
 from cnnlab.engine import loop
+from conftest import train_then_crash
 
 CPU = torch.device("cpu")
 
@@ -140,7 +141,7 @@ def test_float16_resume_restores_the_loss_scale_exactly(fp16_on_cpu, tiny_cifar,
     cfg = Config(data=str(tiny_cifar), model="tutorial", optimizer="nesterov", lr=0.05, weight_decay=5e-3,
                  epochs=2, seed=2, threads=1, train_size=160)
     whole = loop.fit(cfg, out=tmp_path / "whole", progress=False)
-    loop.fit(cfg, out=tmp_path / "cut", progress=False, on_epoch=lambda epoch, h: epoch == 1)
+    train_then_crash(loop.fit, cfg, tmp_path / "cut")
     after_one = _scaler_state(tmp_path / "cut")["scale"]
     assert after_one < 2.0 ** 30                           # the state to restore is not the initial one
     resumed = loop.resume(tmp_path / "cut", progress=False)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.engine import loop, prepare
+from conftest import train_then_crash
 
 IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 # Three superclasses by ImageNet class index, a few photos each (mostly 500x375, some other sizes).
@@ -72,7 +73,7 @@ def test_a_flat_photo_folder_trains_evaluates_and_keeps_its_split(photos, tmp_pa
 def test_resume_reads_the_saved_split_even_after_the_folder_grew(photos, tmp_path):
     cfg = Config(data=str(photos), model="tutorial", epochs=2, batch_size=8, seed=4, threads=1)
     whole = loop.fit(cfg, out=tmp_path / "whole", progress=False)
-    loop.fit(cfg, out=tmp_path / "cut", progress=False, on_epoch=lambda epoch, h: epoch == 1)
+    train_then_crash(loop.fit, cfg, tmp_path / "cut")
     extra = photos / "dog" / "added-later.JPEG"
     shutil.copy2(next((photos / "bird").iterdir()), extra)       # a seeded split would now change
     try:
@@ -93,3 +94,15 @@ def test_the_training_size_follows_the_model_family(photos):
     assert prepare.image_size_for(cfg.replace(image_size=48), scan) == (48, "--image-size")
     with pytest.raises(CnnlabError, match="alexnet needs images of at least 15x15 pixels; got 12x12"):
         prepare.check_config(cfg.replace(model="alexnet", image_size=12))
+
+
+def test_a_height_and_width_train_in_memory_and_streaming_refuses_them(photos, tmp_path):
+    cfg = Config(data=str(photos), model="tutorial", epochs=1, batch_size=8, threads=1, image_size=(24, 40))
+    run = loop.fit(cfg, out=tmp_path / "wide", progress=False)
+    assert run.card["input_size"] == [24, 40] and run.config.image_size == (24, 40)
+    assert json.loads((run.path / "config.json").read_text())["config"]["image_size"] == [24, 40]
+    p = cli("evaluate", str(run.path), "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["test_images"] == run.metrics["test_images"]
+    with pytest.raises(CnnlabError, match="streamed images are cropped square; give one side"):
+        loop.fit(cfg.replace(loader="stream"), out=tmp_path / "streamed", progress=False)
+    assert not (tmp_path / "streamed").exists()

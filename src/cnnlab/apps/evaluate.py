@@ -34,7 +34,7 @@ def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str
         # An image folder is decoded to the model's (square) size, streamed when too large for memory,
         # as training decoded it; an official dataset comes at its own size (a mismatch is refused below).
         h, w = run.input_size
-        changes.update(loader="stream" if streams else "memory", image_size=h if folder and h == w else None)
+        changes.update(loader="stream" if streams else "memory", image_size=(h if h == w else (h, w)) if folder else None)
     # Its own image folder splits as it did in training (a flat folder's split is saved with the run).
     saved = run.splits_file if not data and run.splits_file.is_file() else None
     ds = load_data(cfg.replace(**changes), saved_split=saved)

@@ -21,6 +21,8 @@ import yaml
 
 from cnnlab.core.errors import CnnlabError
 
+ImageSize = int | tuple[int, int]   # one side for a square, or (height, width)
+
 
 def option(default: Any, help: str, *, group: str) -> Any:
     """A config field with its help text and ``--help`` section: argparse, the tuner's space
@@ -45,8 +47,9 @@ class Config:
                                     "test, chosen by the seed; the split is saved in the run folder", group=DATA)
     train_size: int | None = option(None, "a stratified subset of train, in images, before the hold-out (default: all of it)", group=DATA)
     test_size: int | None = option(None, "a stratified subset of test, in images (default: all of it)", group=DATA)
-    image_size: int | None = option(None, "image folders: resize to this many pixels (default: the most common "
-                                          "size; 224 when streaming)", group=DATA)
+    image_size: ImageSize | None = option(
+        None, "image folders: train at N x N pixels, or H,W (height, width; decoded in memory) (default: the "
+              "images' shorter side, capped at what the model's family trains at)", group=DATA)
     bad_images: Literal["error", "skip"] = option(
         "error", "image folders are checked first (as `cnnlab data check` does): error stops with the list of "
                  "problems; skip leaves out unusable files and says how many", group=DATA)
@@ -145,7 +148,8 @@ class Config:
     tensorboard: bool = option(False, "also write TensorBoard event files into the run folder", group=RUN)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON/YAML values (an (H, W) size as a list)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def replace(self, **changes) -> "Config":
         return merge(self, changes, source="arguments")
@@ -173,7 +177,11 @@ class FieldType:
 def field_type(key: str) -> FieldType:
     hint, optional = _HINTS[key], False
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint, optional = next(a for a in typing.get_args(hint) if a is not type(None)), True
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        if any(typing.get_origin(a) is tuple for a in args):
+            return FieldType(tuple, (), optional)     # an image size: N, or (height, width)
+        hint = args[0]
     if typing.get_origin(hint) is Literal:
         return FieldType(str, typing.get_args(hint), optional)
     return FieldType(hint, (), optional)
@@ -219,9 +227,22 @@ def _check_value(key: str, value: Any, source: str) -> Any:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
             return str(value)
+        if hint is tuple:
+            return _image_size(value)
     except (TypeError, ValueError):
         pass
-    raise CnnlabError(f"{source}: {key} must be {'an integer' if hint is int else 'a number' if hint is float else 'true or false' if hint is bool else 'a string'}; got {value!r}")
+    wanted = {int: "an integer", float: "a number", bool: "true or false", tuple: "N or H,W (pixels)"}.get(hint, "a string")
+    raise CnnlabError(f"{source}: {key} must be {wanted}; got {value!r}")
+
+
+def _image_size(value: Any) -> ImageSize:
+    """``32``, ``"32"``, ``"96,128"`` or ``[96, 128]``: one side for a square, else (height, width)."""
+    parts = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    if not 1 <= len(parts) <= 2 or any(isinstance(p, bool) or (isinstance(p, float) and not p.is_integer())
+                                       for p in parts):
+        raise ValueError
+    sides = [int(p) for p in parts]
+    return sides[0] if len(set(sides)) == 1 else (sides[0], sides[1])
 
 
 def validate(cfg: Config) -> Config:
@@ -264,8 +285,8 @@ def validate(cfg: Config) -> Config:
         bad("nproc", "a positive number of processes, e.g. --nproc 2")
     if not 0 < cfg.center_crop <= 1:
         bad("center_crop", "in (0, 1]: 0.875 is the ImageNet convention (256 -> 224), 1 keeps the whole shorter side")
-    if cfg.image_size is not None and cfg.image_size < 8:
-        bad("image_size", "at least 8 pixels")
+    if cfg.image_size is not None and min(_sides(cfg.image_size)) < 8:
+        bad("image_size", "at least 8 pixels a side")
     if cfg.freeze_epochs < 0:
         bad("freeze_epochs", "zero or more epochs")
     if cfg.freeze_epochs > 0 and not cfg.init_from:
@@ -284,6 +305,10 @@ def validate(cfg: Config) -> Config:
         raise CnnlabError("--crop random_resized needs the original images, which only the streaming "
                           "loader keeps: use --loader stream (or auto), or --crop center")
     return cfg
+
+
+def _sides(size: ImageSize) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else size
 
 
 def closest_key(name: str) -> str | None:

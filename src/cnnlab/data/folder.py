@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cnnlab.core.config import ImageSize
 from cnnlab.data import check
 from cnnlab.data.check import FolderScan
 from cnnlab.data.dataset import TEST_SUBSET, TRAIN_SUBSET, Dataset, Split, subset_index
@@ -32,7 +33,7 @@ from cnnlab.data.listing import DEFAULT_TEST_SPLIT, SPLITS, FolderListing, _head
 CACHE_VERSION = 2   # 2: symlinks leaving the root refused; check results cached
 
 
-def _fingerprint(listing: FolderListing, image_size: int | None, chosen: Mapping[str, np.ndarray]) -> str:
+def _fingerprint(listing: FolderListing, image_size: ImageSize | None, chosen: Mapping[str, np.ndarray]) -> str:
     key = f"v{CACHE_VERSION}|{listing.root.resolve()}|{image_size}\n{listing.stamp}"
     if chosen:   # a subset: which files, so a changed --train-size or seed never reads a stale cache
         key += "\n" + "\n".join(f"{split}:{hashlib.sha256(ix.astype(np.int64).tobytes()).hexdigest()}"
@@ -53,7 +54,7 @@ def chosen_subsets(listing: FolderListing, train_size: int | None, test_size: in
     return out
 
 
-def load_image_folder(root: str | Path, *, image_size: int | None = None,
+def load_image_folder(root: str | Path, *, image_size: ImageSize | None = None,
                       cache_dir: Path | None = None, bad_images: str = "error",
                       scan: FolderScan | None = None, train_size: int | None = None,
                       test_size: int | None = None, seed: int = 0, test_split: float = DEFAULT_TEST_SPLIT,
@@ -103,8 +104,8 @@ def load_image_folder(root: str | Path, *, image_size: int | None = None,
             bar.close()
     headers = [h for chunk in chunks for h in chunk]
     good = [h for h in headers if not isinstance(h, str)] or [((1, 1), "RGB")]   # all bad: reported below
-    if image_size is not None:
-        size = (image_size, image_size)
+    if image_size is not None:   # (width, height), as Pillow sizes go
+        size = (image_size, image_size) if isinstance(image_size, int) else (image_size[1], image_size[0])
     else:
         size = Counter(s for s, _ in good).most_common(1)[0][0]
     channels = 1 if all(m in GREY_MODES for _, m in good) else 3

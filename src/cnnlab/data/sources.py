@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from cnnlab.core.config import Config
+from cnnlab.core.config import Config, ImageSize
 from cnnlab.core.errors import CnnlabError
 from cnnlab.data import check
 from cnnlab.data.check import FolderScan
@@ -15,7 +15,7 @@ from cnnlab.data.listing import DEFAULT_TEST_SPLIT
 from cnnlab.data.registry import DATASETS, looks_like_path, official
 
 
-def load_dataset(spec: str, *, data_dir: str | Path | None = None, image_size: int | None = None,
+def load_dataset(spec: str, *, data_dir: str | Path | None = None, image_size: ImageSize | None = None,
                  bad_images: str = "error", download: bool = True, scan: FolderScan | None = None,
                  train_size: int | None = None, test_size: int | None = None, seed: int = 0,
                  test_split: float = DEFAULT_TEST_SPLIT, saved_split: Mapping[str, Any] | str | Path | None = None,

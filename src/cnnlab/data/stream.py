@@ -325,8 +325,10 @@ def decoded_bytes(cfg: Config, listing=None) -> int:
     listing = listing or list_folder(cfg.data, test_split=cfg.test_split, seed=cfg.seed)
     paths = [p for files in listing.files.values() for p, _ in files]
     headers = sample_headers(paths)
-    if cfg.image_size is not None:
+    if isinstance(cfg.image_size, int):
         w = h = cfg.image_size
+    elif cfg.image_size is not None:
+        h, w = cfg.image_size
     else:
         (w, h), _ = Counter(s for s, _ in headers).most_common(1)[0] if headers else ((1, 1), 0)
     channels = 1 if headers and all(m in GREY_MODES for _, m in headers) else 3
@@ -369,6 +371,9 @@ def open_streaming(cfg: Config, processes: int = 1, scan: FolderScan | None = No
     headers = sample_headers(train_paths)
     channels = 1 if headers and all(m in GREY_MODES for _, m in headers) else 3
     workers = cfg.workers if cfg.workers is not None else default_workers(processes)
+    if isinstance(cfg.image_size, tuple):
+        raise CnnlabError(f"--image-size {cfg.image_size[0]},{cfg.image_size[1]}: streamed images are cropped "
+                          f"square; give one side (--image-size N), or decode in memory with --loader memory")
     decoding = Decoding(cfg.image_size or IMAGENET_SIZE, channels, cfg.center_crop, workers, cfg.bad_images,
                         random_crop=cfg.crop != "center")
     splits = {split: FileSplit([p for p, _ in files], np.array([lbl for _, lbl in files], np.int64), decoding)

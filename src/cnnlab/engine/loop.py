@@ -436,7 +436,8 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
     check_new_run_folder(path)
     data = prepare.load_data(cfg) if data is None else data
     if cfg.image_size is None and data.split_record is not None:
-        cfg = cfg.replace(image_size=data.image_shape[0])   # the size chosen for the folder, saved with the run
+        h, w, _ = data.image_shape   # the size chosen for the folder, saved with the run
+        cfg = cfg.replace(image_size=h if h == w else (h, w))
     if data.skipped and progress:
         print(f"skipped {data.skipped} unreadable image(s) (--bad-images skip)", flush=True)
     trainer = Trainer(cfg, data, path, device, progress)

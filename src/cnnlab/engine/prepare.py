@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from cnnlab.core.config import Config, validate
+from cnnlab.core.config import Config, ImageSize, validate
 from cnnlab.core.errors import CnnlabError
 from cnnlab.data.check import FolderScan
 from cnnlab.data.dataset import Dataset, prepare_splits
@@ -55,7 +55,7 @@ def data_key(cfg: Config) -> tuple:
     return tuple(getattr(cfg, k) for k in DATA_KEYS)
 
 
-def image_size_for(cfg: Config, scan: FolderScan | None) -> tuple[int | None, str]:
+def image_size_for(cfg: Config, scan: FolderScan | None) -> tuple[ImageSize | None, str]:
     """The square side an image folder trains at, and why: ``--image-size``, else the images'
     shorter side (of their most common size, from a sample of headers) capped at what the
     model's family trains at (``models.registry.default_image_size``). None for an official
