@@ -82,7 +82,11 @@ class Config:
     epochs: float = option(10, "passes over the training set; fractional allowed (a recipe's schedule length)",
                            group=OPTIM)
     batch_size: int = option(32, "images a step (per process when data-parallel)", group=OPTIM)
-    optimizer: Literal["adam", "adamw", "sgd", "nesterov"] = option("adam", "the update rule", group=OPTIM)
+    # muon's 0.05 is cnnlab.engine.optim.MUON_LR_SCALE (tests/test_optim.py holds them together).
+    optimizer: Literal["adam", "adamw", "sgd", "nesterov", "muon"] = option(
+        "adam", "the update rule; muon: orthogonalised (Newton-Schulz) momentum for conv and linear weights at "
+                "0.05 x lr, Nesterov for biases, norms and the head; momentum, weight decay and --lr-per-1024 "
+                "as for nesterov", group=OPTIM)
     lr: float = option(1e-3, "learning rate (per 1024 examples with --lr-per-1024)", group=OPTIM)
     momentum: float = option(0.9, "SGD/Nesterov momentum", group=OPTIM)
     # A coupled L2 term lambda shrinks weights by lr * lambda / (1 - momentum) per step once

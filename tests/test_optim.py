@@ -1,0 +1,212 @@
+"""--optimizer muon: the update against torch.optim.Muon, its groups, precision and resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from cnnlab.core.config import FIELDS, Config
+from cnnlab.core.run_folder import RunFolder
+from cnnlab.engine import checkpoint as ckpt
+from cnnlab.engine.optim import (
+    MUON_LR_SCALE,
+    NS_STEPS,
+    Muon,
+    build_optimizer,
+    decay_weights,
+    effective_lr,
+    orthogonalise,
+)
+from conftest import train_then_crash
+
+# A power of two, so torch's coupled decay lr * (WD / lr) is exactly our decoupled WD.
+LR, WD, MOMENTUM = 0.5, 2.0 ** -7, 0.9
+
+
+def _muon(params: list[torch.Tensor], dtype: torch.dtype) -> Muon:
+    return Muon([{"params": params, "lr": LR, "lr_scale": 1.0, "decay_scale": 1.0, "orthogonalise": True}],
+                momentum=MOMENTUM, ns_dtype=dtype)
+
+
+def _torch_muon(params: list[torch.Tensor]) -> torch.optim.Muon:
+    return torch.optim.Muon(params, lr=LR, weight_decay=WD / LR, momentum=MOMENTUM, nesterov=True,
+                            ns_steps=NS_STEPS)
+
+
+def _mlp() -> nn.Sequential:
+    # Wide, tall and square 2-D weights: both orientations of the iteration, and the
+    # sqrt(rows / cols) step scaling of the tall one.
+    return nn.Sequential(nn.Linear(24, 40, bias=False), nn.Tanh(), nn.Linear(40, 40, bias=False), nn.Tanh(),
+                         nn.Linear(40, 8, bias=False))
+
+
+def _twins(dtype: torch.dtype, seed: int) -> tuple[nn.Module, nn.Module, Muon, torch.optim.Muon]:
+    """The same MLP twice, one for our Muon (Newton-Schulz in ``dtype``), one for torch's."""
+    torch.manual_seed(seed)
+    ours, ref = _mlp(), _mlp()
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref, _muon(list(ours.parameters()), dtype), _torch_muon(list(ref.parameters()))
+
+
+DECAY = Config(optimizer="muon", weight_decay=WD)
+
+
+def _step(model: nn.Module, opt, cfg: Config | None, x: torch.Tensor) -> None:
+    """The loop's order: gradients, the decoupled decay, then the step."""
+    opt.zero_grad(set_to_none=True)
+    model(x).square().sum().backward()
+    if cfg is not None:
+        decay_weights(opt, cfg, multiplier=1.0)
+    opt.step()
+
+
+def test_muon_in_bfloat16_is_torch_muon_bit_for_bit_through_a_checkpoint():
+    # torch.optim.Muon runs Newton-Schulz in bfloat16 always. Ours in bfloat16 does the same
+    # operations in the same order (the cast, the transpose of a tall matrix, the norm, three
+    # addmm's an iteration, the mixed-precision add), in the same process on the same kernels,
+    # and our momentum average and decay are torch's: nothing may differ, not one bit.
+    ours, ref, opt, torch_opt = _twins(torch.bfloat16, seed=0)
+    for step in range(6):
+        x = torch.randn(16, 24)
+        _step(ours, opt, DECAY, x)
+        _step(ref, torch_opt, None, x)   # torch's own (coupled, lr * WD / lr) decay
+        for a, b in zip(ours.parameters(), ref.parameters()):
+            assert torch.equal(a, b), f"step {step}"
+        if step == 2:   # through the checkpoint's flat form and its JSON: changes nothing
+            tensors, meta = ckpt.optimizer_to_flat(opt)
+            meta = json.loads(json.dumps(meta))
+            twin = _mlp()
+            twin.load_state_dict(ours.state_dict())
+            resumed = _muon(list(twin.parameters()), torch.float32)   # the saved groups' bfloat16 wins
+            ckpt.optimizer_from_flat(resumed, tensors, meta)
+            assert resumed.param_groups[0]["ns_dtype"] == "bfloat16"
+            ours, opt = twin, resumed
+
+
+def test_muon_in_float32_is_torch_muon_within_bfloat16_rounding():
+    # Step by step from the same weights and buffers (each step starts ours from torch's
+    # weights), so each comparison is one update. Ours keeps float32; torch rounds to bfloat16
+    # (8 significant bits: at most 2^-9 relative) the input, its normalisation and the three
+    # products of each of the 3 iterations: 11 roundings, at most 11 * 2^-9 = 2.1% of the
+    # update if every one adds up. To first order the iteration carries a relative error
+    # through at a gain of at most 1.03 for singular values in [0, 1] (|s p'(s) / p(s)| of the
+    # quintic p), more only for those pushed past 1 (up to 1.2 after an iteration): allow half
+    # as much again, 2^-5 of the update's norm. (Measured: about 0.9%.)
+    ours, ref, opt, torch_opt = _twins(torch.float32, seed=1)
+    for step in range(5):
+        x = torch.randn(16, 24)
+        start = [p.detach().clone() for p in ref.parameters()]
+        _step(ours, opt, DECAY, x)
+        _step(ref, torch_opt, None, x)
+        for a, b, s in zip(ours.parameters(), ref.parameters(), start):
+            ours_update, torch_update = a.detach() - s * (1 - WD), b.detach() - s * (1 - WD)
+            err = (ours_update - torch_update).norm() / torch_update.norm()
+            assert err <= 2 ** -5, f"step {step}: {err:.2e}"
+            # Gradients at the same weights, averaged alike: the buffers agree exactly.
+            assert torch.equal(opt.state[a]["momentum_buffer"], torch_opt.state[b]["momentum_buffer"])
+        with torch.no_grad():
+            for a, b in zip(ours.parameters(), ref.parameters()):
+                a.copy_(b)
+
+
+@pytest.mark.parametrize("shape", [(32, 72), (72, 32)])
+def test_float32_iteration_is_the_float64_one_within_float32_rounding(shape):
+    # The same 11 roundings at 2^-24, where each product's dot product of up to 72 terms adds
+    # up to 72 * 2^-24 (4.3e-6) more: 9 products, 3.9e-5 at unit gain if every error aligned,
+    # so 2^-14 (6.1e-5) of the norm with the gain allowed above. float32 is the accurate choice.
+    torch.manual_seed(2)
+    g = torch.randn(shape, dtype=torch.float64)
+    exact = orthogonalise(g, dtype=torch.float64)
+    err = (orthogonalise(g.float()).double() - exact).norm() / exact.norm()
+    assert err <= 2 ** -14
+    s = torch.linalg.svdvals(exact)   # orthogonalised: singular values near 1 (0.68-1.19 here), not all 1
+    assert 0.5 < s.min() and s.max() < 1.25
+
+
+def test_a_convolution_is_orthogonalised_as_its_filter_matrix_in_any_memory_layout():
+    # Filters (out, in, kh, kw) viewed as out x (in * kh * kw): the same update as
+    # torch.optim.Muon on that matrix, channels_last or not. Exact, as above (bfloat16).
+    torch.manual_seed(3)
+    conv = nn.Conv2d(6, 16, 3, bias=False).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    matrix = nn.Parameter(conv.weight.detach().reshape(16, -1).clone())
+    opt, torch_opt = _muon([conv.weight], torch.bfloat16), _torch_muon([matrix])
+    for _ in range(3):
+        grad = torch.randn(16, 6, 3, 3)
+        conv.weight.grad = grad.contiguous(memory_format=torch.channels_last)
+        matrix.grad = grad.reshape(16, -1).clone()
+        decay_weights(opt, DECAY, 1.0)
+        opt.step()
+        torch_opt.step()
+        assert torch.equal(conv.weight.detach().reshape(16, -1), matrix.detach())
+
+
+def _names(model: nn.Module, group: dict) -> set[str]:
+    ids = {id(p) for p in group["params"]}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def test_muon_groups_conv_and_linear_weights_and_leaves_the_head_and_biases_to_nesterov():
+    from cnnlab.models.classifier import build_classifier
+    from cnnlab.models.pretrained import head_name
+    model = build_classifier("tutorial", 10, 3, (32, 32), [0.5] * 3, [0.25] * 3)
+    head = "net." + head_name(model.net)
+    cfg = Config(optimizer="muon", lr=2.0, lr_per_1024=True, batch_size=256, bias_lr_scale=64, momentum=0.85)
+    opt = build_optimizer(model, cfg, head=head)
+    assert isinstance(opt, Muon)
+    by_kind = {g["orthogonalise"]: g for g in opt.param_groups if g["lr_scale"] != 64}
+    matrices = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n != head}
+    assert _names(model, by_kind[True]) == {f"{n}.weight" for n in matrices} and len(matrices) >= 4
+    assert _names(model, by_kind[False]) == {f"{head}.weight"}
+    biases = [g for g in opt.param_groups if g["lr_scale"] == 64]
+    assert len(biases) == 1 and all(n.endswith(".bias") for n in _names(model, biases[0]))
+    assert all(g["nesterov"] and g["momentum"] == 0.85 for g in opt.param_groups)
+    lr = effective_lr(cfg)   # per 1024 examples: 2.0 * 256 / 1024
+    assert by_kind[True]["lr"] == pytest.approx(lr * MUON_LR_SCALE) and by_kind[False]["lr"] == pytest.approx(lr)
+    # Without a head's name (a caller that has none): the last nn.Linear is the head.
+    assert _names(model, next(g for g in build_optimizer(model, cfg).param_groups if g["orthogonalise"])) == \
+        _names(model, by_kind[True])
+
+
+def test_muon_weights_take_the_decoupled_decay_and_bodies_the_body_rate():
+    conv = nn.Conv2d(3, 8, 3)
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(8, 4))
+    cfg = Config(optimizer="muon", weight_decay=0.01, body_lr_scale=0.1, lr=1.0)
+    opt = build_optimizer(model, cfg, head="2")
+    group = next(g for g in opt.param_groups if g["orthogonalise"])
+    assert group["params"] == [conv.weight]
+    assert group["lr"] == pytest.approx(MUON_LR_SCALE * 0.1)   # the body's fraction of Muon's rate
+    before = conv.weight.detach().clone()
+    decay_weights(opt, cfg, multiplier=0.5)
+    assert torch.allclose(conv.weight, before * (1 - 0.01 * 0.5))
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_newton_schulz_runs_in_bfloat16_only_under_bfloat16_autocast(precision, dtype):
+    opt = build_optimizer(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), Config(optimizer="muon", precision=precision))
+    assert {g["ns_dtype"] for g in opt.param_groups} == {dtype}
+
+
+def test_the_config_help_states_the_muon_rate_the_optimizer_uses():
+    assert f"{MUON_LR_SCALE:g} x lr" in FIELDS["optimizer"].metadata["help"]
+
+
+def test_muon_resume_after_a_crash_equals_the_uninterrupted_run(tiny_cifar, tmp_path):
+    from cnnlab.engine import loop
+    cfg = Config(data=str(tiny_cifar), model="tutorial", optimizer="muon", lr=0.5, momentum=0.85,
+                 weight_decay=5e-3, epochs=2, seed=3, threads=1, train_size=160)
+    whole = loop.fit(cfg, out=tmp_path / "whole", progress=False)
+    train_then_crash(loop.fit, cfg, tmp_path / "cut")
+    # The cut run's checkpoint carries the Muon groups and their momentum buffers.
+    with safe_open(str(RunFolder(tmp_path / "cut").last_checkpoint), framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+        buffers = [k for k in f.keys() if k.startswith("optim.") and k.endswith(".momentum_buffer")]
+    groups = meta["optimizer"]["groups"]
+    assert any(g["orthogonalise"] for g in groups) and len(buffers) == sum(len(g["params"]) for g in groups)
+    resumed = loop.resume(tmp_path / "cut", progress=False)
+    a, b = load_file(whole.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # same process: bit for bit
+    assert resumed.history["loss"] == whole.history["loss"]
