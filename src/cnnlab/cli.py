@@ -251,7 +251,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           f"pip install fastapi uvicorn python-multipart") from None
     if args.max_upload_mb <= 0:
         raise CnnlabError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-    serve(args.run, host=args.host, port=args.port, max_bytes=int(args.max_upload_mb * 1_000_000))
+    if args.workers is not None and args.workers < 1:
+        raise CnnlabError(f"--workers must be at least 1, got {args.workers}")
+    if args.max_waiting is not None and args.max_waiting < 0:
+        raise CnnlabError(f"--max-waiting must be 0 or more, got {args.max_waiting}")
+    limits = {k: v for k, v in (("workers", args.workers), ("max_waiting", args.max_waiting)) if v is not None}
+    serve(args.run, host=args.host, port=args.port, max_bytes=int(args.max_upload_mb * 1_000_000), **limits)
     return 0
 
 
@@ -414,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "weight_decay, optimizer, label_smoothing); format in `python -m pydoc cnnlab.apps.tune.space`")
     tu.add_argument("--study", default=None, metavar="NAME", help="study name (default: MODEL-DATA)")
     tu.add_argument("--storage", default=None, metavar="URL", help="e.g. postgresql://user:pw@host/db to share "
+    sv.add_argument("--workers", type=int, default=None, help="requests that run the model at once "
+                    "(default: the machine's cores)")
+    sv.add_argument("--max-waiting", type=int, default=None, help="requests that wait for a worker "
+                    "(default: 16); beyond them: 503 with Retry-After")
                     "the study between machines (default: sqlite file OUT/study.db)")
     tu.add_argument("--sampler", default="tpe", choices=("tpe", "random", "grid"))
     tu.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"))

@@ -88,10 +88,10 @@ class Config:
                 "0.05 x lr, Nesterov for biases, norms and the head; momentum, weight decay and --lr-per-1024 "
                 "as for nesterov", group=OPTIM)
     lr: float = option(1e-3, "learning rate (per 1024 examples with --lr-per-1024)", group=OPTIM)
-    momentum: float = option(0.9, "SGD/Nesterov momentum", group=OPTIM)
+    momentum: float = option(0.9, "SGD/Nesterov/Muon momentum", group=OPTIM)
     # A coupled L2 term lambda shrinks weights by lr * lambda / (1 - momentum) per step once
     # momentum builds up: that product is what this decoupled decay states directly.
-    weight_decay: float = option(0.0, "SGD/Nesterov: the fraction each weight shrinks per step, decoupled from "
+    weight_decay: float = option(0.0, "SGD/Nesterov/Muon: the fraction each weight shrinks per step, decoupled from "
                                       "the gradient (per 1024 examples with --lr-per-1024); Adam/AdamW: torch's "
                                       "own weight_decay", group=OPTIM)
     lr_per_1024: bool = option(False, "state lr and weight decay per 1024 examples and divide by the batch size "
