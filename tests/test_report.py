@@ -431,3 +431,38 @@ def test_compare_html_in_chromium(runs, browser, tmp_path):
     html, rows = compare_runs(list(runs), tmp_path / "cmp")
     assert [r["run"] for r in rows] == ["run-a", "run-b"]
     assert_page_ok(browser.open(html), images=2)
+
+
+# ----------------------------------------------------------------------------- compare: what it compares
+def test_compare_shows_standard_errors_warns_of_other_test_sets_and_groups_seeds(tiny_cifar, tmp_path, capsys):
+    """Two seeds of one config tested on the folder's 100 test images, and a third run tested on
+    30 of them: each accuracy ± its standard error, the test sets told apart, the seeds grouped.
+    (Against the old compare: no standard error, no test set recorded, no warning, no groups.)"""
+    import csv
+
+    base = dict(data=str(tiny_cifar), epochs=1, batch_size=32, val_split=0.2, train_size=100, threads=1)
+    a, b, c = (fit(Config(**base, **extra), out=tmp_path / name, progress=False).path
+               for name, extra in (("seed-0", {"seed": 0}), ("seed-1", {"seed": 1}), ("small", {"test_size": 30})))
+    metrics = {p.name: json.loads((p / "metrics.json").read_text()) for p in (a, b, c)}
+    assert metrics["seed-0"]["val_images"] == 20 and metrics["seed-0"]["test_images"] == 100
+    same = metrics["seed-0"]["test_set"]
+    assert same == metrics["seed-1"]["test_set"] and same["images"] == 100
+    assert len(same["labels_sha256"]) == 64 and len(same["files_sha256"]) == 64   # an image folder's files
+    assert metrics["small"]["test_set"]["images"] == 30 and metrics["small"]["test_set"] != same
+
+    assert main(["compare", str(a), str(b), str(c), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    acc = metrics["seed-0"]["test_accuracy"]
+    assert f"{acc:.2%} ± {100 * math.sqrt(acc * (1 - acc) / 100):.2f}" in printed
+    small = metrics["small"]["test_accuracy"]
+    assert f"{small:.2%} ± {100 * math.sqrt(small * (1 - small) / 30):.2f}" in printed
+    warning = next(line for line in printed.splitlines() if "different test sets" in line)
+    assert "seed-0, seed-1 on 100 images" in warning and "small on 30 images" in warning
+    mean = (metrics["seed-0"]["test_accuracy"] + metrics["seed-1"]["test_accuracy"]) / 2
+    assert "seeds 0, 1 of one config (seed-0, seed-1)" in printed and f"test accuracy: {mean:.2%}" in printed
+    with open(tmp_path / "cmp" / "compare.csv", newline="") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert float(rows["small"]["test_accuracy_se"]) == pytest.approx(math.sqrt(small * (1 - small) / 30))
+    assert rows["small"]["test_images"] == "30" and rows["seed-1"]["val_images"] == "20"
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert "Repeated over seeds" in page and "different test sets" in page

@@ -342,3 +342,110 @@ def test_trials_that_agree_on_the_data_load_it_once(tiny_cifar, tmp_path, monkey
     result = tune(cfg, trials=3, space=space, sampler="grid", out=tmp_path / "t", progress=False)
     assert result.states == {"COMPLETE": 3}
     assert len(loads) == 2     # the validation check before the study, then one load for all 3 trials
+
+
+# ----------------------------------------------------------------------------- the test split
+class _CountedSplit:
+    """A split that records each read of its images (``eval_batches``, ``take``) with what the
+    study looked like at that moment: (read, trials in the study, trials still running)."""
+
+    def __init__(self, split, reads: list, study_db: Path):
+        self._split, self._reads, self._db = split, reads, study_db
+
+    def __getattr__(self, name):
+        return getattr(self._split, name)
+
+    def __len__(self) -> int:
+        return len(self._split)
+
+    def _record(self, what: str) -> None:
+        trials = _study(self._db.parent, "counted").trials if self._db.exists() else []
+        running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+        self._reads.append((what, len(trials), running))
+
+    def eval_batches(self, *args, **kwargs):
+        self._record("eval_batches")
+        return self._split.eval_batches(*args, **kwargs)
+
+    def take(self, index):
+        self._record("take")
+        return self._split.take(index)
+
+
+def _count_test_reads(monkeypatch, out: Path) -> list:
+    import dataclasses
+
+    from cnnlab.engine import prepare
+    reads: list = []
+    real = prepare.load_data
+
+    def counted(cfg, **kw):
+        data = real(cfg, **kw)
+        return dataclasses.replace(data, test=_CountedSplit(data.test, reads, out / "study.db"))
+
+    monkeypatch.setattr(prepare, "load_data", counted)
+    return reads
+
+
+def test_trials_never_read_the_test_split_and_the_best_is_tested_once(tiny_cifar, tmp_path, monkeypatch,
+                                                                      capsys):
+    """Against the old tuner this fails: every trial's fit evaluated the test split (3 reads)."""
+    import json
+    out = tmp_path / "tune"
+    reads = _count_test_reads(monkeypatch, out)
+    args = ["tune", "--data", str(tiny_cifar), *TINY, "--epochs", "1", "--trials", "3", "--sampler", "random",
+            "--out", str(out), "--study", "counted"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    # One evaluation of the test split (plus the images its report shows), all after the 3 trials.
+    assert [r for r in reads if r[0] == "eval_batches"] == [("eval_batches", 3, [])]
+    assert all(n == 3 and not running for _, n, running in reads)
+
+    best = _study(out, "counted").best_trial
+    for trial in (out / "trials").iterdir():
+        metrics = json.loads((trial / "metrics.json").read_text())
+        if trial.name == f"trial-{best.number:04d}":
+            assert metrics["tested"] is True and metrics["test_images"] == 100
+            assert (trial / "evaluation.npz").is_file() and "test accuracy" in (trial / "report.html").read_text()
+        else:
+            assert metrics["tested"] is False and "test_accuracy" not in metrics and "per_class_accuracy" not in metrics
+        assert metrics["val_images"] == 40
+    assert f"test: trial {best.number}'s model, tested once at the end of the study: test accuracy" in printed
+    assert printed.count("test accuracy") == 1
+    assert _study(out, "counted").user_attrs["tested_trials"] == [best.number]
+
+    # Continued with --no-test: the test split is not read at all.
+    reads.clear()
+    assert main([*args[:-4], "--no-test", *args[-4:]]) == 0
+    assert reads == [] and "test accuracy" not in capsys.readouterr().out
+
+
+def test_the_tuner_says_when_its_ranking_is_noise(tiny_cifar, tmp_path):
+    """40 validation images (one standard error near 8 points at 50%) and two nearly equal
+    learning rates: both warnings, and every score with its standard error."""
+    import math
+    cfg = resolve(overrides={"data": str(tiny_cifar), "model": "tutorial", "train_size": 200,
+                             "val_split": 0.2, "threads": 1, "epochs": 1})
+    space = parse_space({"lr": [1e-3, 1.05e-3], "batch_size": 64})
+    result = tune(cfg, trials=2, space=space, sampler="grid", out=tmp_path / "t", progress=False, test=False)
+    best = result.best
+    assert best["val_images"] == 40
+    assert best["val_se"] == pytest.approx(math.sqrt(best["value"] * (1 - best["value"]) / 40))
+    small, noise = result.warnings
+    assert "40 validation images" in small and "--val-split" in small
+    assert "less than one standard error" in noise and "runner-up" in noise
+    assert result.test is None     # test=False: not even the best
+    rows = _rows(tmp_path / "t" / "trials.csv")
+    assert all(float(r["val_se"]) == pytest.approx(math.sqrt(float(r["val_accuracy"]) * (1 - float(r["val_accuracy"])) / 40),
+                                                   abs=1e-4) for r in rows)
+
+
+def test_standard_error_of_an_accuracy():
+    import math
+
+    from cnnlab.core.metrics import accuracy_se, with_se, worst_case_se
+    assert accuracy_se(0.5, 100) == pytest.approx(0.05)
+    assert accuracy_se(0.9, 400) == pytest.approx(0.015)
+    assert worst_case_se(400) == pytest.approx(0.025)
+    assert math.isnan(accuracy_se(0.5, 0)) and math.isnan(accuracy_se(None, 10))
+    assert with_se(0.9, 400) == "90.00% ± 1.50" and with_se(0.9, None) == "90.00%" and with_se(None, 5) == "–"

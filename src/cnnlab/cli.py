@@ -57,7 +57,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if nproc > 1 and not distributed.launched():   # --nproc N: start N copies of this command
             return distributed.launch_local(args.argv, nproc)
         run = resume(args.resume, changes=overrides)   # refuses any change but a safe --epochs
-        _write_report(run.path)
+        if _report_outdated(run.path):   # a complete run, untouched, keeps its report
+            _write_report(run.path)
         return 0
     cfg = resolve(config_file=args.config, overrides=overrides)
     if args.print_config:   # a file that --config reads back unchanged
@@ -69,6 +70,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = fit(cfg, out=args.out, name=args.name)
     _write_report(run.path)
     return 0
+
+
+def _report_outdated(run: Path) -> bool:
+    """No report.html, or one older than the metrics.json it shows."""
+    from cnnlab.core.run_folder import RunFolder
+    folder = RunFolder(run)
+    return (not folder.report_file.is_file() or not folder.metrics_file.is_file()
+            or folder.report_file.stat().st_mtime_ns < folder.metrics_file.stat().st_mtime_ns)
 
 
 def _write_report(run: Path) -> None:
@@ -270,7 +279,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     try:
         result = tune(cfg, trials=args.trials, timeout=args.timeout, space=args.space, fixed=fixed,
                       study_name=args.study, storage=args.storage, sampler=args.sampler,
-                      pruner=args.pruner, out=args.out)
+                      pruner=args.pruner, out=args.out, test=args.test)
     except TrainingInterrupted as e:
         print("cnnlab: tune stopped by a signal; the trial in progress is marked failed. Run the same "
               "command again to continue the study.", file=sys.stderr)
@@ -410,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-upload-mb", type=float, default=10.0, help="larger request bodies get 413")
+    sv.add_argument("--workers", type=int, default=None, help="requests that run the model at once "
+                    "(default: the machine's cores)")
+    sv.add_argument("--max-waiting", type=int, default=None, help="requests that wait for a worker "
+                    "(default: 16); beyond them: 503 with Retry-After")
     sv.set_defaults(func=cmd_serve)
 
     tu = sub.add_parser("tune", help="search hyperparameters with Optuna; trials scored on the validation split")
@@ -419,14 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "weight_decay, optimizer, label_smoothing); format in `python -m pydoc cnnlab.apps.tune.space`")
     tu.add_argument("--study", default=None, metavar="NAME", help="study name (default: MODEL-DATA)")
     tu.add_argument("--storage", default=None, metavar="URL", help="e.g. postgresql://user:pw@host/db to share "
-    sv.add_argument("--workers", type=int, default=None, help="requests that run the model at once "
-                    "(default: the machine's cores)")
-    sv.add_argument("--max-waiting", type=int, default=None, help="requests that wait for a worker "
-                    "(default: 16); beyond them: 503 with Retry-After")
                     "the study between machines (default: sqlite file OUT/study.db)")
     tu.add_argument("--sampler", default="tpe", choices=("tpe", "random", "grid"))
     tu.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"))
     tu.add_argument("--out", default=None, metavar="DIR", help="the tune folder (default: runs/tune-STUDY)")
+    tu.add_argument("--no-test", dest="test", action="store_false", help="do not test the best trial's model at "
+                    "the end (trials never read the test split; by default the best is tested once)")
     tu.add_argument("--config", default=None, metavar="FILE", help="base config; flags override it and fix "
                     "searched keys (e.g. --epochs 5 stops epochs being searched)")
     _config_flags(tu)

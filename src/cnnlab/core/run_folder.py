@@ -5,7 +5,9 @@ what the files hold, read as plain JSON and arrays.
     <run>/model.safetensors  Classifier weights (network + normalisation buffers), never a pickle
     <run>/model.json         architecture, classes, input shape, normalisation: how to rebuild it
     <run>/history.json/.csv  per-epoch lists: loss, accuracy, val_loss, val_accuracy, lr, seconds
-    <run>/metrics.json       final test figures, per-class accuracy
+    <run>/metrics.json       final figures: validation and test sizes, the test set's identity
+                             and scores, per-class accuracy (no test figures: "tested": false)
+    <run>/run.lock           held (flock) by the one process training or resuming the run; its pid
     <run>/splits.json        an image folder's train/val/test file lists (a flat folder's, seeded)
     <run>/evaluation.npz     test logits and labels, sample images, mistakes and their Grad-CAM
     <run>/plots/*.png, <run>/report.html, <run>/tensorboard/, <run>/checkpoints/
@@ -52,6 +54,7 @@ class RunFolder:
     onnx_file = property(lambda self: self.path / "model.onnx")         # cnnlab export's default
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     last_checkpoint = property(lambda self: self.checkpoints_dir / "last.safetensors")
+    lock_file = property(lambda self: self.path / "run.lock")           # engine.runs.writing_run
 
     # -- contents ------------------------------------------------------------------------
     @cached_property

@@ -3,18 +3,21 @@
 The CLI, the tuner, the benchmarks and the tests all call ``fit``. It loads the data,
 builds the model from the registry, trains with the pieces the config names (optimizer,
 schedule, augmentation, precision, weight averaging), checkpoints every epoch so a run can
-be resumed exactly, evaluates the test split once at the end, and writes the run folder
-(everything but the report, which ``cnnlab.report`` draws from it). What varies between
-runs hangs on callbacks (``cnnlab.engine.callbacks``) and on hooks the network offers
-(``cnnlab.models.hooks``).
+be resumed exactly, evaluates the test split once at the end (or not at all: ``fit(test=False)``,
+the tuner's trials; ``score_test_split`` tests such a run later), and writes the run folder
+(everything but the report, which ``cnnlab.report`` draws from it), one process at a time
+(``cnnlab.engine.runs.writing_run``). What varies between runs hangs on callbacks
+(``cnnlab.engine.callbacks``) and on hooks the network offers (``cnnlab.models.hooks``).
 """
 from __future__ import annotations
 
 import copy
 import math
+import os
 import shutil
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -36,7 +39,7 @@ from cnnlab.core.hardware import (
     set_threads,
 )
 from cnnlab.core.metrics import per_class_accuracy
-from cnnlab.core.run_folder import RunFolder
+from cnnlab.core.run_folder import RunFolder, finite
 from cnnlab.data.batches import derive_seed, model_input
 from cnnlab.data.dataset import Dataset, channel_stats
 from cnnlab.data.stream import describe as describe_streaming
@@ -52,6 +55,7 @@ from cnnlab.engine.runs import (
     default_run_name,
     empty_history,
     environment,
+    is_empty_run_folder,
     load_run,
     model_card,
     run_path,
@@ -59,6 +63,8 @@ from cnnlab.engine.runs import (
     save_evaluation,
     save_history,
     save_model,
+    split_identity,
+    writing_run,
 )
 from cnnlab.engine.signals import catch_stop_signals
 from cnnlab.models.classifier import Classifier, build_classifier
@@ -148,6 +154,7 @@ class Trainer:
         self._ema_model: Classifier | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.state = LoopState()
+        self.test = True   # evaluate the test split at the end (fit(test=False): never read it)
         self.callbacks: list[Callback] = []
         self.sums: EpochSums | None = None
         self._stop: tuple[bool, str | None] = (False, None)   # (stopping, reason to print)
@@ -184,7 +191,7 @@ class Trainer:
                 "history": s.history, "best_val": s.best_val if math.isfinite(s.best_val) else None,
                 "best_epoch": s.best_epoch, "train_seconds": s.train_seconds,
                 "epoch_partial": [s.epoch_loss, s.epoch_correct, s.epoch_seen, s.epoch_seconds],
-                "steps_per_epoch": self.steps_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch, "test": self.test,
                 "optimizer": opt_meta, "rng": rng_meta, "config": self.cfg.to_dict(),
                 "mean": self.mean, "std": self.std, "world_size": distributed.world_size(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
@@ -200,6 +207,7 @@ class Trainer:
         best = part("best.")
         self.best_state = best or None
         ckpt.restore_rng(tensors, meta["rng"])
+        self.test = meta.get("test", True)   # a resumed run tests as it started (a trial: never)
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         self.state = LoopState(meta["epoch"], meta["step_in_epoch"], meta["global_step"], meta["history"],
@@ -414,7 +422,7 @@ class Trainer:
 # ----------------------------------------------------------------------------- fit
 def fit(config: Config | None = None, data: Dataset | None = None, *, out: str | Path | None = None,
         name: str | None = None, progress: bool = True, on_epoch: Callable[[int, dict[str, list]], bool] | None = None,
-        callbacks: Sequence[Callback] = (), **overrides: Any) -> Run:
+        callbacks: Sequence[Callback] = (), test: bool = True, **overrides: Any) -> Run:
     """Train a model as ``config`` (plus keyword overrides) says and return the finished run.
 
     - ``data``: what ``load_data(config)`` returns, for a caller that trains several times on
@@ -423,6 +431,12 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
       (the tuner's pruner uses it).
     - ``callbacks`` run after the config's own (progress, checkpoints, keep-best, TensorBoard,
       time limit, early stop: ``cnnlab.engine.callbacks``).
+    - ``test=False``: the test split is not read at all (a tuning trial, scored on validation);
+      metrics.json says ``"tested": false`` and there is no evaluation.npz. ``score_test_split``
+      tests the run later, once.
+
+    The folder is locked while the run writes it (``writing_run``): a second process training
+    into it, or resuming it, is refused with this one's pid.
 
     The run folder holds everything the report draws; ``cnnlab.report.write_report``, a layer
     above, draws it (the command line after training, the tuner for its best trial only).
@@ -441,39 +455,87 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
     if data.skipped and progress:
         print(f"skipped {data.skipped} unreadable image(s) (--bad-images skip)", flush=True)
     trainer = Trainer(cfg, data, path, device, progress)
+    main = distributed.is_main()   # data-parallel: rank 0 writes the folder, and locks it
     # What this run may clean up: a folder it makes, or the contents of an empty one it was given.
-    fresh = distributed.is_main() and (not path.exists() or not any(path.iterdir()))
+    fresh = main and is_empty_run_folder(path)
     created = fresh and not path.exists()
-    if distributed.is_main():
+    if main:
         path.mkdir(parents=True, exist_ok=True)
-        save_config(path, cfg, environment(device, trainer.precision))
-        if data.split_record is not None:
-            write_json(RunFolder(path).splits_file, data.split_record)
-    try:
-        if progress:
-            _print_header(cfg, data, trainer, path, device)
-        return _train_and_save(trainer, on_epoch, callbacks)
-    except BaseException:
-        # A run that ends before its first checkpoint has nothing to resume: no folder is left
-        # for the next `--out` to trip over.
-        folder = RunFolder(path)
-        if fresh and not folder.last_checkpoint.exists() and not folder.weights_file.exists():
-            shutil.rmtree(path, ignore_errors=True)
-            if not created:
-                path.mkdir()
-        raise
+    with writing_run(path) if main else nullcontext():   # RunBusy: another process writes it
+        if main:
+            check_new_run_folder(path)   # ... or wrote a whole run there since the check above
+        try:
+            if main:
+                save_config(path, cfg, environment(device, trainer.precision))
+                if data.split_record is not None:
+                    write_json(RunFolder(path).splits_file, data.split_record)
+            if progress:
+                _print_header(cfg, data, trainer, path, device)
+            trainer.test = test
+            return _train_and_save(trainer, on_epoch, callbacks)
+        except BaseException:
+            # A run that ends before its first checkpoint has nothing to resume: no folder is left
+            # for the next `--out` to trip over.
+            folder = RunFolder(path)
+            if fresh and not folder.last_checkpoint.exists() and not folder.weights_file.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                if not created:
+                    path.mkdir()
+            raise
 
 
 def resume(run: str | Path, *, progress: bool = True, changes: dict[str, Any] | None = None,
            on_epoch: Callable[[int, dict[str, list]], bool] | None = None,
            callbacks: Sequence[Callback] = ()) -> Run:
     """Continue ``run`` from its last checkpoint with its saved config. ``changes`` may repeat
-    saved values or change ``epochs`` (see ``checkpoint.resumed_config``); others are refused."""
+    saved values or change ``epochs`` (see ``checkpoint.resumed_config``); others are refused.
+
+    A run that already finished (its model and metrics.json written after its last checkpoint)
+    and is not asked for more epochs is complete: it comes back as it is, untrained, and a line
+    says so. The run's lock is held throughout (rank 0's, data-parallel): a second process
+    training or resuming it is refused with the holder's pid.
+    """
     path = Path(run)
-    tensors, meta = ckpt.read_checkpoint(RunFolder(path).last_checkpoint)
-    cfg = ckpt.resumed_config(meta, changes or {}, path)
-    if distributed.is_main():
-        discard_temps(RunFolder(path).checkpoints_dir, RunFolder(path).last_checkpoint.name)   # from a process killed mid-write
+    folder = RunFolder(path)
+    if not folder.last_checkpoint.is_file():
+        ckpt.read_checkpoint(folder.last_checkpoint)   # says why there is nothing to resume
+    main = _launched_as_rank_zero()
+    with writing_run(path) if main else nullcontext():
+        return _resume(path, main, progress=progress, changes=changes or {}, on_epoch=on_epoch,
+                       callbacks=callbacks)
+
+
+def _launched_as_rank_zero() -> bool:
+    """Rank 0, known before the process group is joined: from the launcher's environment."""
+    return not distributed.launched() or os.environ.get("RANK") == "0"
+
+
+def _complete_message(folder: RunFolder, meta: dict[str, Any], cfg: Config) -> str | None:
+    """Why resuming ``folder`` has nothing to do, or None: its last checkpoint (``meta``) is the
+    state its saved model and metrics came from, and ``cfg`` asks for no more epochs."""
+    metrics = folder.metrics
+    if (not folder.weights_file.is_file() or metrics.get("steps") != meta["global_step"]
+            or cfg.epochs > float(meta["config"].get("epochs", cfg.epochs))):
+        return None
+    test = metrics.get("test_accuracy")
+    tested = f"test accuracy {test:.4f}" if finite(test) else "not tested"
+    return (f"{folder.path} is complete: it trained {metrics.get('epochs')} epoch(s), {metrics.get('steps')} "
+            f"steps, and saved its model ({tested}); nothing to resume. To train it longer: "
+            f"cnnlab train --resume {folder.path} --epochs N (constant learning-rate schedules only)")
+
+
+def _resume(path: Path, main: bool, *, progress: bool, changes: dict[str, Any],
+            on_epoch: Callable[[int, dict[str, list]], bool] | None, callbacks: Sequence[Callback]) -> Run:
+    folder = RunFolder(path)
+    tensors, meta = ckpt.read_checkpoint(folder.last_checkpoint)
+    cfg = ckpt.resumed_config(meta, changes, path)
+    done = _complete_message(folder, meta, cfg)
+    if done is not None:
+        if progress and main:
+            print(done, flush=True)
+        return load_run(path)
+    if main:
+        discard_temps(folder.checkpoints_dir, folder.last_checkpoint.name)   # from a process killed mid-write
     device = distributed.setup(pick_device(cfg.device))
     distributed.check_resume_world(meta.get("world_size", 1), path)
     set_threads(cfg.threads or distributed.threads_per_process())
@@ -546,16 +608,20 @@ def _train_and_save(trainer: Trainer, on_epoch, callbacks: Sequence[Callback] = 
     main = distributed.is_main()   # every process evaluates its shard; rank 0 writes
     if main:
         _write_model(trainer, model)
-    test = evaluate(model, trainer.data.test, trainer.device, dtype=trainer.dtype, tta=cfg.tta,
-                    channels_last=cfg.channels_last)
-    metrics = _metrics(trainer, test)
+    metrics = _metrics(trainer)
+    if trainer.test:
+        test = evaluate(model, trainer.data.test, trainer.device, dtype=trainer.dtype, tta=cfg.tta,
+                        channels_last=cfg.channels_last)
+        metrics.update(_test_figures(test, trainer.data))
     if main:
         write_json(RunFolder(path).metrics_file, metrics)
-        save_evaluation(path, trainer.data, test, model)
+        if trainer.test:
+            save_evaluation(path, trainer.data, test, model)
     trainer.end_training(metrics)
     if trainer.progress:
-        print(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
-              f"trained {s.train_seconds:.1f}s over {s.epoch} epochs  -> {path}", flush=True)
+        tested = (f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}"
+                  if trainer.test else "not tested (the test split was not read)")
+        print(f"{tested}  trained {s.train_seconds:.1f}s over {s.epoch} epochs  -> {path}", flush=True)
     distributed.barrier()   # the run folder is complete before any process reads it
     return load_run(path)
 
@@ -566,13 +632,56 @@ def _write_model(trainer: Trainer, model: Classifier) -> None:
     save_history(trainer.run, trainer.state.history)
 
 
-def _metrics(trainer: Trainer, test: Evaluation) -> dict[str, Any]:
-    per_class = per_class_accuracy(test.labels.numpy(), test.predictions.numpy(), trainer.data.class_names)
+def _metrics(trainer: Trainer) -> dict[str, Any]:
+    """metrics.json before the test: the training figures and the validation split's size (for
+    the standard error of its accuracies); ``"tested": false`` until ``_test_figures`` join."""
     s = trainer.state
     h = s.history
-    return {"test_accuracy": test.accuracy, "test_loss": test.loss, "per_class_accuracy": per_class,
+    val = trainer.data.val
+    return {"tested": False,
             "train_seconds": s.train_seconds, "epochs": s.epoch, "steps": s.global_step,
             "best_val_accuracy": None if not math.isfinite(s.best_val) else s.best_val,
             "best_epoch": s.best_epoch or None, "final_val_accuracy": h["val_accuracy"][-1] if h["val_accuracy"] else None,
-            "test_images": len(test.labels), "tta": trainer.cfg.tta, "keep": trainer.cfg.keep,
+            "val_images": len(val) if val is not None else 0, "tta": trainer.cfg.tta, "keep": trainer.cfg.keep,
             "parameters": sum(p.numel() for p in trainer.model.net.parameters())}
+
+
+def _test_figures(test: Evaluation, data: Dataset) -> dict[str, Any]:
+    """What the test evaluation adds to metrics.json: scores, per-class accuracy, and which
+    images they were measured on (``split_identity``: count, labels, an image folder's files)."""
+    per_class = per_class_accuracy(test.labels.numpy(), test.predictions.numpy(), data.class_names)
+    return {"tested": True, "test_accuracy": test.accuracy, "test_loss": test.loss,
+            "per_class_accuracy": per_class, "test_images": len(test.labels),
+            "test_set": split_identity(data.test, _test_files(data))}
+
+
+def _test_files(data: Dataset) -> list[str] | None:
+    """An image folder's test files (relative paths, as splits.json lists them) when that list
+    is exactly the test split, in its order; None otherwise (an official dataset, a subset)."""
+    listed = ((data.split_record or {}).get("files") or {}).get("test")
+    labels = data.test.labels
+    if not listed or len(listed) != len(labels) or any(int(f[1]) != int(y) for f, y in zip(listed, labels)):
+        return None
+    return [str(f[0]) for f in listed]
+
+
+def score_test_split(run: str | Path, data: Dataset | None = None, *, device: str | None = None) -> dict[str, Any]:
+    """Test a finished run's model once, on its test split, and write the figures into its
+    folder (metrics.json, evaluation.npz) as a run trained with testing would have them: for
+    a run trained with ``fit(test=False)``, the tuner's best trial. ``data``: the images the
+    run was trained on (``load_data(config)``), else they are loaded again. Returns metrics.json."""
+    path = Path(run)
+    with writing_run(path):
+        done = load_run(path)
+        cfg = done.config
+        if data is None:
+            splits = done.splits_file
+            data = prepare.load_data(cfg, saved_split=splits if splits.is_file() else None)
+        dev = pick_device(device or cfg.device)
+        model = done.model(dev)
+        result = evaluate(model, data.test, dev, dtype=choose_precision(cfg.precision, dev, strict=False).dtype,
+                          tta=cfg.tta)
+        metrics = {**done.metrics, **_test_figures(result, data)}
+        write_json(done.metrics_file, metrics)
+        save_evaluation(path, data, result, model)
+    return metrics

@@ -6,13 +6,17 @@ needs the engine: the config validated as a ``Config``, the model, predictions.
 from __future__ import annotations
 
 import csv
+import fcntl
+import hashlib
 import io
 import os
 import platform
 import re
+import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +30,7 @@ from cnnlab.core.hardware import Precision
 from cnnlab.core.hardware import describe as describe_hardware
 from cnnlab.core.run_folder import RunFolder
 from cnnlab.core.version import __version__
-from cnnlab.data.dataset import Dataset
+from cnnlab.data.dataset import Dataset, ImageSplit
 from cnnlab.engine.evaluation import Evaluation
 from cnnlab.models.classifier import Classifier, build_classifier
 from cnnlab.models.inspect import gradcam_heatmaps
@@ -54,11 +58,77 @@ def default_run_name(cfg: Config) -> str:
     return f"{cfg.model}-{re.sub(r'[^A-Za-z0-9._-]', '_', data)}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+def is_empty_run_folder(path: Path) -> bool:
+    """No folder yet, or one holding nothing but a lock file (a run that never got further)."""
+    lock = RunFolder(path).lock_file.name
+    return not path.exists() or (path.is_dir() and all(p.name == lock for p in path.iterdir()))
+
+
 def check_new_run_folder(path: Path) -> None:
     """Refuse a run folder that already holds files: a run is never overwritten silently."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if not is_empty_run_folder(path):
         raise CnnlabError(f"run folder {path} already exists: choose another --name/--out, "
                           f"remove it, or continue it with --resume {path}")
+
+
+# ----------------------------------------------------------------------------- one writer
+class RunBusy(CnnlabError):
+    """Another process holds the run folder's lock."""
+
+
+LOCK_PID_WAIT = 1.0   # seconds to wait for a holder that has just locked to write its pid
+
+
+@contextmanager
+def writing_run(path: str | Path) -> Iterator[None]:
+    """Hold the run folder's lock while this process trains or resumes it: one writer per run.
+
+    An exclusive ``flock`` on ``RunFolder.lock_file``, taken without waiting: another holder
+    makes this raise ``RunBusy`` naming its pid (written into the file). The kernel drops the
+    lock when the holder's file is closed, however the process ends (``kill -9`` included), so
+    a lock is never stale and nothing needs cleaning up; the file itself stays (removing it
+    would let two processes lock two different files of the same name).
+    """
+    lock = RunFolder(path).lock_file
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            raise RunBusy(f"{path} is being written by another process ({holder}, holding {lock}): "
+                          f"one process trains or resumes a run at a time. Wait for it to finish, or "
+                          f"stop it and resume then") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)   # releases the lock
+
+
+def _lock_holder(fd: int) -> str:
+    """The holder's pid as the lock file says it ("pid N"); one that has only just locked may
+    not have written it yet, so wait a moment for it."""
+    deadline = time.monotonic() + LOCK_PID_WAIT
+    while True:
+        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if text.isdigit() or time.monotonic() > deadline:
+            return f"pid {text}" if text.isdigit() else "pid unknown"
+        time.sleep(0.02)
+
+
+# ----------------------------------------------------------------------------- test set identity
+def split_identity(split: ImageSplit, files: list[str] | None = None) -> dict[str, Any]:
+    """What tells two test sets apart: the image count, a hash of the labels in order, and of
+    the files' paths relative to the data folder when an image folder lists them
+    (``files``, the same length as the split), so ``cnnlab compare`` can tell when runs were
+    tested on different images."""
+    labels = np.asarray(split.labels, dtype="<i8")
+    identity: dict[str, Any] = {"images": int(len(labels)),
+                                "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest()}
+    if files is not None and len(files) == len(labels):
+        identity["files_sha256"] = hashlib.sha256("\n".join(files).encode()).hexdigest()
+    return identity
 
 
 def environment(device: torch.device, precision: Precision) -> dict[str, Any]:

@@ -4,18 +4,27 @@ The tune folder (``--out``, default ``runs/tune-<study>``):
 
     study.db               the study, when no --storage is given (SQLite: one machine)
     tune.json              which study and storage this folder belongs to
-    trials/trial-NNNN/     each trial's run folder, as `cnnlab train` leaves it; only the best
-                           trial's stays whole: the others, once finished, keep config.json,
-                           history, metrics.json and model.json, and lose their weights,
-                           checkpoint, plots and report (2-3 MB each on CIFAR, down to ~20 kB)
+    trials/trial-NNNN/     each trial's run folder, as `cnnlab train` leaves it but untested; only
+                           the best trial's stays whole (and is tested at the end): the others,
+                           once finished, keep config.json, history, metrics.json and model.json,
+                           and lose their weights, checkpoint and plots (2-3 MB each on CIFAR,
+                           down to ~20 kB)
     trials.csv             one row per trial of the whole study (every worker's)
     best.yaml              the best trial's config: `cnnlab train --config best.yaml`
     plots/                 history.png, importances.png, parallel.png, lr_slice.png
 
 Trials are scored on the validation split: the accuracy of the model the run keeps
 (``keep: last`` the last epoch's, ``keep: best`` the best epoch's), reported after every
-epoch so the pruner can stop a bad trial early. ``fit`` still measures its test split at
-the end of each run (metrics.json); the tuner never reads it.
+epoch so the pruner can stop a bad trial early. No trial reads the test split
+(``fit(test=False)``: its metrics.json says ``"tested": false``, and it has no test logits).
+When the study ends, the best trial's model is tested once (``score_test_split``), and that is
+the one test figure the study reports (``test=False``, ``--no-test``: not even that). A study
+continued later tests its best again only if the best is a new trial; the study remembers
+every trial it tested (its ``tested_trials`` user attribute), and the summary says so.
+
+Every validation and test accuracy is shown with its binomial standard error, from the
+split's size; the tuner warns when the validation split is too small to rank trials
+(``RANKING_SE``), and when the best trial beats the runner-up by less than one standard error.
 
 Many workers: give every worker the same ``--storage postgresql://user:pw@host/db`` and
 ``--study NAME`` (each machine its own ``--out``). ``--trials N`` is the number of trials
@@ -38,7 +47,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, cast
 
@@ -51,6 +60,7 @@ from cnnlab.apps.tune.space import SearchSpace, default_space, load_space, parse
 from cnnlab.core.config import FIELDS, Config, merge
 from cnnlab.core.errors import CnnlabError, TrainingInterrupted
 from cnnlab.core.files import read_json, write_json, write_text
+from cnnlab.core.metrics import accuracy_se, with_se, worst_case_se
 from cnnlab.core.run_folder import RunFolder
 from cnnlab.data.dataset import Dataset
 from cnnlab.engine.runs import RUNS_ROOT
@@ -66,11 +76,16 @@ STALE_RETRIES = 1            # a dead worker's trial is re-run once with the sam
 MEDIAN_STARTUP_TRIALS = 5    # the median pruner compares against at least this many trials
 STORAGE_ATTEMPTS = 4         # workers starting together may race to create the tables
 RUN_SPECIFIC = ("device", "threads")     # best.yaml leaves the hardware to the machine that trains
-# What a trial other than the best loses once finished: 2-3 MB of weights, checkpoint, test
-# logits, plots and report, down to ~20 kB (config, history, metrics, model card).
+# What a trial other than the best loses once finished: 2-3 MB of weights, checkpoint, plots
+# and report (and the test logits of a best since overtaken), down to ~20 kB (config, history,
+# metrics, model card).
 STRIPPED_FILES = ("weights_file", "evaluation_file", "report_file")     # RunFolder's names for them
 STRIPPED_DIRS = ("checkpoints_dir", "plots_dir")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# A validation split whose standard error at 50% accuracy exceeds 2.5 points (under 400
+# images) cannot rank trials a few points apart: the tuner says so before it starts.
+RANKING_SE = 0.025
+TESTED_ATTR = "tested_trials"   # the study's user attribute: every trial whose model was tested
 
 
 def _trial_errors() -> tuple[type[Exception], ...]:
@@ -86,7 +101,12 @@ class TuneResult:
     storage: str                 # the URL with any password hidden
     states: dict[str, int]       # trials of the whole study by state
     ran: int                     # trials this call ran
-    best: dict[str, Any] | None  # number, value, params, config, run; None while nothing completed
+    best: dict[str, Any] | None  # number, value, val_images, val_se, params, config, run; None while nothing completed
+    # The best trial's one test: test_accuracy, test_loss, test_images, test_se, trial; None when
+    # not tested (--no-test, nothing completed, the best ran on another machine, or interrupted).
+    test: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)   # what makes the ranking or the test doubtful
+    tested_trials: list[int] = field(default_factory=list)   # every trial of the study ever tested
 
     @property
     def trials(self) -> int:
@@ -214,11 +234,13 @@ def _check_validation(cfg: Config) -> int:
 def tune(base: Config, *, trials: int | None = None, timeout: float | None = None,
          space: SearchSpace | dict | str | Path | None = None, fixed: dict[str, Any] | None = None,
          study_name: str | None = None, storage: str | None = None, sampler: str = "tpe",
-         pruner: str = "median", out: str | Path | None = None, progress: bool = True) -> TuneResult:
+         pruner: str = "median", out: str | Path | None = None, progress: bool = True,
+         test: bool = True) -> TuneResult:
     """Run ``trials`` trials (or until ``timeout`` seconds) of a study, then write its outputs.
 
     ``base`` gives every key the space does not search; ``space`` is a SearchSpace, a space
     file or its mapping (None: the default); ``fixed`` (command-line flags) takes keys out of it. ``storage`` None means an SQLite file in the tune folder.
+    Trials never read the test split; ``test``: the best trial's model is tested once at the end.
     """
     if trials is not None and trials < 1:
         raise CnnlabError(f"--trials must be a positive number, got {trials}")
@@ -270,8 +292,12 @@ def tune(base: Config, *, trials: int | None = None, timeout: float | None = Non
         if space.removed:
             print(f"  fixed by the command line: {', '.join(f'{k}={v}' for k, v in space.removed.items())}",
                   flush=True)
-        print(f"  scoring: validation accuracy on {n_val:,} images; sampler {sampler}, pruner {pruner}",
-              flush=True)
+        print(f"  scoring: validation accuracy on {n_val:,} images (± {100 * worst_case_se(n_val):.1f} points at "
+              f"50%, one standard error); the test split is {'read once, for the best trial, at the end' if test else 'not read (--no-test)'}; "
+              f"sampler {sampler}, pruner {pruner}", flush=True)
+    warned = [_small_validation_warning(n_val, base)] if worst_case_se(n_val) > RANKING_SE else []
+    if progress and warned:
+        print(f"warning: {warned[0]}", flush=True)
 
     bar = tqdm(total=trials if trials is not None else (math.prod(map(len, grid.values())) if grid else None),
                desc="tune", unit="trial", file=sys.stderr, dynamic_ncols=True, disable=not progress)
@@ -286,21 +312,32 @@ def tune(base: Config, *, trials: int | None = None, timeout: float | None = Non
         if progress:
             tqdm.write(_trial_line(study, trial, space), file=sys.stdout)
 
+    finished = False
+    tested: dict[str, Any] | None = None
     try:
         with _quiet_optuna():
             study.optimize(objective, n_trials=trials, timeout=timeout, catch=_trial_errors(),
                            callbacks=[after_trial])
+        finished = True
     finally:
         bar.close()
         with _quiet_optuna():
             _keep_best_weights(study, out)
             _write_tables(study, out, space)
             plots = write_plots(study, out / "plots")
-        _report_best(study, out)
-    result = _result(study, out, label, ran[0])
+            if finished and test:   # an interrupted study is tested when it is continued
+                tested = _test_best(study, out, objective)
+        _report_best(study, out, refresh=tested is not None and tested.get("now", False))
+    result = _result(study, out, label, ran[0], tested, warned, test)
     if progress:
         _print_summary(result, plots)
     return result
+
+
+def _small_validation_warning(n_val: int, base: Config) -> str:
+    return (f"{n_val:,} validation images score a trial to ± {100 * worst_case_se(n_val):.1f} points (one "
+            f"standard error at 50% accuracy): too few to rank trials that differ by a few points. Hold out "
+            f"more with --val-split (now {base.val_split:g}) or give more data (--train-size, a val/ folder)")
 
 
 class _Objective:
@@ -344,9 +381,12 @@ class _Objective:
                     return True
                 return False
 
-            run = fit(cfg, self.data_for(cfg), out=run_dir, progress=False, on_epoch=on_epoch)
+            # Scored on validation only: no trial reads the test split (score_test_split tests the
+            # best one when the study ends).
+            run = fit(cfg, self.data_for(cfg), out=run_dir, progress=False, on_epoch=on_epoch, test=False)
             history = run.history
             trial.set_user_attr("epochs_run", len(history.get("loss", [])))
+            trial.set_user_attr("val_images", run.metrics.get("val_images"))
             if pruned_at:
                 trial.set_user_attr("note", f"pruned after epoch {pruned_at[0]}")
                 raise optuna.TrialPruned(f"pruned after epoch {pruned_at[0]}")
@@ -387,12 +427,36 @@ def _keep_best_weights(study: optuna.Study, out: Path) -> None:
             shutil.rmtree(getattr(folder, name), ignore_errors=True)
 
 
-def _report_best(study: optuna.Study, out: Path) -> None:
-    """Trials train without plots; the best one, when it ran here, gets them as `cnnlab train` would."""
+def _test_best(study: optuna.Study, out: Path, objective: "_Objective") -> dict[str, Any] | None:
+    """The best trial's model on the test split, once: its figures (``now`` True when this call
+    read the test split; a best already tested by an earlier call of the study is not read
+    again). None when the best trial's model is not here (no completed trial, or it ran on
+    another machine)."""
+    from cnnlab.engine.loop import score_test_split
+    best = _best(study)
+    if best is None:
+        return None
+    run = RunFolder(out / "trials" / f"trial-{best.number:04d}")
+    if not run.weights_file.is_file():
+        return None
+    metrics, now = run.metrics, False
+    if not metrics.get("tested", "test_accuracy" in metrics):   # an older cnnlab tested every trial
+        cfg = merge(objective.base, best.user_attrs.get("config") or {}, source=f"trial {best.number}")
+        metrics, now = score_test_split(run.path, objective.data_for(cfg), device=cfg.device), True
+        tested = list(study.user_attrs.get(TESTED_ATTR, []))
+        study.set_user_attr(TESTED_ATTR, sorted({*tested, best.number}))
+    n = int(metrics.get("test_images") or 0)
+    return {"trial": best.number, "test_accuracy": metrics.get("test_accuracy"), "test_loss": metrics.get("test_loss"),
+            "test_images": n, "test_se": accuracy_se(metrics.get("test_accuracy"), n), "now": now}
+
+
+def _report_best(study: optuna.Study, out: Path, refresh: bool = False) -> None:
+    """Trials train without plots; the best one, when it ran here, gets them as `cnnlab train`
+    would (``refresh``: again, now that it has been tested)."""
     from cnnlab.report import write_report
     best = _best(study)
     run = None if best is None else RunFolder(out / "trials" / f"trial-{best.number:04d}")
-    if run is not None and run.weights_file.is_file() and not run.report_file.exists():
+    if run is not None and run.weights_file.is_file() and (refresh or not run.report_file.exists()):
         write_report(run.path)
 
 
@@ -416,10 +480,12 @@ def _write_tables(study: optuna.Study, out: Path, space: SearchSpace) -> None:
     retried = {t.system_attrs["failed_trial"]: t.number for t in trials if "failed_trial" in t.system_attrs}
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["number", "state", "val_accuracy", *keys, "epochs_run", "seconds", "started", "host", "run", "note"])
+    w.writerow(["number", "state", "val_accuracy", "val_se", *keys, "epochs_run", "seconds", "started", "host",
+                "run", "note"])
     for t in trials:
         seconds = t.duration.total_seconds() if t.duration else None
-        w.writerow([t.number, t.state.name, "" if t.value is None else t.value,
+        se = _val_se(t)
+        w.writerow([t.number, t.state.name, "" if t.value is None else t.value, "" if se is None else f"{se:.4f}",
                     *("" if v is None else v for v in _trial_values(t, keys).values()),
                     t.user_attrs.get("epochs_run", ""), "" if seconds is None else f"{seconds:.1f}",
                     t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else "",
@@ -428,6 +494,14 @@ def _write_tables(study: optuna.Study, out: Path, space: SearchSpace) -> None:
     best = _best(study)
     if best is not None and best.user_attrs.get("config"):
         write_text(out / "best.yaml", best_yaml(study, best))
+
+
+def _val_se(t: FrozenTrial) -> float | None:
+    """The standard error of a completed trial's validation accuracy (None: no score or size)."""
+    n = t.user_attrs.get("val_images")
+    if t.value is None or not n:
+        return None
+    return accuracy_se(t.value, int(n))
 
 
 def _note(t: FrozenTrial, retried: dict[int, int]) -> str:
@@ -444,7 +518,8 @@ def _note(t: FrozenTrial, retried: dict[int, int]) -> str:
 def best_yaml(study: optuna.Study, best: FrozenTrial) -> str:
     cfg = {k: v for k, v in best.user_attrs["config"].items() if k not in RUN_SPECIFIC}
     header = (f"# cnnlab tune: the best of {len(study.trials)} trial(s) of study {study.study_name!r}:\n"
-              f"# trial {best.number}, validation accuracy {best.value:.4f}, run folder "
+              f"# trial {best.number}, validation accuracy {with_se(best.value, best.user_attrs.get('val_images'))}"
+              f" (± one standard error, in points), run folder "
               f"{best.user_attrs.get('run')} on {best.user_attrs.get('host')}.\n"
               f"# Train it with `cnnlab train --config best.yaml`; flags override any key\n"
               f"# (e.g. a larger --train-size, or --epochs). Device and threads are left to that machine.\n")
@@ -491,7 +566,8 @@ def _trial_line(study: optuna.Study, t: FrozenTrial, space: SearchSpace) -> str:
     seconds = t.duration.total_seconds() if t.duration else 0.0
     if t.state == TrialState.COMPLETE:
         best = _best(study)
-        outcome = f"val_accuracy {t.value:.4f}"
+        se = _val_se(t)
+        outcome = f"val_accuracy {t.value:.4f}" + (f" ± {se:.4f}" if se is not None else "")
         if best is not None:
             outcome += "  (new best)" if best.number == t.number else f"  (best {best.value:.4f}, trial {best.number})"
     else:
@@ -499,16 +575,42 @@ def _trial_line(study: optuna.Study, t: FrozenTrial, space: SearchSpace) -> str:
     return f"trial {t.number:>4}  {t.state.name:<8}  {outcome}  |  {shown}  |  {seconds:.0f}s"
 
 
-def _result(study: optuna.Study, out: Path, label: str, ran: int) -> TuneResult:
+def _result(study: optuna.Study, out: Path, label: str, ran: int, tested: dict[str, Any] | None,
+            warned: list[str], test: bool) -> TuneResult:
     states: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         states[t.state.name] = states.get(t.state.name, 0) + 1
     best = _best(study)
     info = None if best is None else {
-        "number": best.number, "value": best.value, "params": dict(best.params),
+        "number": best.number, "value": best.value, "val_images": best.user_attrs.get("val_images"),
+        "val_se": _val_se(best), "params": dict(best.params),
         "config": best.user_attrs.get("config"), "run": best.user_attrs.get("run"),
         "host": best.user_attrs.get("host")}
-    return TuneResult(out, study.study_name, label, states, ran, info)
+    warnings = list(warned)
+    if best is not None and best.value is not None:
+        runner_up = _runner_up(study, best)
+        se = _val_se(best)
+        if runner_up is not None and runner_up.value is not None and se is not None \
+                and best.value - runner_up.value < se:
+            gap = best.value - runner_up.value
+            warnings.append(f"the best trial ({best.number}, {best.value:.4f}) and the runner-up "
+                            f"({runner_up.number}, {runner_up.value:.4f}) differ by {100 * gap:.2f} points, less "
+                            f"than one standard error ({100 * se:.2f} points on "
+                            f"{best.user_attrs.get('val_images'):,} validation images): which of them is better "
+                            f"is noise. More validation images (--val-split, more data) would tell them apart")
+        run = best.user_attrs.get("run")
+        if test and tested is None and run and not RunFolder(run).weights_file.is_file():
+            warnings.append(f"the best trial ran on {best.user_attrs.get('host')}, not here: test it there "
+                            f"with `cnnlab evaluate {run}`")
+    figures = None if tested is None else {k: v for k, v in tested.items() if k != "now"}
+    return TuneResult(out, study.study_name, label, states, ran, info, figures, warnings,
+                      list(study.user_attrs.get(TESTED_ATTR, [])))
+
+
+def _runner_up(study: optuna.Study, best: FrozenTrial) -> FrozenTrial | None:
+    others = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.number != best.number and t.value is not None]
+    return max(others, key=lambda t: t.value or 0.0, default=None)
 
 
 def _print_summary(result: TuneResult, plots: dict[str, str]) -> None:
@@ -519,9 +621,20 @@ def _print_summary(result: TuneResult, plots: dict[str, str]) -> None:
         print("no trial completed yet: no best.yaml (see trials.csv for the reasons)", flush=True)
     else:
         b = result.best
-        print(f"best: trial {b['number']}, validation accuracy {b['value']:.4f}, run {b['run']} on {b['host']}",
+        se = f" ± {b['val_se']:.4f} (one standard error, {b['val_images']:,} images)" if b["val_se"] is not None else ""
+        print(f"best: trial {b['number']}, validation accuracy {b['value']:.4f}{se}, run {b['run']} on {b['host']}",
               flush=True)
+        t = result.test
+        if t is not None:
+            print(f"test: trial {t['trial']}'s model, tested once at the end of the study: test accuracy "
+                  f"{t['test_accuracy']:.4f} ± {t['test_se']:.4f} ({t['test_images']:,} images), test loss "
+                  f"{t['test_loss']:.4f}", flush=True)
+        if len(result.tested_trials) > 1:
+            print(f"  this study has tested {len(result.tested_trials)} trials' models, each the best when a "
+                  f"run of it ended (trials {', '.join(map(str, result.tested_trials))})", flush=True)
         print(f"  train it: cnnlab train --config {result.out / 'best.yaml'}", flush=True)
+    for line in result.warnings:   # the small-split one again: beside the figures it concerns
+        print(f"warning: {line}", flush=True)
     skipped = {k: v for k, v in plots.items() if v != "written"}
     for name, why in skipped.items():
         print(f"  plot {name} {why}", flush=True)
