@@ -7,8 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check src tests benchmarks          # unused or undefined names, import order
 .venv/bin/python -m mypy                           # src/cnnlab, as configured in pyproject.toml
-.venv/bin/python -m pytest -q "$@"
+# Two workers, a file each at a time (module fixtures stay in one process): much of the suite
+# waits on subprocesses, servers and the disk, so two share the two cores well.
+PARALLEL=(-n 2 --dist loadfile)
+.venv/bin/python -m pytest -q "${PARALLEL[@]}" "$@"
 echo "tests again as an AVX2 laptop runs them (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2):"
-ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python -m pytest -q "$@" \
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python -m pytest -q "${PARALLEL[@]}" "$@" \
     tests/test_distributed.py tests/test_engine.py tests/test_reliability.py tests/test_hardware.py \
-    tests/test_predict_export_serve.py
+    tests/test_optim.py tests/test_predict_export_serve.py
