@@ -18,6 +18,7 @@ from torch import nn
 
 from cnnlab.core.config import Config
 from cnnlab.core.hardware import choose_precision
+from cnnlab.models.pretrained import head_name
 
 
 @dataclass
@@ -87,9 +88,8 @@ def _matrix_weights(model: nn.Module, head: str | None) -> set[int]:
     """Ids of the weights Muon orthogonalises: every convolution's and linear layer's, but the
     head's (``head``: its qualified name; None: the model's last ``nn.Linear``)."""
     mods = dict(model.named_modules())
-    if head is None:
-        linears = [name for name, m in mods.items() if isinstance(m, nn.Linear)]
-        head = linears[-1] if linears else None
+    if head is None and any(isinstance(m, nn.Linear) for m in mods.values()):
+        head = head_name(model)
     return {id(m.weight) for name, m in mods.items()
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and name != head
             and not (head is not None and name.startswith(head + "."))}
