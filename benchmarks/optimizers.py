@@ -29,7 +29,7 @@ from pathlib import Path
 from cnnlab.core import hardware
 from cnnlab.core.config import resolve
 from cnnlab.engine.loop import fit
-from cnnlab.engine.optim import MUON_LR_SCALE, NS_STEPS, effective_lr
+from cnnlab.engine.optim import NS_STEPS, effective_lr
 from cnnlab.engine.prepare import load_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def main() -> None:
     lr = effective_lr(base)
     print(f"{args.recipe}: {base.model}, {len(data.train)} training images, {args.epochs} epochs, batch "
           f"{base.batch_size}, momentum {base.momentum}; nesterov at lr {lr:.3g} a step; muon: its convolutions at "
-          f"{lr * MUON_LR_SCALE:.3g} ({MUON_LR_SCALE:g} x), {NS_STEPS} Newton-Schulz steps, the rest as nesterov",
+          f"{lr * base.muon_lr_scale:.3g} ({base.muon_lr_scale:g} x), {NS_STEPS} Newton-Schulz steps, the rest as nesterov",
           flush=True)
     rows: dict[str, list[tuple[float, float]]] = {o: [] for o in OPTIMIZERS}
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,11 +9,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from cnnlab.core.config import FIELDS, Config
+from cnnlab.core.config import FIELDS, Config, validate
+from cnnlab.core.errors import CnnlabError
 from cnnlab.core.run_folder import RunFolder
 from cnnlab.engine import checkpoint as ckpt
 from cnnlab.engine.optim import (
-    MUON_LR_SCALE,
     NS_STEPS,
     Muon,
     build_optimizer,
@@ -165,7 +165,7 @@ def test_muon_groups_conv_and_linear_weights_and_leaves_the_head_and_biases_to_n
     assert len(biases) == 1 and all(n.endswith(".bias") for n in _names(model, biases[0]))
     assert all(g["nesterov"] and g["momentum"] == 0.85 for g in opt.param_groups)
     lr = effective_lr(cfg)   # per 1024 examples: 2.0 * 256 / 1024
-    assert by_kind[True]["lr"] == pytest.approx(lr * MUON_LR_SCALE) and by_kind[False]["lr"] == pytest.approx(lr)
+    assert by_kind[True]["lr"] == pytest.approx(lr * cfg.muon_lr_scale) and by_kind[False]["lr"] == pytest.approx(lr)
     # Without a head's name (a caller that has none): the last nn.Linear is the head.
     assert _names(model, next(g for g in build_optimizer(model, cfg).param_groups if g["orthogonalise"])) == \
         _names(model, by_kind[True])
@@ -178,7 +178,7 @@ def test_muon_weights_take_the_decoupled_decay_and_bodies_the_body_rate():
     opt = build_optimizer(model, cfg, head="2")
     group = next(g for g in opt.param_groups if g["orthogonalise"])
     assert group["params"] == [conv.weight]
-    assert group["lr"] == pytest.approx(MUON_LR_SCALE * 0.1)   # the body's fraction of Muon's rate
+    assert group["lr"] == pytest.approx(cfg.muon_lr_scale * 0.1)   # the body's fraction of Muon's rate
     before = conv.weight.detach().clone()
     decay_weights(opt, cfg, multiplier=0.5)
     assert torch.allclose(conv.weight, before * (1 - 0.01 * 0.5))
@@ -190,8 +190,13 @@ def test_newton_schulz_runs_in_bfloat16_only_under_bfloat16_autocast(precision, 
     assert {g["ns_dtype"] for g in opt.param_groups} == {dtype}
 
 
-def test_the_config_help_states_the_muon_rate_the_optimizer_uses():
-    assert f"{MUON_LR_SCALE:g} x lr" in FIELDS["optimizer"].metadata["help"]
+def test_muon_lr_scale_sets_the_orthogonalised_rate_and_refuses_nonsense():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 4))
+    opt = build_optimizer(model, Config(optimizer="muon", lr=1.0, muon_lr_scale=0.2), head="2")
+    assert next(g for g in opt.param_groups if g["orthogonalise"])["lr"] == pytest.approx(0.2)
+    assert "--muon-lr-scale x lr" in FIELDS["optimizer"].metadata["help"]
+    with pytest.raises(CnnlabError, match="muon_lr_scale must be a positive fraction"):
+        validate(Config(optimizer="muon", muon_lr_scale=0.0))
 
 
 def test_muon_resume_after_a_crash_equals_the_uninterrupted_run(tiny_cifar, tmp_path):

@@ -49,6 +49,8 @@ def _rows(path: Path) -> list[dict]:
     ({"lr": {"low": "small", "high": 1}}, "low must be a number"),
     ({"lr": {"min": 1e-4, "high": 1}}, "unknown range key"),
     ({"val_split": [0.1, 0.2]}, "cannot be searched"),
+    ({"muon_lr_scale": {"low": 0.0, "high": 0.5}}, "muon_lr_scale must be a positive fraction"),
+    ({"tta_gate": [0.5, 1.5]}, "tta_gate must be in"),
     ([1, 2], "must be a mapping"),
 ])
 def test_space_file_errors_name_the_problem(doc, message):
@@ -71,6 +73,9 @@ def test_space_file_forms_and_flags_fixing_keys(tmp_path):
         space.grid()
     fixed = space.fixing({"epochs": 2.0})
     assert "epochs" not in fixed.searched and fixed.removed == {"epochs": 2.0}
+    muon = parse_space({"optimizer": ["nesterov", "muon"], "muon_lr_scale": {"low": 0.05, "high": 1.0, "log": True}},
+                       source="space file m.yaml")
+    assert muon.params["optimizer"].choices == ("nesterov", "muon") and muon.params["muon_lr_scale"].bounds == (0.05, 1.0)
 
 
 def test_tune_refuses_to_score_without_a_validation_split(tiny_cifar, tmp_path):

@@ -47,7 +47,7 @@ def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str
                           f"{run.input_size[1]}x{run.input_size[0]}x{run.in_channels}")
     dev = pick_device(device)
     result = evaluate(run.model(dev), ds.test, dev, dtype=choose_precision(cfg.precision, dev, strict=False).dtype,
-                      tta=cfg.tta)
+                      tta=cfg.tta, tta_gate=cfg.tta_gate)
     per_class = per_class_accuracy(result.labels.numpy(), result.predictions.numpy(), run.class_names)
     return {"run": str(run.path), "data": spec, "test_accuracy": result.accuracy, "test_loss": result.loss,
             "test_images": len(result.labels), "per_class_accuracy": per_class}

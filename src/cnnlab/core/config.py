@@ -82,11 +82,10 @@ class Config:
     epochs: float = option(10, "passes over the training set; fractional allowed (a recipe's schedule length)",
                            group=OPTIM)
     batch_size: int = option(32, "images a step (per process when data-parallel)", group=OPTIM)
-    # muon's 0.05 is cnnlab.engine.optim.MUON_LR_SCALE (tests/test_optim.py holds them together).
     optimizer: Literal["adam", "adamw", "sgd", "nesterov", "muon"] = option(
         "adam", "the update rule; muon: orthogonalised (Newton-Schulz) momentum for conv and linear weights at "
-                "0.05 x lr, Nesterov for biases, norms and the head; momentum, weight decay and --lr-per-1024 "
-                "as for nesterov", group=OPTIM)
+                "--muon-lr-scale x lr, Nesterov for biases, norms and the head; momentum, weight decay and "
+                "--lr-per-1024 as for nesterov", group=OPTIM)
     lr: float = option(1e-3, "learning rate (per 1024 examples with --lr-per-1024)", group=OPTIM)
     momentum: float = option(0.9, "SGD/Nesterov/Muon momentum", group=OPTIM)
     # A coupled L2 term lambda shrinks weights by lr * lambda / (1 - momentum) per step once
@@ -103,6 +102,11 @@ class Config:
     final_lr_fraction: float = option(0.0, "where linear/cosine decay ends, as a fraction of lr", group=OPTIM)
     label_smoothing: float = option(0.0, "weight of the uniform distribution mixed into the targets", group=OPTIM)
     bias_lr_scale: float = option(1.0, "BatchNorm and bias parameters learn this many times faster", group=OPTIM)
+    # An orthogonalised update has spectral norm about 1 whatever the gradient's size, so it
+    # cannot share SGD's rate. 0.05: airbench94_muon steps its filters by 0.24 at batch 2000
+    # (0.123 per 1024 examples), where the speed recipes run Nesterov at 2.2-3.0 per 1024.
+    muon_lr_scale: float = option(0.05, "muon: the orthogonalised weights learn at this fraction of lr (the "
+                                        "head and biases at lr, as nesterov)", group=OPTIM)
     # --- augmentation (on whole batches, on the training device) --------------------
     flip: Literal["none", "random", "alternating"] = option(
         "none", "horizontal mirroring: random per image, or alternating (each image mirrored every other epoch)",
@@ -124,6 +128,8 @@ class Config:
     tta: Literal["none", "flip", "flip_translate"] = option(
         "none", "test-time augmentation: average the logits over mirrored (and 1-pixel shifted) views",
         group=AVERAGE)
+    tta_gate: float = option(1.0, "test-time augmentation only for this fraction of each evaluation batch: the "
+                                  "images the plain view is least sure of (1: every image)", group=AVERAGE)
     # --- speed ------------------------------------------------------------------------
     precision: Literal["fp32", "bf16", "fp16", "auto"] = option(
         "fp32", "auto: bf16 where the hardware has it, fp16 with loss scaling on GPUs without it, else fp32",
@@ -298,6 +304,10 @@ def validate(cfg: Config) -> Config:
                           f"weights: give --init-from RUN_OR_FILE, or drop --freeze-epochs")
     if not (cfg.body_lr_scale > 0 and math.isfinite(cfg.body_lr_scale)):
         bad("body_lr_scale", "a positive fraction of the learning rate, e.g. 0.1")
+    if not 0 < cfg.tta_gate <= 1:
+        bad("tta_gate", "in (0, 1]: the fraction of each evaluation batch that gets the extra views, e.g. 0.3")
+    if not (cfg.muon_lr_scale > 0 and math.isfinite(cfg.muon_lr_scale)):
+        bad("muon_lr_scale", "a positive fraction of the learning rate, e.g. 0.05")
     if not 0 < cfg.test_split < 1:
         bad("test_split", "in (0, 1): the fraction of each class of a flat folder held out for test, e.g. 0.2")
     if not 0 <= cfg.val_split < 1:

@@ -137,7 +137,7 @@ def estimate(cfg: Config, *, refresh: bool = False) -> Estimate:
     p = cached_probe(cfg, refresh=refresh)
     train_images = TRAIN_IMAGES * (1 - cfg.val_split)
     val_images = TRAIN_IMAGES * cfg.val_split
-    eval_images = val_images * np.ceil(cfg.epochs) + TEST_IMAGES * TTA_VIEWS[cfg.tta]
+    eval_images = val_images * np.ceil(cfg.epochs) + TEST_IMAGES * (1 + (TTA_VIEWS[cfg.tta] - 1) * cfg.tta_gate)
     seconds = (START_UP_SECONDS + cfg.epochs * train_images / p.train_images_per_s
                + eval_images / p.eval_images_per_s)
     return Estimate(float(seconds), p)

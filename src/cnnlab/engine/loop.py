@@ -611,7 +611,7 @@ def _train_and_save(trainer: Trainer, on_epoch, callbacks: Sequence[Callback] = 
     metrics = _metrics(trainer)
     if trainer.test:
         test = evaluate(model, trainer.data.test, trainer.device, dtype=trainer.dtype, tta=cfg.tta,
-                        channels_last=cfg.channels_last)
+                        tta_gate=cfg.tta_gate, channels_last=cfg.channels_last)
         metrics.update(_test_figures(test, trainer.data))
     if main:
         write_json(RunFolder(path).metrics_file, metrics)
@@ -680,7 +680,7 @@ def score_test_split(run: str | Path, data: Dataset | None = None, *, device: st
         dev = pick_device(device or cfg.device)
         model = done.model(dev)
         result = evaluate(model, data.test, dev, dtype=choose_precision(cfg.precision, dev, strict=False).dtype,
-                          tta=cfg.tta)
+                          tta=cfg.tta, tta_gate=cfg.tta_gate)
         metrics = {**done.metrics, **_test_figures(result, data)}
         write_json(done.metrics_file, metrics)
         save_evaluation(path, data, result, model)

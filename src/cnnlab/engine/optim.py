@@ -66,13 +66,6 @@ def _is_bias_like(name: str, p: nn.Parameter) -> bool:
     return p.ndim <= 1  # biases and normalisation scales/shifts
 
 
-# --optimizer muon. The orthogonalised update has spectral norm about 1 whatever the gradient's
-# size, so it cannot share a rate with SGD steps, which scale with the gradient: the Muon
-# weights learn at this fraction of --lr, and the head and biases keep the rate (and
-# --bias-lr-scale) a Nesterov run of the same recipe gives them. Source: airbench94_muon
-# steps its filters by 0.24 at batch 2000 (0.123 per 1024 examples), where cnnlab's speed
-# recipes run Nesterov at 2.2-3.0 per 1024: about 1/20.
-MUON_LR_SCALE = 0.05
 # Newton-Schulz iterations an update: airbench94_muon's 3 for CIFAR convolutions (torch's
 # default, 5, is for transformer matrices). Each costs 4*A^2*B + 2*A^3 flops for an A x B
 # (A <= B) matrix: 6 GFLOP a step for SpeedNet's filters (three of them 256 x 2304), against
@@ -111,7 +104,8 @@ def build_optimizer(model: nn.Module, cfg: Config, head: str | None = None) -> O
     With ``body_lr_scale`` != 1, each splits again: the parameters under ``head`` (the
     classifier head's qualified name) at the full rate, the rest at ``body_lr_scale`` of it.
     With ``muon``, the convolution and linear weights outside the head form a third group,
-    orthogonalised at ``MUON_LR_SCALE`` of the rate (``Muon``).
+    orthogonalised at ``muon_lr_scale`` of the rate (``Muon``); the head and biases keep
+    the rate (and ``bias_lr_scale``) a Nesterov run of the same recipe gives them.
 
     For the SGD family (and Muon), weight decay is decoupled from the gradient (applied by
     ``decay_weights`` as a shrink that follows the schedule, not the learning rate), so the
@@ -127,7 +121,7 @@ def build_optimizer(model: nn.Module, cfg: Config, head: str | None = None) -> O
     groups: list[dict[str, Any]] = [{"params": weights, "lr_scale": 1.0, "decay_scale": 1.0},
                                     {"params": biases, "lr_scale": cfg.bias_lr_scale, "decay_scale": 1.0}]
     if cfg.optimizer == "muon":
-        groups.append({"params": orthogonal, "lr_scale": MUON_LR_SCALE, "decay_scale": 1.0, "orthogonalise": True})
+        groups.append({"params": orthogonal, "lr_scale": cfg.muon_lr_scale, "decay_scale": 1.0, "orthogonalise": True})
     if cfg.body_lr_scale != 1.0 and head is not None:
         in_head = {id(p) for name, p in model.named_parameters() if name.startswith(head + ".")}
         groups = [dict(g, params=[p for p in g["params"] if (id(p) in in_head) == is_head],
