@@ -1,0 +1,53 @@
+"""The speed benchmark's harness around the peer (benchmarks/speedrun.py --peer), small."""
+from __future__ import annotations
+
+import importlib.util
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER = ROOT.parent / "shared" / "peers" / "airbench94_muon_cpu.py"
+
+
+def _speedrun():
+    spec = importlib.util.spec_from_file_location("speedrun", ROOT / "benchmarks" / "speedrun.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not PEER.is_file(), reason="the benchmark peer is not beside the repository")
+def test_the_peer_reads_the_data_speedrun_writes_and_its_result_is_parsed(tiny_cifar, tmp_path):
+    bench = _speedrun()
+    folder = bench.write_peer_data(str(tiny_cifar), tmp_path / "peer-data")
+    train, test = (torch.load(folder / f"{n}.pt") for n in ("train", "test"))
+    assert train["images"].dtype == torch.uint8 and tuple(train["images"].shape) == (300, 32, 32, 3)
+    assert train["labels"].dtype == torch.int64 and sorted(set(train["labels"].tolist())) == list(range(10))
+    assert len(test["images"]) == 100 and train["classes"][:2] == ["airplane", "automobile"]
+    # A stand-in with the real peer's data reader and table printer: it loads the files as the
+    # peer does (CifarLoader) and prints its rows and last line in the peer's own format.
+    fake = tmp_path / "peer.py"
+    fake.write_text(textwrap.dedent(f"""
+        import os, sys
+        sys.argv[0] = {str(PEER)!r}
+        import runpy
+        peer = runpy.run_path({str(PEER)!r})
+        loader = peer["CifarLoader"](os.environ["PEER_DATA"], train=True, batch_size=100)
+        assert loader.images.shape == (300, 3, 32, 32) and float(loader.images.max()) <= 1.0
+        assert os.environ["PEER_SEED"] == "4" and os.environ["PEER_MAX_STEPS"] == "3"
+        peer["print_columns"](peer["logging_columns_list"], is_head=True)
+        for epoch in range(2):
+            peer["print_training_details"](dict(run=0 if epoch == 0 else None, epoch=epoch, train_acc=0.5,
+                                                val_acc=0.4, time_seconds=12.5 * (epoch + 1)), is_final_entry=False)
+        peer["print_training_details"](dict(epoch="eval", tta_val_acc=0.4321, time_seconds=30.0), is_final_entry=True)
+        print("PEER airbench94_muon tta_test_accuracy=0.4321 wall_seconds=31.0")
+    """))
+    row = bench.run_peer(fake, 4, folder, bf16=False, steps=3)
+    assert row["test_accuracy"] == pytest.approx(0.4321) and row["train_s"] == pytest.approx(25.0)
+    assert row["images"] == 3 * bench.PEER_BATCH and row["wall_s"] > 0 and row["peak_mib"] > 0
+    fake.write_text("import sys; print('Traceback: out of memory'); sys.exit(1)")
+    with pytest.raises(SystemExit, match="the peer \\(seed 0\\) failed \\(1\\)"):
+        bench.run_peer(fake, 0, folder, bf16=False, steps=None)
