@@ -97,7 +97,7 @@ def assert_same_history(run: Path, reference: Path, images: int) -> None:
 @pytest.fixture(scope="module")
 def initial_weights(tiny_cifar, tmp_path_factory) -> dict[str, torch.Tensor]:
     """The weights both layouts start from (the seed's initialisation)."""
-    from cnnlab.engine.loop import Trainer
+    from cnnlab.engine.trainer import Trainer
     cfg = Config(data=str(tiny_cifar), batch_size=2 * PER_PROCESS, **DDP)
     trainer = Trainer(cfg, load_data(cfg), tmp_path_factory.mktemp("init") / "run", CPU, progress=False)
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}

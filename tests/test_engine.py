@@ -254,8 +254,8 @@ def test_a_callback_sees_every_hook_and_can_stop_the_run(tiny_cifar, tmp_path):
 
 def test_a_caller_sets_each_steps_rate_and_the_trainer_counts_the_steps(tiny_cifar, tmp_path):
     """``lr_at`` replaces the schedule (the range test's ramp); ``train_steps`` runs on across epochs."""
-    from cnnlab.engine.loop import Trainer
     from cnnlab.engine.prepare import load_data
+    from cnnlab.engine.trainer import Trainer
     cfg = Config(data=str(tiny_cifar), batch_size=64, threads=1, bias_lr_scale=2.0)
     trainer = Trainer(cfg, load_data(cfg), tmp_path / "r", torch.device("cpu"), progress=False,
                       lr_at=lambda step: 1e-4 * 2 ** step)

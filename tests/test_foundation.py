@@ -308,22 +308,23 @@ def test_every_flag_the_code_names_exists():
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_cifar, tmp_path, monkeypatch):
     from cnnlab.engine import loop
+    from cnnlab.engine.trainer import Trainer
     cfg = Config(data=str(tiny_cifar), epochs=1, batch_size=50, threads=1)
-    real = loop.Trainer.run_epoch
+    real = Trainer.run_epoch
 
     def crash(self, *args, **kwargs):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
-    monkeypatch.setattr(loop.Trainer, "run_epoch", crash)
+    monkeypatch.setattr(Trainer, "run_epoch", crash)
     with pytest.raises(RuntimeError, match="mat1"):
         loop.fit(cfg, out=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
-    monkeypatch.setattr(loop.Trainer, "run_epoch", real)
+    monkeypatch.setattr(Trainer, "run_epoch", real)
     run = loop.fit(cfg, out=tmp_path / "run", progress=False)     # the same --out works at once
     assert run.weights_file.is_file()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("the user's")
-    monkeypatch.setattr(loop.Trainer, "run_epoch", crash)
+    monkeypatch.setattr(Trainer, "run_epoch", crash)
     with pytest.raises(CnnlabError, match="already exists"):
         loop.fit(cfg, out=tmp_path / "mine", progress=False)       # a folder cnnlab did not make is never removed
     (tmp_path / "empty").mkdir()

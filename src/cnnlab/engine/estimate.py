@@ -68,7 +68,7 @@ def _sync(device: torch.device) -> None:
 def probe(cfg: Config, *, batch: int = PROBE_BATCH, steps: int = PROBE_STEPS) -> Probe:
     """Time the recipe's training step and evaluation on synthetic CIFAR-sized batches."""
     from cnnlab.engine.evaluation import evaluate
-    from cnnlab.engine.loop import Trainer  # the loop is heavy: imported when a probe runs
+    from cnnlab.engine.trainer import Trainer  # the loop is heavy: imported when a probe runs
     device = hardware.pick_device(cfg.device)
     hardware.set_threads(cfg.threads)
     rng = np.random.default_rng(0)

@@ -1,9 +1,8 @@
-"""One training loop for every model: ``fit(config) -> Run``.
+"""One way to train every model: ``fit(config) -> Run`` and ``resume(run) -> Run``.
 
-The CLI, the tuner, the benchmarks and the tests all call ``fit``. It loads the data,
-builds the model from the registry, trains with the pieces the config names (optimizer,
-schedule, augmentation, precision, weight averaging), checkpoints every epoch so a run can
-be resumed exactly, evaluates the test split once at the end (or not at all: ``fit(test=False)``,
+The CLI, the tuner, the benchmarks and the tests all call ``fit``. It checks the config, loads
+the data, trains with the one loop (``cnnlab.engine.trainer.Trainer``: the pieces the config
+names, checkpoints every epoch so a run can be resumed exactly), evaluates the test split once at the end (or not at all: ``fit(test=False)``,
 the tuner's trials; ``score_test_split`` tests such a run later), and writes the run folder
 (everything but the report, which ``cnnlab.report`` draws from it), one process at a time
 (``cnnlab.engine.runs.writing_run``). What varies between runs hangs on callbacks
@@ -11,49 +10,32 @@ the tuner's trials; ``score_test_split`` tests such a run later), and writes the
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import shutil
-import signal
-import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cnnlab.core import config as config_mod
 from cnnlab.core import hardware
 from cnnlab.core.config import Config
-from cnnlab.core.errors import CnnlabError, TrainingInterrupted
 from cnnlab.core.files import discard_temps, write_json
-from cnnlab.core.hardware import (
-    autocast,
-    choose_precision,
-    grad_scaler,
-    pick_device,
-    set_threads,
-)
+from cnnlab.core.hardware import choose_precision, pick_device, set_threads
 from cnnlab.core.metrics import per_class_accuracy
 from cnnlab.core.run_folder import RunFolder, finite
-from cnnlab.data.batches import derive_seed, model_input
-from cnnlab.data.dataset import Dataset, channel_stats
+from cnnlab.data.dataset import Dataset
 from cnnlab.data.stream import describe as describe_streaming
 from cnnlab.engine import checkpoint as ckpt
 from cnnlab.engine import distributed, prepare
 from cnnlab.engine.callbacks import Callback, default_callbacks
-from cnnlab.engine.ema import WeightAverage
 from cnnlab.engine.evaluation import Evaluation, evaluate
-from cnnlab.engine.optim import build_optimizer, build_schedule, decay_weights, set_lr
 from cnnlab.engine.runs import (
     Run,
     check_new_run_folder,
     default_run_name,
-    empty_history,
     environment,
     is_empty_run_folder,
     load_run,
@@ -66,360 +48,10 @@ from cnnlab.engine.runs import (
     split_identity,
     writing_run,
 )
-from cnnlab.engine.signals import catch_stop_signals
-from cnnlab.models.classifier import Classifier, build_classifier
-from cnnlab.models.hooks import FreezeBody, TrainingHook
-from cnnlab.models.pretrained import head_name, init_from
-
-LOG_EVERY = 10           # steps between progress-bar refreshes (each one syncs the device)
-# float16: the loss scale halves on every overflowing step; this far down, gradients overflow
-# at any scale and the weights no longer move (30 halvings from the initial 2**16).
-MIN_LOSS_SCALE = 2.0 ** -14
+from cnnlab.engine.trainer import NonFiniteLoss, Trainer
+from cnnlab.models.classifier import Classifier
 
 
-class NonFiniteLoss(CnnlabError):
-    pass
-
-
-# ----------------------------------------------------------------------------- state
-@dataclass
-class LoopState:
-    epoch: int = 0                 # epochs completed
-    step_in_epoch: int = 0         # batches done in the current epoch
-    global_step: int = 0
-    history: dict[str, list] = field(default_factory=empty_history)
-    best_val: float = -math.inf
-    best_epoch: int = 0
-    train_seconds: float = 0.0
-    # Sums over the steps done of the epoch in progress, saved by mid-epoch checkpoints so a
-    # resumed epoch reports the same loss, accuracy and seconds as an uninterrupted one.
-    epoch_loss: float = 0.0
-    epoch_correct: int = 0
-    epoch_seen: int = 0
-    epoch_seconds: float = 0.0
-
-
-@dataclass
-class EpochSums:
-    """Running sums of the epoch in progress (on the device: no sync a step)."""
-    loss: torch.Tensor          # sum of loss x batch size
-    correct: torch.Tensor
-    seen: int
-    start: float                # perf_counter at the epoch's (virtual) start, resumed seconds included
-
-
-class Trainer:
-    """The loop's moving parts, gathered so checkpointing and callbacks can see them all.
-
-    ``lr_at(global_step)``, when given, is each step's learning rate in place of the config's
-    schedule (the range test's exponential ramp); SGD's decoupled weight decay then stays at
-    its full strength, as under a constant schedule.
-    """
-
-    def __init__(self, cfg: Config, data: Dataset, run: Path, device: torch.device,
-                 progress: bool = True, lr_at: Callable[[int], float] | None = None, initial_weights: bool = True):
-        self.cfg, self.data, self.run, self.device, self.progress = cfg, data, run, device, progress
-        self.lr_at = lr_at
-        self.precision = choose_precision(cfg.precision, device)
-        self.dtype = self.precision.dtype
-        self.scaler = grad_scaler(device, self.precision)   # float16 only
-        h, w, c = data.image_shape
-        torch.manual_seed(derive_seed(cfg.seed, 0x1717))   # weight initialisation
-        self.mean, self.std = channel_stats(data.train.stats_sample(), cfg.normalize)
-        self.model: Classifier = build_classifier(cfg.model, data.num_classes, c, (h, w), self.mean, self.std).to(device)
-        self.head = head_name(self.model.net)
-        # Fine-tuning: trained weights over the fresh ones (a resumed run's come from its checkpoint).
-        self.init_report = (init_from(self.model.net, cfg.init_from, cfg.model)
-                            if cfg.init_from and initial_weights else None)
-        if cfg.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        # In memory or streamed from disk; this process's shard when data-parallel.
-        self.batches = distributed.training_batches(cfg, data, device)
-        self.steps_per_epoch = len(self.batches)
-        # What the network itself asks of training (models/hooks.py): SpeedNet's whitening.
-        offered = getattr(self.model.net, "training_hooks", None)   # its switches: check_config's
-        self.model_hooks: list[TrainingHook] = offered(cfg, self.steps_per_epoch) if offered else []
-        if cfg.freeze_epochs:   # first, so the network's own hooks have the last word on its parameters
-            self.model_hooks.insert(0, FreezeBody(self.head, round(cfg.freeze_epochs * self.steps_per_epoch)))
-        for hook in self.model_hooks:
-            hook.setup(self.model.net, self.training_sample)
-        self.total_steps = max(1, round(cfg.epochs * self.steps_per_epoch))
-        self.opt_cfg = distributed.global_batch_config(cfg)   # lr/decay scaling see the global batch
-        self.schedule = build_schedule(self.opt_cfg, self.steps_per_epoch)
-        self.optimizer = build_optimizer(self.model, self.opt_cfg, head=f"net.{self.head}")
-        self.ema = (WeightAverage(self.model, cfg.ema, cfg.ema_every, cfg.lookahead,
-                                  ramp_steps=self.total_steps if cfg.ema_ramp else 0)
-                    if cfg.ema > 0 else None)
-        self.ema_start_step = round(cfg.ema_start * self.total_steps)
-        self._ema_model: Classifier | None = None
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.state = LoopState()
-        self.test = True   # evaluate the test split at the end (fit(test=False): never read it)
-        self.callbacks: list[Callback] = []
-        self.sums: EpochSums | None = None
-        self._stop: tuple[bool, str | None] = (False, None)   # (stopping, reason to print)
-        self._end_epoch = False
-        self._epoch_start = time.perf_counter()
-        replica = distributed.wrap_model(self.model, device, sync_bn=cfg.sync_bn,   # DDP when data-parallel
-                                         unused_parameters=any(h.unused_parameters for h in self.model_hooks))
-        self.forward = torch.compile(replica) if cfg.compile else replica
-
-    def training_sample(self, n: int) -> torch.Tensor:
-        """Up to ``n`` training images, evenly spaced (image folders list the training set class
-        by class), normalised as the network sees them: float (N, C, H, W) on the device."""
-        train = self.data.train
-        spread = np.arange(0, len(train), max(1, len(train) // n))[:n]
-        sample = model_input(torch.as_tensor(train.take(spread)).permute(0, 3, 1, 2))
-        return ((sample - self.model.mean.cpu()) / self.model.std.cpu()).to(self.device)
-
-    # -- checkpoint --------------------------------------------------------------------
-    def checkpoint(self) -> None:
-        self._check_finite()   # a checkpoint is always a state worth going back to
-        if not distributed.is_main():
-            return   # every process holds the same state; rank 0 writes it
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        opt_t, opt_meta = ckpt.optimizer_to_flat(self.optimizer)
-        tensors.update(opt_t)
-        if self.ema is not None:
-            tensors.update({f"ema.{k}": v for k, v in self.ema.state_tensors().items()})
-        if self.best_state is not None:
-            tensors.update({f"best.{k}": v for k, v in self.best_state.items()})
-        rng_t, rng_meta = ckpt.rng_states()
-        tensors.update(rng_t)
-        s = self.state
-        meta = {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "global_step": s.global_step,
-                "history": s.history, "best_val": s.best_val if math.isfinite(s.best_val) else None,
-                "best_epoch": s.best_epoch, "train_seconds": s.train_seconds,
-                "epoch_partial": [s.epoch_loss, s.epoch_correct, s.epoch_seen, s.epoch_seconds],
-                "steps_per_epoch": self.steps_per_epoch, "test": self.test,
-                "optimizer": opt_meta, "rng": rng_meta, "config": self.cfg.to_dict(),
-                "mean": self.mean, "std": self.std, "world_size": distributed.world_size(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
-        ckpt.write_checkpoint(RunFolder(self.run).last_checkpoint, tensors, meta)
-
-    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        def part(prefix):
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        self.model.load_state_dict(part("model."))
-        ckpt.optimizer_from_flat(self.optimizer, part("optim."), meta["optimizer"])
-        if self.ema is not None:
-            self.ema.load_state_tensors(part("ema."))
-        best = part("best.")
-        self.best_state = best or None
-        ckpt.restore_rng(tensors, meta["rng"])
-        self.test = meta.get("test", True)   # a resumed run tests as it started (a trial: never)
-        if self.scaler is not None and meta.get("scaler"):
-            self.scaler.load_state_dict(meta["scaler"])
-        self.state = LoopState(meta["epoch"], meta["step_in_epoch"], meta["global_step"], meta["history"],
-                               -math.inf if meta["best_val"] is None else meta["best_val"],
-                               meta["best_epoch"], meta["train_seconds"], *meta.get("epoch_partial", ()))
-        if not distributed.is_main():   # the saved sums are every process's: rank 0 carries them on
-            self.state.epoch_loss, self.state.epoch_correct, self.state.epoch_seen = 0.0, 0, 0
-
-    def _check_finite(self) -> None:
-        bad = ckpt.non_finite(self.model.state_dict())
-        if bad:
-            s = self.state
-            where = f"the end of epoch {s.epoch}" if s.step_in_epoch == 0 else f"epoch {s.epoch + 1}, step {s.step_in_epoch}"
-            raise NonFiniteLoss(f"the weights became non-finite (nan or inf) by {where} ({', '.join(bad[:3])}"
-                                f"{', ...' if len(bad) > 3 else ''}): the learning rate ({self.cfg.lr}) is "
-                                f"probably too high for {self.cfg.model}; try one ten times smaller")
-
-    def keep_partial_epoch(self) -> None:
-        """Put the epoch-so-far sums in the state, for a mid-epoch checkpoint."""
-        s, sums = self.state, self.sums
-        assert sums is not None
-        # Data-parallel: the sums over every process (called at steps they all reach together).
-        loss, correct, seen_all = distributed.sum_over_ranks(sums.loss, sums.correct, sums.seen)
-        s.epoch_loss, s.epoch_correct = loss, int(correct)
-        s.epoch_seen, s.epoch_seconds = int(seen_all), time.perf_counter() - sums.start
-
-    # -- what callbacks may ask ----------------------------------------------------------
-    def request_stop(self, reason: str | None) -> None:
-        """End training after this epoch; ``reason`` is printed (the first one asked wins)."""
-        if not self._stop[0]:
-            self._stop = (True, reason)
-
-    def end_epoch_now(self) -> None:
-        """End the epoch after the current step (it is then evaluated and saved as usual)."""
-        self._end_epoch = True
-
-    def _call(self, hook: str, *args: Any) -> None:
-        for callback in self.callbacks:
-            getattr(callback, hook)(self, *args)
-
-    # -- training ----------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg, s = self.cfg, self.state
-        lr, mult = self._rate(s.global_step)
-        set_lr(self.optimizer, lr)
-        # Dropout and other in-model randomness, reproducible per step for exact resume.
-        torch.manual_seed(derive_seed(cfg.seed, s.epoch, s.step_in_epoch, 0xD0, *distributed.rank_key()))
-        for hook in self.model_hooks:
-            hook.before_step(self.model.net, s.global_step)
-        with autocast(self.device, self.dtype):
-            logits = self.forward(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-        for hook in self.model_hooks:
-            hook.after_backward(self.model.net, s.global_step)
-        if self.scaler is None:
-            decay_weights(self.optimizer, self.opt_cfg, mult)
-            self.optimizer.step()
-        else:
-            self._scaled_step(mult)
-        if self.ema is not None and s.global_step >= self.ema_start_step:
-            self.ema.update(s.global_step)
-        correct = (logits.detach().argmax(1) == y).sum()
-        return loss.detach(), correct
-
-    def _rate(self, step: int) -> tuple[float, float]:
-        """(learning rate, decoupled-decay multiplier) of ``step``."""
-        if self.lr_at is not None:
-            return self.lr_at(step), 1.0
-        progress = self.elapsed() / self.cfg.time_limit if self.cfg.time_limit else None
-        mult = self.schedule.multiplier(step, progress)
-        return self.schedule.base_lr * mult, mult
-
-    def train_steps(self) -> Iterator[torch.Tensor]:
-        """Train batch after batch, epoch after epoch, yielding each step's loss: no evaluation,
-        checkpoint or callback, and no end but the caller's (the range test's loop)."""
-        s = self.state
-        self.model.train()
-        while True:
-            for x, y in self.batches.epoch(s.epoch, s.step_in_epoch):
-                loss, _ = self.train_step(x, y)
-                s.step_in_epoch += 1
-                s.global_step += 1
-                yield loss
-            s.epoch += 1
-            s.step_in_epoch = 0
-
-    def _scaled_step(self, mult: float) -> None:
-        """float16: the scaler unscales the gradients and skips the step when one overflowed,
-        then lowers the scale; the decoupled decay follows only a step that was taken."""
-        scale = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.scaler.get_scale() >= scale:   # the scale drops on overflow only
-            decay_weights(self.optimizer, self.opt_cfg, mult)
-
-    def run_epoch(self, stop: list[int], epoch_steps: int) -> tuple[float, float, float, int]:
-        """Train from the current position to the end of the epoch (or ``epoch_steps``): the
-        epoch's mean loss, accuracy, seconds and images (over every process)."""
-        s = self.state
-        self.model.train()
-        # Resumed mid-epoch: carry on from the sums and seconds of the steps done before.
-        sums = self.sums = EpochSums(torch.full((), s.epoch_loss, device=self.device),
-                                     torch.full((), s.epoch_correct, device=self.device, dtype=torch.long),
-                                     s.epoch_seen, time.perf_counter() - s.epoch_seconds)
-        self._epoch_start = sums.start
-        self._end_epoch = False
-        self._call("on_epoch_begin", epoch_steps)
-        for x, y in self.batches.epoch(s.epoch, s.step_in_epoch):
-            if s.step_in_epoch >= epoch_steps:
-                break
-            loss, correct = self.train_step(x, y)
-            sums.loss += loss * len(y)
-            sums.correct += correct
-            sums.seen += len(y)
-            s.step_in_epoch += 1
-            s.global_step += 1
-            if s.step_in_epoch % LOG_EVERY == 0 or s.step_in_epoch == epoch_steps:
-                self._log()
-            self._call("on_step_end")
-            if self._end_epoch:
-                break
-            if distributed.any_rank(bool(stop)):   # every process stops after the same step
-                self._call("on_interrupt")
-                self.keep_partial_epoch()
-                self.checkpoint()
-                raise TrainingInterrupted(self.run, stop[0] if stop else signal.SIGTERM)
-        elapsed = time.perf_counter() - sums.start
-        s.train_seconds += elapsed
-        s.epoch_loss, s.epoch_correct, s.epoch_seen, s.epoch_seconds = 0.0, 0, 0, 0.0
-        if sums.seen == 0:
-            return float("nan"), float("nan"), elapsed, 0
-        loss_total, correct_total, seen = distributed.sum_over_ranks(sums.loss, sums.correct, sums.seen)
-        return loss_total / seen, correct_total / seen, elapsed, int(seen)
-
-    def _log(self) -> None:
-        """Every LOG_EVERY steps (each syncs the device): refuse a diverged run, tell callbacks."""
-        s, cfg, sums = self.state, self.cfg, self.sums
-        assert sums is not None
-        mean_loss = sums.loss.item() / sums.seen
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLoss(f"training loss became {mean_loss} at epoch {s.epoch + 1}, step "
-                                f"{s.step_in_epoch}: the learning rate ({cfg.lr}) is probably too "
-                                f"high for {cfg.model}; try one ten times smaller")
-        if self.scaler is not None and self.scaler.get_scale() < MIN_LOSS_SCALE:
-            raise NonFiniteLoss(f"float16 gradients overflow at every loss scale (down to "
-                                f"{self.scaler.get_scale():.2g}) by epoch {s.epoch + 1}, step "
-                                f"{s.step_in_epoch}: the learning rate ({cfg.lr}) is probably too "
-                                f"high for {cfg.model}, or use --precision bf16 or fp32")
-        elapsed = time.perf_counter() - sums.start
-        self._call("on_log", {"loss": mean_loss, "accuracy": sums.correct.item() / sums.seen,
-                              "img_s": sums.seen / max(elapsed, 1e-9)})
-
-    def elapsed(self) -> float:
-        """Training seconds so far, this epoch included."""
-        return self.state.train_seconds + time.perf_counter() - self._epoch_start
-
-    def eval_model(self) -> Classifier:
-        """The model to evaluate: the weight average when there is one."""
-        if self.ema is None or self.state.global_step < self.ema_start_step:
-            return self.model
-        if self._ema_model is None:
-            self._ema_model = copy.deepcopy(self.model)   # made once, refreshed from the average
-        self.ema.copy_to(self._ema_model)
-        return self._ema_model
-
-    def fit(self, callbacks: Sequence[Callback] = ()) -> None:
-        """Train to the end of the schedule, or until a callback stops it."""
-        self.callbacks = list(callbacks)
-        cfg, s = self.cfg, self.state
-        total_epochs = math.ceil(cfg.epochs)
-        with catch_stop_signals() as stop:
-            while s.epoch < total_epochs:
-                epoch_steps = min(self.steps_per_epoch, self.total_steps - s.epoch * self.steps_per_epoch)
-                loss, acc, seconds, images = self.run_epoch(stop, epoch_steps)
-                model = self.eval_model()
-                val = (evaluate(model, self.data.val, self.device, dtype=self.dtype,
-                                channels_last=cfg.channels_last)
-                       if self.data.val is not None and len(self.data.val) else None)
-                h = s.history
-                h["loss"].append(loss)
-                h["accuracy"].append(acc)
-                h["val_loss"].append(val.loss if val else None)
-                h["val_accuracy"].append(val.accuracy if val else None)
-                last = max(0, s.global_step - 1)
-                h["lr"].append(self.lr_at(last) if self.lr_at is not None else self.schedule.lr(last))
-                h["seconds"].append(seconds)
-                s.epoch += 1
-                s.step_in_epoch = 0
-                improved = False
-                if val is not None and val.accuracy > s.best_val:
-                    improved, s.best_val, s.best_epoch = True, val.accuracy, s.epoch
-                self._call("on_epoch_end", {"val": val, "improved": improved, "model": model, "images": images})
-                stopping, reason = self._stop
-                if stopping:
-                    if reason and self.progress:
-                        print(reason, flush=True)
-                    break
-
-    def end_training(self, metrics: dict[str, Any]) -> None:
-        """Tell the callbacks the test split's scores (after ``fit``, once metrics.json is written)."""
-        self._call("on_train_end", metrics)
-
-    def final_model(self) -> Classifier:
-        model = self.eval_model()
-        if self.cfg.keep == "best" and self.best_state is not None:
-            model.load_state_dict(self.best_state)
-        return model
-
-
-# ----------------------------------------------------------------------------- fit
 def fit(config: Config | None = None, data: Dataset | None = None, *, out: str | Path | None = None,
         name: str | None = None, progress: bool = True, on_epoch: Callable[[int, dict[str, list]], bool] | None = None,
         callbacks: Sequence[Callback] = (), test: bool = True, **overrides: Any) -> Run:

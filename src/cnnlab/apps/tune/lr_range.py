@@ -82,8 +82,8 @@ def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int =
     from tqdm import tqdm
 
     from cnnlab.core.hardware import pick_device, set_threads
-    from cnnlab.engine.loop import Trainer
     from cnnlab.engine.prepare import check_config, load_data
+    from cnnlab.engine.trainer import Trainer
 
     if not (0 < start < end and math.isfinite(end)):
         raise CnnlabError(f"--start and --end must satisfy 0 < start < end; got start {start:g}, end {end:g}")
