@@ -38,7 +38,7 @@ NOTEBOOK = any(c.__module__ == "tqdm.notebook" for c in auto_tqdm.__mro__)
 
 
 class Trainer(Protocol):
-    """What callbacks see of ``cnnlab.engine.loop.Trainer`` (which imports this module)."""
+    """What callbacks see of ``cnnlab.engine.trainer.Trainer`` (which imports this module)."""
     cfg: Config
     run: Path                   # the run folder
     state: Any                  # LoopState: epoch, step_in_epoch, global_step, history, best_val, best_epoch
@@ -62,7 +62,22 @@ class Callback:
     def on_train_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
 
 
-class ProgressBar(Callback):
+class _Holding(Callback):
+    """A callback that holds one thing to close (a progress bar, an event writer) while training
+    runs: closed on a stop signal, and by the subclass at the end."""
+
+    held: Any = None
+
+    def _close(self) -> None:
+        if self.held is not None:
+            self.held.close()
+            self.held = None
+
+    def on_interrupt(self, trainer: Trainer) -> None:
+        self._close()
+
+
+class ProgressBar(_Holding):
     """Each epoch's steps live, and one line per finished epoch (on stdout).
 
     ``tqdm.auto``: in a Jupyter notebook (with ipywidgets) one widget for the whole run, reset
@@ -74,43 +89,34 @@ class ProgressBar(Callback):
     def __init__(self, total_epochs: int, *, notebook: bool | None = None):
         self.total_epochs = total_epochs
         self.notebook = NOTEBOOK if notebook is None else notebook
-        self.bar: Any = None
 
     def on_epoch_begin(self, trainer: Trainer, steps: int) -> None:
         s = trainer.state
         desc = f"epoch {s.epoch + 1}/{self.total_epochs}"
         if not self.notebook:
-            self.bar = terminal_tqdm(total=steps, initial=s.step_in_epoch, leave=False, desc=desc, unit="batch",
-                                     dynamic_ncols=True, file=sys.stderr, disable=None)
+            self.held = terminal_tqdm(total=steps, initial=s.step_in_epoch, leave=False, desc=desc, unit="batch",
+                                      dynamic_ncols=True, file=sys.stderr, disable=None)
             return
-        if self.bar is None:
-            self.bar = auto_tqdm(total=steps, desc=desc, unit="batch")
+        if self.held is None:
+            self.held = auto_tqdm(total=steps, desc=desc, unit="batch")
         else:
-            self.bar.reset(total=steps)
-            self.bar.set_description(desc, refresh=False)
+            self.held.reset(total=steps)
+            self.held.set_description(desc, refresh=False)
         if s.step_in_epoch:   # a resumed epoch
-            self.bar.update(s.step_in_epoch)
+            self.held.update(s.step_in_epoch)
 
     def on_log(self, trainer: Trainer, logs: dict[str, float]) -> None:
-        assert self.bar is not None
-        self.bar.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['accuracy']:.3f}",
-                             img_s=f"{logs['img_s']:.0f}", refresh=False)
-        self.bar.update(trainer.state.step_in_epoch - self.bar.n)
-
-    def _close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def on_interrupt(self, trainer: Trainer) -> None:
-        self._close()
+        assert self.held is not None
+        self.held.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['accuracy']:.3f}",
+                              img_s=f"{logs['img_s']:.0f}", refresh=False)
+        self.held.update(trainer.state.step_in_epoch - self.held.n)
 
     def on_train_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self._close()
 
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
-        if self.notebook and self.bar is not None:
-            self.bar.update(self.bar.total - self.bar.n)   # the epoch's last steps, since the last log
+        if self.notebook and self.held is not None:
+            self.held.update(self.held.total - self.held.n)   # the epoch's last steps, since the last log
         else:
             self._close()
         h, s = trainer.state.history, trainer.state
@@ -228,22 +234,21 @@ def add_config_text(writer: Any, config: dict[str, Any]) -> None:
         writer.add_text("config", text, 0)
 
 
-class TensorBoard(Callback):
+class TensorBoard(_Holding):
     """``--tensorboard``: each epoch's history row as scalars in RUN/tensorboard, on disk as the
     epoch ends (one step per epoch), and the test accuracy and loss at the end."""
 
     def __init__(self) -> None:
         _writer_class()   # a missing package fails before training, not after it
-        self.writer: Any = None
 
     def _open(self, trainer: Trainer) -> Any:
-        if self.writer is None:
+        if self.held is None:
             done = trainer.state.epoch
-            self.writer = summary_writer(RunFolder(trainer.run).tensorboard_dir,   # `tensorboard --logdir runs/`
-                                         purge_step=done + 1 if done else None)
+            self.held = summary_writer(RunFolder(trainer.run).tensorboard_dir,   # `tensorboard --logdir runs/`
+                                       purge_step=done + 1 if done else None)
             if not done:
-                add_config_text(self.writer, trainer.cfg.to_dict())
-        return self.writer
+                add_config_text(self.held, trainer.cfg.to_dict())
+        return self.held
 
     def on_epoch_begin(self, trainer: Trainer, steps: int) -> None:
         self._open(trainer)
@@ -252,14 +257,6 @@ class TensorBoard(Callback):
         writer = self._open(trainer)
         add_epoch_scalars(writer, trainer.state.history, trainer.state.epoch)
         writer.flush()   # live: TensorBoard (and a reader) sees the epoch now
-
-    def _close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-    def on_interrupt(self, trainer: Trainer) -> None:
-        self._close()
 
     def on_train_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         add_test_scalars(self._open(trainer), metrics, max(trainer.state.epoch, 1))
