@@ -11,7 +11,6 @@ from typing import Any
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.hardware import choose_precision, pick_device
 from cnnlab.core.metrics import per_class_accuracy
-from cnnlab.data.stream import choose_loader
 from cnnlab.engine.runs import load_run
 
 
@@ -28,13 +27,13 @@ def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str
     changes: dict[str, Any] = {"val_split": 0.0, "train_size": 1, "data_dir": data_dir or cfg.data_dir,
                                "bad_images": bad_images or cfg.bad_images}
     if data:
-        changes.update(data=data, test_size=None, crop="center", loader="auto")   # all of its test split
-        folder = Path(data).expanduser().is_dir()
-        streams = folder and choose_loader(cfg.replace(**changes)) == "stream"
-        # An image folder is decoded to the model's (square) size, streamed when too large for memory,
-        # as training decoded it; an official dataset comes at its own size (a mismatch is refused below).
+        # All of its test split. An image folder is decoded at the model's size, streamed when that
+        # is too large for memory (load_data's one walk of the folder decides); an official dataset
+        # comes at its own size (a mismatch is refused below).
         h, w = run.input_size
-        changes.update(loader="stream" if streams else "memory", image_size=(h if h == w else (h, w)) if folder else None)
+        folder = Path(data).expanduser().is_dir()
+        changes.update(data=data, test_size=None, crop="center", loader="auto",
+                       image_size=(h if h == w else (h, w)) if folder else None)
     # Its own image folder splits as it did in training (a flat folder's split is saved with the run).
     saved = run.splits_file if not data and run.splits_file.is_file() else None
     ds = load_data(cfg.replace(**changes), saved_split=saved)
