@@ -16,7 +16,7 @@ from cnnlab.core import hardware
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.hardware import Precision, choose_precision, pick_device
-from cnnlab.engine import loop
+from cnnlab.engine import loop, trainer
 from conftest import train_then_crash
 
 CPU = torch.device("cpu")
@@ -120,7 +120,7 @@ def _scaler_state(run: Path) -> dict:
 def fp16_on_cpu(monkeypatch):
     """Training in float16 with a GradScaler, on the CPU, from a loss scale so large that the
     first steps overflow: the path a T4 takes, with its overflows made certain."""
-    monkeypatch.setattr(loop, "choose_precision", lambda choice, device: FP16)
+    monkeypatch.setattr(trainer, "choose_precision", lambda choice, device: FP16)
     monkeypatch.setattr(hardware, "INIT_LOSS_SCALE", 2.0 ** 30)
 
 

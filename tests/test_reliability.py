@@ -29,7 +29,7 @@ from cnnlab.cli import main
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.engine import checkpoint as ckpt
-from cnnlab.engine import loop
+from cnnlab.engine import loop, trainer
 
 # Shared by every run: one thread (identical kernels in and out of process, and fast on
 # busy cores), shuffling and all three augmentations on, a fixed seed.
@@ -193,16 +193,16 @@ def test_crash_between_last_step_and_epoch_end_resumes_exactly(tiny_cifar, tmp_p
     """The awkward position: a step checkpoint at the last batch, then death before the epoch
     closes (here, during the validation pass). The resumed run must not redo or lose anything."""
     settings = dict(TUTORIAL, checkpoint_every=12)  # 12 steps per epoch: the last batch of each
-    real_evaluate = loop.evaluate
+    real_evaluate = trainer.evaluate
 
     def crash(*a, **k):
         raise RuntimeError("simulated crash during validation")
-    monkeypatch.setattr(loop, "evaluate", crash)
+    monkeypatch.setattr(trainer, "evaluate", crash)
     run = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.fit(Config(data=str(tiny_cifar), **settings), out=run, progress=False)
     assert position(run) == (0, 12)
-    monkeypatch.setattr(loop, "evaluate", real_evaluate)
+    monkeypatch.setattr(trainer, "evaluate", real_evaluate)
     loop.resume(run, progress=False)
     expected = reference(tiny_cifar, tmp_path / "whole", **settings)
     assert_same_weights(run / "model.safetensors", expected)
@@ -372,12 +372,12 @@ def test_nan_mid_training_keeps_the_last_finite_weights(tiny_cifar, tmp_path, mo
     reaches a checkpoint or model.safetensors (with step checkpoints, not even for one step)."""
     settings = dict(BASE, model="tutorial", train_size=60, epochs=3, ema=0.5, ema_every=1,
                     checkpoint_every=checkpoint_every)  # 54 train images: 4 steps per epoch
-    real_set_lr, calls = loop.set_lr, []
+    real_set_lr, calls = trainer.set_lr, []
 
     def set_lr_nan_at_step_6(optimizer, lr):
         calls.append(lr)
         real_set_lr(optimizer, float("nan") if len(calls) >= 7 else lr)
-    monkeypatch.setattr(loop, "set_lr", set_lr_nan_at_step_6)
+    monkeypatch.setattr(trainer, "set_lr", set_lr_nan_at_step_6)
     run = tmp_path / "nan"
     with pytest.raises(CnnlabError, match=r"became (nan at|non-finite \(nan or inf\) by) epoch 2, step \d.*"
                                           r"model.safetensors holds the last finite weights"):
@@ -390,7 +390,7 @@ def test_nan_mid_training_keeps_the_last_finite_weights(tiny_cifar, tmp_path, mo
     if checkpoint_every:
         assert (meta["epoch"], meta["step_in_epoch"]) == (1, 2)  # the last step before the NaN one
     else:  # the end of epoch 1, which an uninterrupted 1-epoch run reproduces
-        monkeypatch.setattr(loop, "set_lr", real_set_lr)
+        monkeypatch.setattr(trainer, "set_lr", real_set_lr)
         assert_same_weights(model, reference(tiny_cifar, tmp_path / "one", **dict(settings, epochs=1)))
 
 
