@@ -263,6 +263,22 @@ def test_two_processes_train_as_one_with_the_global_batch(tiny_cifar, tmp_path, 
 
 
 
+def test_two_processes_train_muon_as_one_process(tiny_cifar, tmp_path, initial_weights):
+    # Muon orthogonalises each weight's momentum of the gradient the all-reduce averaged: both
+    # ranks take the one process's step (Newton-Schulz is smooth in its input, so the rounding
+    # of the two gradient orders stays within ROUNDING_DRIFT as it does for SGD).
+    muon = {**DDP, "optimizer": "muon", "muon_lr_scale": 0.5}
+    one = tmp_path / "one"
+    fit(Config(data=str(tiny_cifar), batch_size=2 * PER_PROCESS, **muon), out=one, progress=False)
+    out = tmp_path / "ddp"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in muon.items()]
+    r = cli("train", "--data", str(tiny_cifar), *flags, "--batch-size", str(PER_PROCESS), "--nproc", "2",
+            "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "config.json").read_text())["config"]["optimizer"] == "muon"
+    assert_same_training(out, one, initial_weights)
+
+
 def test_two_processes_leave_a_frozen_whitening_bias_alone(tiny_cifar, tmp_path):
     # A parameter that stops taking gradients: DDP must not wait for it, nor hand it a zero
     # gradient that momentum would turn into a step.
