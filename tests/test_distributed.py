@@ -120,8 +120,8 @@ def one_process_run(tiny_cifar, tmp_path_factory) -> Path:
     return out
 
 
-def ddp_args() -> list[str]:
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in DDP.items()]
+def ddp_args(values: dict = DDP) -> list[str]:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in values.items()]
     return [*flags, "--batch-size", str(PER_PROCESS), "--nproc", "2"]
 
 
@@ -271,9 +271,7 @@ def test_two_processes_train_muon_as_one_process(tiny_cifar, tmp_path, initial_w
     one = tmp_path / "one"
     fit(Config(data=str(tiny_cifar), batch_size=2 * PER_PROCESS, **muon), out=one, progress=False)
     out = tmp_path / "ddp"
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in muon.items()]
-    r = cli("train", "--data", str(tiny_cifar), *flags, "--batch-size", str(PER_PROCESS), "--nproc", "2",
-            "--out", str(out))
+    r = cli("train", "--data", str(tiny_cifar), *ddp_args(muon), "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "config.json").read_text())["config"]["optimizer"] == "muon"
     assert_same_training(out, one, initial_weights)

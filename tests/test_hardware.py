@@ -190,7 +190,7 @@ def test_recipes_command_names_the_machine_of_each_measurement(monkeypatch, caps
     from cnnlab.core.config import recipe_document
     m = recipe_document("speed85")["measured"][0]      # a 3-seed entry: mean and median say so
     assert m["seeds"] > 1
-    assert (f"measured: {100 * m['test_accuracy']:.2f}% test accuracy (mean) in {round(m['wall_seconds'])} s "
+    assert (f"measured: {100 * m['test_accuracy']:.2f}% test accuracy (mean) in {m['wall_seconds']:,.0f} s "
             f"(median), {m['seeds']} seeds, on {m['machine']}, {m['precision']}") in out
     assert "estimate:" not in out
     for name in ("tutorial", "speed70", "speed85", "speed90", "speed92"):
