@@ -33,6 +33,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from cnnlab.core import hardware
 from cnnlab.core.config import resolve
 from cnnlab.engine import loop
+from cnnlab.engine import trainer as trainer_module  # decay_weights is looked up there
 from cnnlab.engine.callbacks import Callback
 from cnnlab.engine.prepare import load_data
 from cnnlab.models.conv import Conv3x3
@@ -162,14 +163,16 @@ def categorise(prof: Any) -> dict[str, float]:
 def profile_recipe(recipe: str, data: str = str(DATA), steps: int = 12, warmup: int = 3) -> dict[str, Any]:
     """The recipe's step time by category: {"rows": [(category, ms a step, share, recipe s)],
     "evaluation_s", "steps", "total_steps", "config"}."""
-    probe = resolve(recipe=recipe, overrides={"data": data})
+    # A recipe name or a YAML file (a baseline under benchmarks/baselines, a candidate), as speedrun takes.
+    source = {"config_file": recipe} if recipe.endswith(".yaml") else {"recipe": recipe}
+    probe = resolve(**source, overrides={"data": data})
     dataset = load_data(probe)
     per_epoch = len(dataset.train) // probe.batch_size
     # The schedule's shape does not change what a step costs: no warm-up longer than the run.
-    cfg = resolve(recipe=recipe, overrides={"data": data, "epochs": (warmup + steps) / per_epoch, "warmup": 0.0})
+    cfg = resolve(**source, overrides={"data": data, "epochs": (warmup + steps) / per_epoch, "warmup": 0.0})
     callback = _Profile(warmup, steps)
     seconds: list[float] = []
-    real_evaluate, real_decay = loop.evaluate, loop.decay_weights
+    real_evaluate, real_decay = loop.evaluate, trainer_module.decay_weights
 
     def timed_evaluate(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -177,12 +180,12 @@ def profile_recipe(recipe: str, data: str = str(DATA), steps: int = 12, warmup: 
             return real_evaluate(*args, **kwargs)
         finally:
             seconds.append(time.perf_counter() - start)
-    loop.evaluate, loop.decay_weights = timed_evaluate, _scoped("optimizer", real_decay)
+    loop.evaluate, trainer_module.decay_weights = timed_evaluate, _scoped("optimizer", real_decay)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             loop.fit(cfg, data=dataset, out=Path(tmp) / "run", progress=False, callbacks=[callback])
     finally:
-        loop.evaluate, loop.decay_weights = real_evaluate, real_decay
+        loop.evaluate, trainer_module.decay_weights = real_evaluate, real_decay
     cats = categorise(callback.prof)
     evaluation = seconds[-1] if seconds else 0.0   # the test split's (val_split 0: the only one)
     train_wall = callback.train_end - callback.start
@@ -207,7 +210,7 @@ def print_profile(result: dict[str, Any]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default="speed90")
+    p.add_argument("--recipe", default="speed90", help="a recipe name or a YAML file")
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)

@@ -51,3 +51,28 @@ def test_the_peer_reads_the_data_speedrun_writes_and_its_result_is_parsed(tiny_c
     fake.write_text("import sys; print('Traceback: out of memory'); sys.exit(1)")
     with pytest.raises(SystemExit, match="the peer \\(seed 0\\) failed \\(1\\)"):
         bench.run_peer(fake, 0, folder, bf16=False, steps=None)
+
+
+def _profile_steps():
+    spec = importlib.util.spec_from_file_location("profile_steps", ROOT / "benchmarks" / "profile_steps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_profile_sorts_real_steps_into_kinds_of_work_and_puts_the_loop_back(tiny_cifar, tmp_path):
+    from cnnlab.engine import loop, trainer
+    bench = _profile_steps()
+    real = loop.evaluate, trainer.decay_weights
+    recipe = tmp_path / "small.yaml"   # a YAML file, as speedrun takes a baseline or a candidate
+    recipe.write_text("model: speednet_xs\nbatch_size: 30\noptimizer: muon\nweight_decay: 0.01\nema: 0.9\n"
+                      "whiten: true\ntta: flip\nval_split: 0.0\nepochs: 2\n")
+    result = bench.profile_recipe(str(recipe), str(tiny_cifar), steps=3, warmup=1)
+    assert (loop.evaluate, trainer.decay_weights) == real
+    rows = {category: (ms, share, seconds) for category, ms, share, seconds in result["rows"]}
+    assert list(rows) == bench.TRAINING and result["steps"] == 3
+    assert result["total_steps"] == 2 * (300 // 30)   # the recipe's own schedule, not the profiled stub
+    for kind in ("conv forward", "conv input gradient", "conv weight gradient", "optimizer", "weight averaging (EMA, lookahead)"):
+        assert rows[kind][0] > 0, kind
+    assert 0.95 < sum(share for _, share, _ in rows.values()) < 1.05   # Python time fills the rest, nothing twice
+    assert result["evaluation_s"] > 0
