@@ -1,9 +1,12 @@
 """Shared fixtures: small real datasets cut from ../shared/data, and an isolated data cache."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -55,3 +58,13 @@ def train_then_crash(fit, cfg, out: Path, epochs: int = 1) -> None:
 
     with pytest.raises(SystemExit, match="simulated crash"):
         fit(cfg, out=out, progress=False, callbacks=[Crash()])
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script under benchmarks/ as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module        # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

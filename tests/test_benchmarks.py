@@ -1,27 +1,21 @@
-"""The speed benchmark's harness around the peer (benchmarks/speedrun.py --peer), small."""
+"""The benchmark scripts, small: speedrun's harness around the peer (--peer) and profile_steps on real steps."""
 from __future__ import annotations
 
-import importlib.util
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 PEER = ROOT.parent / "shared" / "peers" / "airbench94_muon_cpu.py"
 
 
-def _speedrun():
-    spec = importlib.util.spec_from_file_location("speedrun", ROOT / "benchmarks" / "speedrun.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(not PEER.is_file(), reason="the benchmark peer is not beside the repository")
 def test_the_peer_reads_the_data_speedrun_writes_and_its_result_is_parsed(tiny_cifar, tmp_path):
-    bench = _speedrun()
+    bench = load_benchmark("speedrun")
     folder = bench.write_peer_data(str(tiny_cifar), tmp_path / "peer-data")
     train, test = (torch.load(folder / f"{n}.pt") for n in ("train", "test"))
     assert train["images"].dtype == torch.uint8 and tuple(train["images"].shape) == (300, 32, 32, 3)
@@ -53,16 +47,9 @@ def test_the_peer_reads_the_data_speedrun_writes_and_its_result_is_parsed(tiny_c
         bench.run_peer(fake, 0, folder, bf16=False, steps=None)
 
 
-def _profile_steps():
-    spec = importlib.util.spec_from_file_location("profile_steps", ROOT / "benchmarks" / "profile_steps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_profile_sorts_real_steps_into_kinds_of_work_and_puts_the_loop_back(tiny_cifar, tmp_path):
     from cnnlab.engine import loop, trainer
-    bench = _profile_steps()
+    bench = load_benchmark("profile_steps")
     real = loop.evaluate, trainer.decay_weights
     recipe = tmp_path / "small.yaml"   # a YAML file, as speedrun takes a baseline or a candidate
     recipe.write_text("model: speednet_xs\nbatch_size: 30\noptimizer: muon\nweight_decay: 0.01\nema: 0.9\n"

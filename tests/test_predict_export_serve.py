@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import http.client
-import importlib.util
 import io
 import json
 import os
@@ -37,7 +36,7 @@ from cnnlab.engine.inference import predict_files
 from cnnlab.engine.runs import environment, load_run, model_card, save_config, save_model
 from cnnlab.models import list_models
 from cnnlab.models.classifier import build_classifier
-from conftest import CIFAR_FOLDER
+from conftest import CIFAR_FOLDER, load_benchmark
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -397,20 +396,11 @@ def test_server_413_reaches_clients_that_send_the_whole_body(server):
     assert _get(server + "/health")[0] == 200                         # and the server carries on
 
 
-def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
-    spec = importlib.util.spec_from_file_location("serve_load", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_load"] = module        # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_server_under_concurrent_load(server_process, trained_run, tmp_path):
     """benchmarks/serve_load.py, small: 4 clients x 20 requests of good images, 4 MB bodies and
     text, every answer checked against Run.predict, the server's memory read from /proc."""
     base, proc = server_process
-    bench = _load_benchmark()
+    bench = load_benchmark("serve_load")
     goods = bench.good_images(trained_run, tmp_path / "images")
     assert len(goods) >= 40 and {g.content_type for g in goods} == {"image/jpeg", "image/png"}
     result = bench.drive(base, proc.pid, goods, clients=4, requests=20, seed=1)
