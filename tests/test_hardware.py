@@ -107,6 +107,37 @@ def test_header_and_config_say_what_ran(tiny_cifar, tmp_path):
     assert line in r.stdout and f"precision {precision}" in r.stdout
 
 
+# ----------------------------------------------------------------------------- memory
+# In a fresh process: what malloc does with a large block depends on what the process did before.
+RESIDENT_AFTER_EACH_STEP = """
+import os, torch
+from cnnlab.core import hardware
+
+def resident_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+def step():   # a training step's large block: 64 MiB, every page written, then freed
+    block = torch.ones(64 * 2**20, dtype=torch.uint8)
+    del block
+    return resident_mib()
+
+print(resident_mib(), step())
+with hardware.reuse_freed_memory():
+    print(*[step() for _ in range(3)])
+print(resident_mib())
+"""
+
+
+@pytest.mark.skipif(hardware.glibc() is None, reason="tunes glibc's malloc only")
+def test_training_keeps_freed_blocks_for_the_next_step_and_gives_them_back_after():
+    out = subprocess.run([sys.executable, "-c", RESIDENT_AFTER_EACH_STEP], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    base, default, *inside, after = map(float, out)
+    assert default < base + 16            # glibc's default: a block this large goes back at once
+    assert min(inside) > base + 48        # inside: kept in the heap for the next step
+    assert after < base + 16              # released on the way out
+
+
 # ----------------------------------------------------------------------------- float16
 FP16 = Precision(torch.float16, "test: float16 autocast on the CPU")
 

@@ -109,7 +109,7 @@ def _key(cfg: Config) -> str:
     device = hardware.pick_device(cfg.device)
     precision = hardware.choose_precision(cfg.precision, device, strict=False)
     parts = [hardware.device_name(device), hardware.cpu_isa(), str(cfg.threads or hardware.available_cores()),
-             os.environ.get("ONEDNN_MAX_CPU_ISA", ""), precision.name, torch.__version__, __version__,
+             os.environ.get("ONEDNN_MAX_CPU_ISA", ""), precision.name, torch.__version__, __version__, "reused-heap",
              *(f"{k}={getattr(cfg, k)}" for k in ("model", "optimizer", "flip", "translate", "cutout", "whiten",
                                                    "ema", "ema_every", "channels_last", "compile"))]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -124,7 +124,8 @@ def cached_probe(cfg: Config, *, refresh: bool = False) -> Probe:
     key = _key(cfg)
     if key in cache and not refresh:
         return Probe(**cache[key])
-    result = probe(cfg)
+    with hardware.reuse_freed_memory():   # as training runs
+        result = probe(cfg)
     cache[key] = asdict(result)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, cache)

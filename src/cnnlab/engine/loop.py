@@ -218,6 +218,7 @@ def hardware_line(device: torch.device, precision: hardware.Precision) -> str:
     return f"device {device}: {hardware.device_name(device)} ({where}), precision {precision}"
 
 
+@hardware.reuse_freed_memory()
 def _train_and_save(trainer: Trainer, on_epoch, callbacks: Sequence[Callback] = ()) -> Run:
     cfg, path, s = trainer.cfg, trainer.run, trainer.state
     try:
