@@ -107,6 +107,19 @@ def test_header_and_config_say_what_ran(tiny_cifar, tmp_path):
     assert line in r.stdout and f"precision {precision}" in r.stdout
 
 
+def test_amx_is_seen_only_where_onednn_may_use_it(monkeypatch):
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: {"flags": "avx512f avx512_bf16 amx_bf16 amx_tile"})
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert hardware.cpu_has_amx()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")   # capped below the matrix units
+    assert not hardware.cpu_has_amx()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert hardware.cpu_has_amx()
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: {"flags": "avx512f avx512_bf16"})   # AMD Zen 5
+    assert not hardware.cpu_has_amx()
+
+
 # ----------------------------------------------------------------------------- memory
 # In a fresh process: what malloc does with a large block depends on what the process did before.
 RESIDENT_AFTER_EACH_STEP = """

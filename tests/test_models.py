@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from cnnlab.core import hardware
 from cnnlab.core.errors import CnnlabError
 from cnnlab.models import create_model, list_models, model_info, register_model
 from cnnlab.models.classifier import build_classifier
@@ -418,6 +419,7 @@ def _plain_conv3x3(cin: int, cout: int) -> nn.Conv2d:
 def test_conv3x3_products_match_the_plain_convolution(monkeypatch, size, channels_last):
     from cnnlab.models import conv
     monkeypatch.setattr(conv, "WIDE", 1)   # let these narrow test layers take the products
+    monkeypatch.setattr(conv, "LIMIT", conv.SMALL_MAP)   # on any CPU, in float32 too
     torch.manual_seed(0)
     x = torch.randn(3, 6, size, size)
     if channels_last:
@@ -435,6 +437,7 @@ def test_conv3x3_products_match_the_plain_convolution(monkeypatch, size, channel
 def test_conv3x3_products_under_bfloat16_autocast(monkeypatch, size):
     from cnnlab.models import conv
     monkeypatch.setattr(conv, "WIDE", 1)
+    monkeypatch.setattr(conv, "LIMIT", conv.SMALL_MAP)
     torch.manual_seed(0)
     x = torch.randn(4, 32, size, size).contiguous(memory_format=torch.channels_last)
     g, w = torch.randn(4, 16, size, size), torch.randn(16, 32, 3, 3) * 0.1
@@ -445,8 +448,9 @@ def test_conv3x3_products_under_bfloat16_autocast(monkeypatch, size):
         assert (a - b).norm() / b.norm() < 1e-2, name   # bfloat16 rounding, nothing more
 
 
-def test_conv3x3_keeps_onednn_where_the_products_do_not_pay():
+def test_conv3x3_keeps_onednn_where_the_products_do_not_pay(monkeypatch):
     from cnnlab.models import conv
+    monkeypatch.setattr(conv, "LIMIT", conv.SMALL_MAP)
     taken = lambda layer, size: type(layer(torch.randn(2, layer.in_channels, size, size)).grad_fn).__name__
     wide, narrow = conv.Conv3x3(conv.WIDE, conv.WIDE), conv.Conv3x3(64, 64)
     assert "ConvolutionBackward" in taken(narrow, 3)                  # narrow: oneDNN throughout
@@ -455,6 +459,19 @@ def test_conv3x3_keeps_onednn_where_the_products_do_not_pay():
     assert "ConvolutionBackward" not in taken(wide, 3)
     with torch.no_grad():                                             # inference: plain conv
         assert wide(torch.randn(1, conv.WIDE, 3, 3)).is_contiguous()  # the products' output is channels-last
+
+
+@pytest.mark.parametrize("amx,dtype,limit", [(True, torch.bfloat16, 8), (False, torch.bfloat16, 4),
+                                             (True, torch.float32, 0), (False, torch.float32, 0)])
+def test_conv3x3_takes_the_products_only_where_they_were_measured_to_pay(monkeypatch, amx, dtype, limit):
+    from cnnlab.models import conv
+    monkeypatch.setattr(hardware, "cpu_has_amx", lambda: amx)
+    assert conv.products_limit(dtype) == limit
+    wide = conv.Conv3x3(conv.WIDE, conv.WIDE)
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        on_7x7, on_3x3 = (type(wide(torch.randn(2, conv.WIDE, s, s)).grad_fn).__name__ for s in (7, 3))
+    assert ("ConvolutionBackward" not in on_7x7) == (limit >= 7)
+    assert ("ConvolutionBackward" not in on_3x3) == (limit >= 3)
 
 
 def test_weight_grad_by_taps_is_the_convolution_weight_gradient():

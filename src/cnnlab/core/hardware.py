@@ -172,6 +172,14 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def cpu_has_amx() -> bool:
+    """AMX matrix units (Intel Xeon since Sapphire Rapids) that oneDNN may use for bfloat16 here."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap not in ("", "ALL") and "AMX" not in cap:
+        return False
+    return "amx_bf16" in _cpuinfo().get("flags", "").split() and cpu_has_bf16()
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -9,9 +9,11 @@ that problem:
   the input gradient stay oneDNN's);
 - on maps up to 4x4, all three are one product each over im2col columns.
 
-Only training takes these paths, and only in layers at least WIDE channels wide: narrower ones
-run as fast or faster on oneDNN alone. The arithmetic is the same; only the summation order differs.
-``benchmarks/conv_grad.py`` measures both sides.
+Only training takes these paths, only in layers at least WIDE channels wide (narrower ones
+run as fast or faster on oneDNN alone), and only where they pay on this CPU and precision
+(``products_limit``): oneDNN's small-map gradients are slow on AMX, not elsewhere. The
+arithmetic is the same; only the summation order differs. ``benchmarks/conv_grad.py``
+measures both sides.
 """
 from __future__ import annotations
 
@@ -19,9 +21,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SMALL_MAP = 8   # the tap products win up to 7x7 maps; at 15x15 oneDNN is faster (0: never)
+from cnnlab.core import hardware
+
+SMALL_MAP = 8   # with AMX the tap products win up to 7x7 maps; at 15x15 oneDNN is faster
 TINY_MAP = 4    # up to here im2col pays for its copy in all three products
 WIDE = 384      # narrower layers run as fast or faster on oneDNN alone (256: even; 128: 17% slower)
+# The largest map side the products take: None picks it for this CPU and precision
+# (products_limit); a number forces it (tests, benchmarks/conv_grad.py; 0: never).
+LIMIT: int | None = None
+
+
+def products_limit(dtype: torch.dtype) -> int:
+    """The largest map side on which wide layers computing in ``dtype`` take the products here.
+
+    Measured with ``benchmarks/conv_grad.py`` (SpeedNet-L, batch 256, its whole training step):
+    - bfloat16 on AMX (Intel Xeon): up to 7x7, where oneDNN's weight gradient costs three to
+      four times its forward pass;
+    - bfloat16 on AVX-512 BF16 without AMX (AMD Zen 5): 3x3 maps only, whose im2col backward is
+      1.5x oneDNN's speed, while the taps on 7x7 run at 0.7x;
+    - float32: never (the step with the products: 0.66x on AVX-512, 0.89x on AVX2).
+    """
+    if LIMIT is not None:
+        return LIMIT
+    if dtype != torch.bfloat16:
+        return 0
+    return SMALL_MAP if hardware.cpu_has_amx() else TINY_MAP
 
 
 def weight_grad_by_taps(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -117,11 +141,15 @@ class Conv3x3(nn.Conv2d):
         size = max(x.shape[-2:])
         if not self._products_pay(size, x):
             return super().forward(x)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else self.weight.dtype
+        dtype = self._compute_dtype()
         fn = _TinyMapConv3x3 if size <= TINY_MAP else _SmallMapConv3x3
         return fn.apply(x.to(dtype), self.weight.to(dtype))
 
+    def _compute_dtype(self) -> torch.dtype:
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else self.weight.dtype
+
     def _products_pay(self, size: int, x: torch.Tensor) -> bool:
         # Training only: inference, export and compilation see a plain convolution.
-        return (x.device.type == "cpu" and size <= SMALL_MAP and min(self.in_channels, self.out_channels) >= WIDE
-                and torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+        return (x.device.type == "cpu" and min(self.in_channels, self.out_channels) >= WIDE
+                and torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+                and size <= products_limit(self._compute_dtype()))
