@@ -34,6 +34,9 @@ TRAIN_IMAGES, TEST_IMAGES, IMAGE_SHAPE, CLASSES = 50_000, 10_000, (32, 32, 3), 1
 # Start-up (imports, the decoded-data cache), whitening, writing the run folder and the report:
 # speed70's whole process less its training and evaluation, measured at about 6 s.
 START_UP_SECONDS = 6.0
+# Part of each cached probe's key: changed with any engine change that moves a step's cost (here:
+# freed memory reused, the conv products per CPU), so probes cached before it are taken again.
+ENGINE_REVISION = "2026-12-06"
 
 
 @dataclass
@@ -109,7 +112,7 @@ def _key(cfg: Config) -> str:
     device = hardware.pick_device(cfg.device)
     precision = hardware.choose_precision(cfg.precision, device, strict=False)
     parts = [hardware.device_name(device), hardware.cpu_isa(), str(cfg.threads or hardware.available_cores()),
-             os.environ.get("ONEDNN_MAX_CPU_ISA", ""), precision.name, torch.__version__, __version__, "reused-heap",
+             os.environ.get("ONEDNN_MAX_CPU_ISA", ""), precision.name, torch.__version__, __version__, ENGINE_REVISION,
              *(f"{k}={getattr(cfg, k)}" for k in ("model", "optimizer", "flip", "translate", "cutout", "whiten",
                                                    "ema", "ema_every", "channels_last", "compile"))]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
