@@ -3,10 +3,11 @@
     python benchmarks/conv_grad.py [--model speednet_l] [--batch 256] [--rounds 5] [--precision bf16]
 
 Every figure is a median over interleaved rounds in one process (bfloat16 autocast, or
-float32 with ``--precision fp32`` as on CPUs without bfloat16; channels-last, freed memory kept for reuse as in training), so drifts in the machine's speed
-hit both sides alike. "oneDNN" is the same layer with the products switched off
-(``conv.LIMIT = 0``), "products" with them on every map up to 7x7; the whole step is also timed
-as ``conv.products_limit`` picks for this CPU and precision.
+float32 with ``--precision fp32`` as on CPUs without bfloat16; channels-last; freed memory
+kept for reuse as in training), so drifts in the machine's speed hit both sides alike.
+"oneDNN" is the same layer with the products switched off (``conv.LIMIT = 0``), "products"
+with them on every map up to 7x7; the whole step is also timed as ``conv.products_limit``
+picks for this CPU and precision.
 """
 from __future__ import annotations
 

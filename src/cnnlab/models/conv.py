@@ -38,7 +38,7 @@ def products_limit(dtype: torch.dtype) -> int:
     - bfloat16 on AMX (Intel Xeon): up to 7x7, where oneDNN's weight gradient costs three to
       four times its forward pass;
     - bfloat16 on AVX-512 BF16 without AMX (AMD Zen 5): 3x3 maps only, whose im2col backward is
-      1.5x oneDNN's speed, while the taps on 7x7 run at 0.7x;
+      1.5-1.9x oneDNN's speed, while the taps on 7x7 run at 0.7x;
     - float32: never (the step with the products: 0.66x on AVX-512, 0.89x on AVX2).
     """
     if LIMIT is not None:
