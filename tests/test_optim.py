@@ -184,6 +184,47 @@ def test_muon_weights_take_the_decoupled_decay_and_bodies_the_body_rate():
     assert torch.allclose(conv.weight, before * (1 - 0.01 * 0.5))
 
 
+def test_muon_momentum_and_decay_scale_set_the_orthogonalised_weights_alone():
+    # airbench94_muon's split: its filters at momentum 0.6 and undecayed, the rest at 0.85.
+    conv = nn.Conv2d(3, 8, 3)
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(8, 4))
+    cfg = Config(optimizer="muon", momentum=0.85, muon_momentum=0.6, weight_decay=0.01, muon_decay_scale=0.0)
+    opt = build_optimizer(model, cfg, head="2")
+    ortho = next(g for g in opt.param_groups if g["orthogonalise"])
+    assert ortho["momentum"] == 0.6 and {g["momentum"] for g in opt.param_groups if g is not ortho} == {0.85}
+    before = {p: p.detach().clone() for p in model.parameters()}
+    decay_weights(opt, cfg, multiplier=1.0)
+    assert torch.equal(conv.weight, before[conv.weight])                      # undecayed
+    assert torch.allclose(model[2].weight, before[model[2].weight] * 0.99)   # the head decays
+    # Left out, the orthogonalised weights share --momentum and the whole decay.
+    default = build_optimizer(model, Config(optimizer="muon", momentum=0.85), head="2")
+    assert {(g["momentum"], g["decay_scale"]) for g in default.param_groups} == {(0.85, 1.0)}
+
+
+def test_a_groups_own_momentum_is_torch_muons_momentum_bit_for_bit():
+    # build_optimizer gives the orthogonalised group muon_momentum as its own "momentum"
+    # (above); Muon must use it, not the momentum it was built with.
+    torch.manual_seed(4)
+    ours, ref = _mlp(), _mlp()
+    ref.load_state_dict(ours.state_dict())
+    opt = Muon([{"params": list(ours.parameters()), "lr": LR, "lr_scale": 1.0, "decay_scale": 1.0,
+                 "orthogonalise": True, "momentum": 0.6}], momentum=MOMENTUM, ns_dtype=torch.bfloat16)
+    torch_opt = torch.optim.Muon(list(ref.parameters()), lr=LR, weight_decay=0.0, momentum=0.6, nesterov=True,
+                                 ns_steps=NS_STEPS)
+    for _ in range(4):
+        x = torch.randn(16, 24)
+        _step(ours, opt, None, x)
+        _step(ref, torch_opt, None, x)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), ref.parameters()))
+
+
+@pytest.mark.parametrize("field, value, message", [("muon_momentum", 1.0, "muon_momentum must be in \\[0, 1\\)"),
+                                                   ("muon_decay_scale", -0.5, "muon_decay_scale must be in \\[0, 1\\]")])
+def test_muon_momentum_and_decay_scale_refuse_nonsense(field, value, message):
+    with pytest.raises(CnnlabError, match=message):
+        validate(Config(optimizer="muon", **{field: value}))
+
+
 @pytest.mark.parametrize("precision, dtype", [("fp32", "float32"), ("bf16", "bfloat16")])
 def test_newton_schulz_runs_in_bfloat16_only_under_bfloat16_autocast(precision, dtype):
     opt = build_optimizer(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), Config(optimizer="muon", precision=precision))
@@ -202,7 +243,7 @@ def test_muon_lr_scale_sets_the_orthogonalised_rate_and_refuses_nonsense():
 def test_muon_resume_after_a_crash_equals_the_uninterrupted_run(tiny_cifar, tmp_path):
     from cnnlab.engine import loop
     cfg = Config(data=str(tiny_cifar), model="tutorial", optimizer="muon", lr=0.5, momentum=0.85,
-                 weight_decay=5e-3, epochs=2, seed=3, threads=1, train_size=160)
+                 muon_momentum=0.6, weight_decay=5e-3, epochs=2, seed=3, threads=1, train_size=160)
     whole = loop.fit(cfg, out=tmp_path / "whole", progress=False)
     train_then_crash(loop.fit, cfg, tmp_path / "cut")
     # The cut run's checkpoint carries the Muon groups and their momentum buffers.

@@ -107,6 +107,10 @@ class Config:
     # (0.123 per 1024 examples), where the speed recipes run Nesterov at 2.2-3.0 per 1024.
     muon_lr_scale: float = option(0.05, "muon: the orthogonalised weights learn at this fraction of lr (the "
                                         "head and biases at lr, as nesterov)", group=OPTIM)
+    muon_momentum: float | None = option(None, "muon: the orthogonalised weights' momentum (default: --momentum; "
+                                                "airbench94_muon: 0.6 beside 0.85 for the rest)", group=OPTIM)
+    muon_decay_scale: float = option(1.0, "muon: the orthogonalised weights' decay as a fraction of --weight-decay "
+                                          "(airbench94_muon: 0, its filters undecayed)", group=OPTIM)
     # --- augmentation (on whole batches, on the training device) --------------------
     flip: Literal["none", "random", "alternating"] = option(
         "none", "horizontal mirroring: random per image, or alternating (each image mirrored every other epoch)",
@@ -308,6 +312,10 @@ def validate(cfg: Config) -> Config:
         bad("tta_gate", "in (0, 1]: the fraction of each evaluation batch that gets the extra views, e.g. 0.3")
     if not (cfg.muon_lr_scale > 0 and math.isfinite(cfg.muon_lr_scale)):
         bad("muon_lr_scale", "a positive fraction of the learning rate, e.g. 0.05")
+    if cfg.muon_momentum is not None and not 0 <= cfg.muon_momentum < 1:
+        bad("muon_momentum", "in [0, 1), e.g. 0.6; leave it out to use --momentum")
+    if not 0 <= cfg.muon_decay_scale <= 1:
+        bad("muon_decay_scale", "in [0, 1]: 1 decays the orthogonalised weights as the others, 0 not at all")
     if not 0 < cfg.test_split < 1:
         bad("test_split", "in (0, 1): the fraction of each class of a flat folder held out for test, e.g. 0.2")
     if not 0 <= cfg.val_split < 1:

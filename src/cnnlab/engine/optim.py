@@ -121,7 +121,9 @@ def build_optimizer(model: nn.Module, cfg: Config, head: str | None = None) -> O
     groups: list[dict[str, Any]] = [{"params": weights, "lr_scale": 1.0, "decay_scale": 1.0},
                                     {"params": biases, "lr_scale": cfg.bias_lr_scale, "decay_scale": 1.0}]
     if cfg.optimizer == "muon":
-        groups.append({"params": orthogonal, "lr_scale": cfg.muon_lr_scale, "decay_scale": 1.0, "orthogonalise": True})
+        groups.append({"params": orthogonal, "lr_scale": cfg.muon_lr_scale, "decay_scale": cfg.muon_decay_scale,
+                       "orthogonalise": True,
+                       "momentum": cfg.momentum if cfg.muon_momentum is None else cfg.muon_momentum})
     if cfg.body_lr_scale != 1.0 and head is not None:
         in_head = {id(p) for name, p in model.named_parameters() if name.startswith(head + ".")}
         groups = [dict(g, params=[p for p in g["params"] if (id(p) in in_head) == is_head],
@@ -149,7 +151,8 @@ class MomentumSGD:
     loop and checkpoints treat it like any torch optimizer."""
 
     def __init__(self, groups: list[dict], momentum: float, nesterov: bool):
-        self.param_groups = [dict(g, momentum=momentum, nesterov=nesterov) for g in groups]
+        # A group may bring its own momentum (Muon's orthogonalised weights: ``muon_momentum``).
+        self.param_groups = [dict(g, momentum=g.get("momentum", momentum), nesterov=nesterov) for g in groups]
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
 
     @torch.no_grad()
