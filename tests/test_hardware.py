@@ -136,7 +136,9 @@ def step():   # a training step's large block: 64 MiB, every page written, then 
 
 print(resident_mib(), step())
 with hardware.reuse_freed_memory():
-    print(*[step() for _ in range(3)])
+    with hardware.reuse_freed_memory():   # nested: its exit must leave the outer one's settings
+        print(step())
+    print(*[step() for _ in range(2)])
 print(resident_mib())
 """
 

@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -72,6 +73,8 @@ def set_threads(threads: int | None) -> int:
 # glibc's mallopt parameters (malloc.h) and their defaults, restored after training.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _GLIBC_DEFAULTS = ((_M_TRIM_THRESHOLD, 128 * 1024), (_M_MMAP_MAX, 65536))
+_reuse_lock = threading.Lock()
+_reuse_depth = 0   # reuse_freed_memory contexts open now, in any thread
 
 
 @functools.cache
@@ -96,20 +99,29 @@ def reuse_freed_memory() -> Iterator[None]:
     from the heap and the heap is never trimmed; resident memory levels off after the first
     steps, a little above the default's peak. On the way out glibc's defaults come back and the
     kept memory is released (``malloc_trim``), so a notebook does not hold it after ``fit``.
-    Elsewhere (macOS, Windows, musl) nothing changes. Usable as a decorator.
+    Elsewhere (macOS, Windows, musl) nothing changes. Usable as a decorator; nested or
+    concurrent uses (a notebook's own around ``fit``, trials in threads) are counted, and only
+    the last one out restores the defaults.
     """
     libc = glibc()
     if libc is None:
         yield
         return
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    global _reuse_depth
+    with _reuse_lock:
+        _reuse_depth += 1
+        if _reuse_depth == 1:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     try:
         yield
     finally:
-        for param, value in _GLIBC_DEFAULTS:
-            libc.mallopt(param, value)
-        libc.malloc_trim(0)
+        with _reuse_lock:
+            _reuse_depth -= 1
+            if _reuse_depth == 0:
+                for param, value in _GLIBC_DEFAULTS:
+                    libc.mallopt(param, value)
+                libc.malloc_trim(0)
 
 
 @functools.cache
