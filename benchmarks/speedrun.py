@@ -1,7 +1,7 @@
 """The speed recipes, timed as whole processes on ../shared/data/cifar10, against the lesson
 and the record holder.
 
-    python benchmarks/speedrun.py [--recipes speed70,speed85] [--seeds 3] [--baseline-seeds 1]
+    python benchmarks/speedrun.py [--recipes speed70,speed85] [--seeds 3] [--first-seed 0] [--baseline-seeds 1]
                                   [--peer] [--peer-steps N] [--peak] [--profile speed90]
 
 For each seed, then each recipe (interleaved), runs ``cnnlab train --recipe NAME --seed S``
@@ -62,7 +62,7 @@ def run_once(recipe: str, seed: int, data: str, out: Path, extra: list[str]) -> 
     metrics = json.loads((out / "metrics.json").read_text())
     saved = json.loads((out / "config.json").read_text())
     cfg = saved["config"]
-    return {"recipe": recipe, "seed": seed, "wall_s": wall, "train_s": metrics["train_seconds"],
+    return {"recipe": recipe, "seed": cfg["seed"], "wall_s": wall, "train_s": metrics["train_seconds"],
             "test_accuracy": metrics["test_accuracy"], "peak_mib": peak,
             "images": metrics["steps"] * cfg["batch_size"], "model": cfg["model"],
             "precision": saved["environment"]["precision"]}
@@ -124,6 +124,8 @@ def main() -> None:
     p.add_argument("--recipes", default="speed70,speed85,speed90,speed92",
                    help="recipe names or YAML files, comma-separated ('' for none)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run from here: a run too long for one "
+                                                              "sitting goes on later with the next seeds")
     p.add_argument("--baseline-seeds", type=int, default=1, help="seeds of the tutorial recipe (0: skip)")
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--peer", action="store_true", help=f"also run the peer ({PEER.name})")
@@ -162,12 +164,13 @@ def main() -> None:
         # drifts (a neighbour, the clock) shifts all of them alike, not one recipe's runs.
         peer_data = write_peer_data(args.data, Path(tmp) / "peer-data") if args.peer else None
         runs: dict[str, list[dict]] = {name: [] for name in (["peer"] if args.peer else []) + recipes}
-        for seed in range(max(args.seeds, args.baseline_seeds)):
-            if peer_data is not None and seed < args.seeds:
+        for n in range(max(args.seeds, args.baseline_seeds)):
+            seed = args.first_seed + n
+            if peer_data is not None and n < args.seeds:
                 runs["peer"].append(run_peer(Path(args.peer_path), seed, peer_data, bf16, args.peer_steps))
                 show("peer", runs["peer"][-1])
             for i, recipe in enumerate(recipes):
-                if seed < (args.baseline_seeds if recipe == "tutorial" else args.seeds):
+                if n < (args.baseline_seeds if recipe == "tutorial" else args.seeds):
                     out = Path(tmp) / f"{i}-{Path(recipe).stem}-{seed}"   # a baseline file and its recipe share a stem
                     runs[recipe].append(run_once(recipe, seed, args.data, out, shlex.split(args.train_args)))
                     show(recipe, runs[recipe][-1])

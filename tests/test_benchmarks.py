@@ -1,6 +1,9 @@
 """The benchmark scripts, small: speedrun's harness around the peer (--peer) and profile_steps on real steps."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -63,3 +66,19 @@ def test_the_profile_sorts_real_steps_into_kinds_of_work_and_puts_the_loop_back(
         assert rows[kind][0] > 0, kind
     assert 0.95 < sum(share for _, share, _ in rows.values()) < 1.05   # Python time fills the rest, nothing twice
     assert result["evaluation_s"] > 0
+
+
+def test_speedrun_goes_on_from_a_later_seed_and_reports_the_seed_each_run_used(tiny_cifar, tmp_path):
+    # A run too long for one sitting goes on later: --first-seed 3 runs seed 3, not seed 0 again.
+    recipe = tmp_path / "small.yaml"
+    recipe.write_text("model: speednet_xs\nbatch_size: 50\nepochs: 1\nval_split: 0.0\n")
+    out = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speedrun.py"), "--data", str(tiny_cifar),
+                           "--recipes", str(recipe), "--seeds", "1", "--first-seed", "3", "--baseline-seeds", "0",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())
+    assert list(results) == [str(recipe)]
+    (run,) = results[str(recipe)]["runs"]
+    assert run["seed"] == 3 and 0.0 <= run["test_accuracy"] <= 1.0 and run["wall_s"] >= run["train_s"] > 0
+    assert results[str(recipe)]["seeds"] == 1
