@@ -58,7 +58,7 @@ def measure(run_one: Callable[[Any], Any], one: Any, batch: Any, batch_size: int
 def bench_model(name: str, *, size: int, classes: int, threads: int, batch_size: int,
                 latency_calls: int, batch_calls: int) -> list[dict[str, Any]]:
     torch.manual_seed(0)
-    model = build_classifier(name, classes, 3, size, MEAN, STD).eval()
+    model = build_classifier(name, classes, size, MEAN, STD).eval()
     one = torch.rand(1, 3, size, size)
     batch = torch.rand(batch_size, 3, size, size)
     rows = []

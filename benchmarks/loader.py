@@ -71,7 +71,7 @@ def model_rate(arch: str, steps: int) -> tuple[float, str]:
     """Images/s of full training steps at 224 px, batch 32, channels_last."""
     device = torch.device("cpu")
     dtype = choose_precision("auto", device).dtype
-    model = build_classifier(arch, 1000, 3, SIZE, [0.5] * 3, [0.25] * 3).to(memory_format=torch.channels_last)
+    model = build_classifier(arch, 1000, SIZE, [0.5] * 3, [0.25] * 3).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.rand(BATCH, 3, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (BATCH,))

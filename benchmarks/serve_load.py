@@ -298,7 +298,7 @@ def untrained_run(folder: Path) -> Path:
     torch.manual_seed(0)
     mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]       # any constants do for random weights
     cfg = Config(model="tutorial")
-    model = build_classifier("tutorial", 10, 3, 32, mean, std).eval()
+    model = build_classifier("tutorial", 10, 32, mean, std).eval()
     cpu = torch.device("cpu")
     save_config(folder, cfg, environment(cpu, choose_precision("fp32", cpu)))
     save_model(folder, model, model_card(cfg, [f"class{i}" for i in range(10)], (32, 32, 3), mean, std))

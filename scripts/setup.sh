@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up cnnlab in ./.venv: the CPU build of torch 2.13.0, then cnnlab itself.
+# Set up cnnlab in ./.venv: torch 2.14.1 with torchvision 0.29.1, then cnnlab itself.
 #   bash scripts/setup.sh           # to train, predict, export, serve
 #   bash scripts/setup.sh --test    # also the test tools: pytest, Chromium, PostgreSQL
 set -euo pipefail
@@ -11,12 +11,13 @@ want_test=0
 if [[ ! -x .venv/bin/python ]]; then
     python3 -m venv .venv
 fi
-# torch first and pinned. What pip gets depends on the machine (README, "What set-up installs"):
-# here a CPU wheel lies on disk; on a Linux PC, PyPI serves the multi-GB CUDA build, unless
-# CNNLAB_TORCH_INDEX names PyTorch's CPU wheel index; on a Mac, the Apple-GPU build.
+# torch and torchvision first, pinned as a pair that imports together. What pip gets depends on
+# the machine (README, "What set-up installs"): on a Linux PC, PyPI serves the multi-GB CUDA
+# build (here it lies on disk), unless CNNLAB_TORCH_INDEX names PyTorch's CPU wheel index; on a
+# Mac, the Apple-GPU build.
 torch_from=()
 [[ -n "${CNNLAB_TORCH_INDEX:-}" ]] && torch_from=(--index-url "$CNNLAB_TORCH_INDEX")
-.venv/bin/python -m pip install -q --disable-pip-version-check ${torch_from[@]+"${torch_from[@]}"} torch==2.13.0
+.venv/bin/python -m pip install -q --disable-pip-version-check ${torch_from[@]+"${torch_from[@]}"} torch==2.14.1 torchvision==0.29.1
 if [[ $want_test == 1 ]]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[all,test]'
 else

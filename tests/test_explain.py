@@ -131,7 +131,7 @@ def test_gradcam_equals_its_formula_and_leaves_the_model_as_it_was():
 
 
 def test_layer_names_can_be_chosen_and_wrong_ones_are_listed():
-    model = build_classifier("resnet20", 10, 3, 32, [0.5] * 3, [0.25] * 3)
+    model = build_classifier("resnet20", 10, 32, [0.5] * 3, [0.25] * 3)
     shape = (3, 32, 32)
     assert find_target_layer(model, "stages.1", shape).output_shape == (32, 16, 16)
     assert find_target_layer(model, "net.stages.1", shape).name == "stages.1"
@@ -152,7 +152,7 @@ def _rows_spatial_runs(rows):
 def test_every_zoo_model_draws_all_three_pictures_with_the_summary_shapes(arch, tmp_path):
     torch.manual_seed(0)
     c = 3 if list_models().index(arch) % 2 else 1                   # both 1 and 3 channels
-    model = build_classifier(arch, len(CLASSES), c, SMALL, [0.5] * c, [0.25] * c)
+    model = build_classifier(arch, len(CLASSES), SMALL, [0.5] * c, [0.25] * c)
     image = np.random.default_rng(0).integers(0, 256, (SMALL, SMALL, c), dtype=np.uint8)
     summary = explain_image(model, image, CLASSES, tmp_path, class_name="ship", top_k=2)
     for f in ("filters.png", "feature_maps.png", "gradcam.png"):
@@ -189,7 +189,7 @@ def test_every_zoo_model_draws_all_three_pictures_with_the_summary_shapes(arch, 
 
 @pytest.mark.parametrize("arch,c", [("tutorial", 3), ("resnet20", 1)])
 def test_filter_tiles_and_feature_maps_arrays(arch, c):
-    model = build_classifier(arch, 10, c, 32, [0.5] * c, [0.25] * c)
+    model = build_classifier(arch, 10, 32, [0.5] * c, [0.25] * c)
     name, conv = first_conv(model, (c, 32, 32))
     tiles = filter_tiles(conv)
     assert tiles.shape == (conv.out_channels, *conv.kernel_size, c)
@@ -205,7 +205,7 @@ def _fake_run(path: Path, arch: str = "tutorial", c: int = 3, size: int = 32) ->
     cfg = Config(model=arch)
     mean, std = [0.5] * c, [0.25] * c
     torch.manual_seed(0)
-    model = build_classifier(arch, len(CLASSES), c, size, mean, std)
+    model = build_classifier(arch, len(CLASSES), size, mean, std)
     save_model(path, model, model_card(cfg, CLASSES, (size, size, c), mean, std))
     save_config(path, cfg, {})
     return path
@@ -275,7 +275,7 @@ def test_cli_explain_end_to_end(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gradcam_on_cuda_matches_cpu():
     torch.manual_seed(0)
-    model = build_classifier("resnet20", 10, 3, 32, [0.5] * 3, [0.25] * 3).eval()
+    model = build_classifier("resnet20", 10, 32, [0.5] * 3, [0.25] * 3).eval()
     x = torch.rand(3, 32, 32)
     heat_cpu, logits_cpu = gradcam(model, x)
     heat_gpu, logits_gpu = gradcam(model.cuda(), x)

@@ -152,7 +152,7 @@ def _names(model: nn.Module, group: dict) -> set[str]:
 def test_muon_groups_conv_and_linear_weights_and_leaves_the_head_and_biases_to_nesterov():
     from cnnlab.models.classifier import build_classifier
     from cnnlab.models.pretrained import head_name
-    model = build_classifier("tutorial", 10, 3, (32, 32), [0.5] * 3, [0.25] * 3)
+    model = build_classifier("tutorial", 10, (32, 32), [0.5] * 3, [0.25] * 3)
     head = "net." + head_name(model.net)
     cfg = Config(optimizer="muon", lr=2.0, lr_per_1024=True, batch_size=256, bias_lr_scale=64, momentum=0.85)
     opt = build_optimizer(model, cfg, head=head)

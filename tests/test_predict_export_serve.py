@@ -76,7 +76,7 @@ def _fake_run(folder: Path, arch: str, classes: int = 5, channels: int = 3, size
     torch.manual_seed(0)
     mean, std = [0.45] * channels, [0.25] * channels
     cfg = Config(model=arch)
-    model = build_classifier(arch, classes, channels, size, mean, std).eval()
+    model = build_classifier(arch, classes, size, mean, std).eval()
     save_config(folder, cfg, environment(torch.device("cpu"), choose_precision("fp32", torch.device("cpu"))))
     save_model(folder, model, model_card(cfg, [f"class{i}" for i in range(classes)], (size, size, channels), mean, std))
     return folder
@@ -124,7 +124,7 @@ def test_export_fails_when_onnx_runtime_disagrees(trained_run, tmp_path, monkeyp
     real = export.onnx_graph
 
     def wrong_graph(model, in_channels, input_size, exporter="auto"):
-        other = build_classifier("tutorial", 10, 3, 32, [0.5] * 3, [0.25] * 3).eval()
+        other = build_classifier("tutorial", 10, 32, [0.5] * 3, [0.25] * 3).eval()
         return real(other, in_channels, input_size, exporter)
 
     monkeypatch.setattr(export, "onnx_graph", wrong_graph)

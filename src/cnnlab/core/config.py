@@ -74,8 +74,13 @@ class Config:
                                          "(cnnlab's names, or torchvision's/timm's for resnet18/34/50); "
                                          "tensors that match load, a head for other classes starts afresh",
                                    group=MODEL)
-    freeze_epochs: float = option(0.0, "with --init-from: epochs in which only the head trains, then "
-                                       "everything", group=MODEL)
+    pretrained: bool = option(False, "start from the model's published ImageNet weights (`cnnlab weights "
+                                     "list`), with their normalisation and input size; a head for your "
+                                     "classes starts afresh", group=MODEL)
+    weights: str | None = option(None, "start from these of the model's published weights (a tag from `cnnlab "
+                                       "weights list`, e.g. imagenet1k_v1; implies --pretrained)", group=MODEL)
+    freeze_epochs: float = option(0.0, "with --init-from or --pretrained: epochs in which only the head trains, "
+                                       "then everything", group=MODEL)
     body_lr_scale: float = option(1.0, "everything but the head learns at this fraction of the rate "
                                        "(discriminative rates for fine-tuning, e.g. 0.1)", group=MODEL)
     # --- optimisation -----------------------------------------------------------------
@@ -303,9 +308,12 @@ def validate(cfg: Config) -> Config:
         bad("image_size", "at least 8 pixels a side")
     if cfg.freeze_epochs < 0:
         bad("freeze_epochs", "zero or more epochs")
-    if cfg.freeze_epochs > 0 and not cfg.init_from:
+    if cfg.freeze_epochs > 0 and not (cfg.init_from or cfg.pretrained or cfg.weights):
         raise CnnlabError(f"--freeze-epochs {cfg.freeze_epochs:g} freezes a body started from trained "
-                          f"weights: give --init-from RUN_OR_FILE, or drop --freeze-epochs")
+                          f"weights: give --pretrained or --init-from RUN_OR_FILE, or drop --freeze-epochs")
+    if cfg.init_from and (cfg.pretrained or cfg.weights):
+        raise CnnlabError(f"--init-from {cfg.init_from} and --{'weights' if cfg.weights else 'pretrained'} both "
+                          f"name the starting weights: give one")
     if not (cfg.body_lr_scale > 0 and math.isfinite(cfg.body_lr_scale)):
         bad("body_lr_scale", "a positive fraction of the learning rate, e.g. 0.1")
     if not 0 < cfg.tta_gate <= 1:

@@ -1,6 +1,8 @@
-"""Getting official dataset files onto disk: where they live, fetching them, unpacking them.
+"""Getting official files onto disk (datasets, model weights): where they live, fetching them,
+unpacking them.
 
-Every file is checked against its published MD5 before use; a download lands in a temporary
+Every file is checked against its published checksum (a dataset's MD5, a weights file's
+SHA-256) before use; a download lands in a temporary
 file beside its destination and is renamed into place only once verified, and an archive is
 extracted into a temporary folder and moved into place only once complete, so an interrupted
 or failed step never leaves a half-written file where a later run would trust it.
@@ -19,11 +21,12 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cnnlab.core.errors import CnnlabError
 
-__all__ = ["default_data_dir", "md5sum", "fetch", "safe_extract_tar"]
+__all__ = ["Checksum", "default_data_dir", "md5sum", "sha256sum", "fetch", "safe_extract_tar"]
 
 DATA_ENV = "CNNLAB_DATA"
 _CHUNK = 1 << 20  # bytes read per step when hashing or downloading
@@ -46,19 +49,54 @@ def default_data_dir(data_dir: str | Path | None = None) -> Path:
     return base / "cnnlab" / "data"
 
 
-def _new_md5():
-    # Not a security use: MD5 only matches files against their published checksums.
-    # usedforsecurity keeps it usable on FIPS-restricted builds.
-    return hashlib.md5(usedforsecurity=False)
+# A published SHA-256 is sometimes only its first hex digits (torchvision's file names carry 8).
+MIN_PREFIX = 8
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """What a file must hash to: ``algorithm`` "md5" or "sha256", and the published hex digest
+    (for SHA-256, possibly its first ``MIN_PREFIX`` or more digits)."""
+    algorithm: str
+    hexdigest: str
+
+    def __post_init__(self):
+        full = {"md5": 32, "sha256": 64}.get(self.algorithm)
+        digits = self.hexdigest.lower()
+        if full is None or not all(c in "0123456789abcdef" for c in digits) or not (
+                len(digits) == full or (self.algorithm == "sha256" and MIN_PREFIX <= len(digits) < full)):
+            raise ValueError(f"not a published {self.algorithm} digest: {self.hexdigest!r}")
+        object.__setattr__(self, "hexdigest", digits)
+
+    @property
+    def label(self) -> str:
+        return {"md5": "MD5", "sha256": "SHA-256"}[self.algorithm]
+
+    def new(self):
+        # Not a security use for MD5: it only matches files against published checksums.
+        # usedforsecurity keeps it usable on FIPS-restricted builds.
+        return hashlib.new(self.algorithm, usedforsecurity=self.algorithm != "md5")
+
+    def matches(self, actual: str) -> bool:
+        return actual.startswith(self.hexdigest)
+
+    def of(self, path: str | Path) -> str:
+        """This algorithm's hex digest of a file, read in chunks so large files need little memory."""
+        h = self.new()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
 
 
 def md5sum(path: str | Path) -> str:
-    """Hex MD5 of a file, read in chunks so large archives need little memory."""
-    h = _new_md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex MD5 of a file."""
+    return Checksum("md5", "0" * 32).of(path)
+
+
+def sha256sum(path: str | Path) -> str:
+    """Hex SHA-256 of a file."""
+    return Checksum("sha256", "0" * 64).of(path)
 
 
 def _progress(total: int | None, name: str):
@@ -72,8 +110,8 @@ def _progress(total: int | None, name: str):
                 file=sys.stderr, disable=None, leave=False)
 
 
-def _download_once(url: str, dest: Path, timeout: float) -> tuple[Path, str]:
-    """Stream ``url`` into a new temporary file beside ``dest``; return it and its MD5.
+def _download_once(url: str, dest: Path, checksum: Checksum, timeout: float) -> tuple[Path, str]:
+    """Stream ``url`` into a new temporary file beside ``dest``; return it and its digest.
 
     The temporary file is removed if anything goes wrong.
     """
@@ -88,16 +126,21 @@ def _download_once(url: str, dest: Path, timeout: float) -> tuple[Path, str]:
             with resp:
                 length = resp.headers.get("Content-Length")
                 bar = _progress(int(length) if length and length.isdigit() else None, dest.name)
-                h = _new_md5()
+                h = checksum.new()
+                received = 0
                 try:
                     while chunk := resp.read(_CHUNK):
                         out.write(chunk)
                         h.update(chunk)
+                        received += len(chunk)
                         if bar is not None:
                             bar.update(len(chunk))
                 finally:
                     if bar is not None:
                         bar.close()
+                # http.client ends a body cut short like a whole one: count it.
+                if length and length.isdigit() and received != int(length):
+                    raise ConnectionError(f"cut short: {received:,} of {int(length):,} bytes arrived")
         ok = True
         return tmp, h.hexdigest()
     finally:
@@ -113,32 +156,36 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
-def fetch(url_or_urls: str | Sequence[str], dest: str | Path, md5: str, *,
-          timeout: float = 60) -> Path:
-    """Make sure ``dest`` holds the file with MD5 ``md5``, downloading it if absent.
+def fetch(url_or_urls: str | Sequence[str], dest: str | Path, checksum: str | Checksum, *,
+          timeout: float = 60, by_hand: str | None = None) -> Path:
+    """Make sure ``dest`` holds the file with ``checksum`` (a str: its MD5), downloading it if absent.
 
     ``url_or_urls`` is one URL or a list of mirrors tried in order. An existing ``dest`` with
     the right checksum is returned untouched; one with the wrong checksum is an error (it
     may be the user's own file, so it is never overwritten). ``timeout`` is in seconds per
-    network operation.
+    network operation. ``by_hand`` ends the messages that ask the user to place the file
+    themselves (default: "put it at DEST").
     """
     dest = Path(dest).expanduser()
     urls = [url_or_urls] if isinstance(url_or_urls, str) else list(url_or_urls)
-    md5 = md5.lower()
+    if isinstance(checksum, str):
+        checksum = Checksum("md5", checksum)
+    want = f"{checksum.label} {checksum.hexdigest}"
+    place = by_hand or f"put it at {dest}"
     if dest.exists():
         try:
-            actual = md5sum(dest)
+            actual = checksum.of(dest)
         except OSError as e:
             raise CnnlabError(f"cannot read {dest} to check it: {e}; place the official file "
-                              f"(MD5 {md5}) at {dest}") from e
-        if actual == md5:
+                              f"({want}) at {dest}") from e
+        if checksum.matches(actual):
             return dest
-        raise CnnlabError(f"{dest} exists but its MD5 is {actual}, expected {md5}: it is not the "
-                          f"official file (or is incomplete); delete it and retry, or place the "
-                          f"official file at {dest}")
+        raise CnnlabError(f"{dest} exists but its {checksum.label} is {actual}, expected {checksum.hexdigest}: "
+                          f"it is not the official file (or is incomplete); delete it and retry, or place "
+                          f"the official file at {dest}")
     if not urls:
         raise CnnlabError(f"{dest} is missing and no download URL is known: place the official "
-                          f"file (MD5 {md5}) at {dest}")
+                          f"file ({want}) at {dest}")
     # The folders made for the download, outermost first: removed again if it fails, so a
     # failed download leaves the data folder as it was.
     created = [d for d in reversed(dest.parents) if not d.exists()]
@@ -152,15 +199,15 @@ def fetch(url_or_urls: str | Sequence[str], dest: str | Path, md5: str, *,
     try:
         for url in urls:
             try:
-                tmp, actual = _download_once(url, dest, timeout)
+                tmp, actual = _download_once(url, dest, checksum, timeout)
             except (OSError, ValueError, http.client.HTTPException) as e:
                 # OSError covers socket errors, timeouts and URLError; ValueError an unusable
                 # URL; HTTPException a connection cut mid-body (IncompleteRead).
                 failures.append(f"{url}: {_reason(e)}")
                 continue
-            if actual != md5:
+            if not checksum.matches(actual):
                 tmp.unlink(missing_ok=True)
-                mismatches.append(f"{url} gave MD5 {actual}")
+                mismatches.append(f"{url} gave {checksum.label} {actual}")
                 continue
             os.replace(tmp, dest)
             created = []
@@ -172,11 +219,11 @@ def fetch(url_or_urls: str | Sequence[str], dest: str | Path, md5: str, *,
             except OSError:
                 break
     if mismatches:
-        raise CnnlabError(f"downloaded {dest.name} has the wrong MD5 (expected {md5}; "
-                          f"{'; '.join(mismatches)}) and was deleted: delete it and retry, or "
-                          f"place the official file at {dest}")
+        raise CnnlabError(f"downloaded {dest.name} has the wrong {checksum.label} (expected {checksum.hexdigest}; "
+                          f"{'; '.join(mismatches)}) and was deleted: retry later, or download the "
+                          f"official file by hand from {urls[0]} and {place}")
     raise CnnlabError(f"download of {dest.name} failed ({'; '.join(failures)}): check the "
-                      f"network, or download the file by hand from {urls[0]} and put it at {dest}")
+                      f"network, or download the file by hand from {urls[0]} and {place}")
 
 
 def safe_extract_tar(archive: str | Path, dest: str | Path) -> list[Path]:

@@ -133,15 +133,33 @@ def open_image(source: str | Path | bytes, *, max_pixels: int | None = None,
         raise ImageError(name, "damaged", f"not a readable image: damaged or truncated header ({e})") from None
 
 
-def to_array(img: Image.Image, size: tuple[int, int] | None, channels: int) -> np.ndarray:
-    """(H, W, C) uint8 at ``size`` = (width, height), converted to ``channels`` (1 or 3)."""
+def center_box(width: int, height: int, fraction: float) -> tuple[float, float, float, float] | None:
+    """The centre square of side ``fraction`` x the shorter side; None for the whole image."""
+    side = fraction * min(width, height)
+    if side == width == height:
+        return None
+    left, top = (width - side) / 2, (height - side) / 2
+    return (left, top, left + side, top + side)
+
+
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def to_array(img: Image.Image, size: tuple[int, int] | None, channels: int, *,
+             center_crop: float | None = None, resample: str = "bilinear") -> np.ndarray:
+    """(H, W, C) uint8 at ``size`` = (width, height), converted to ``channels`` (1 or 3).
+    ``center_crop``: resize only the centre square of that fraction of the shorter side (the
+    ImageNet evaluation crop; None: the whole image, squeezed to ``size``)."""
     img = img.convert("L" if channels == 1 else "RGB")
-    if size is not None and img.size != (size[0], size[1]):
-        img = img.resize((size[0], size[1]), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    box = center_box(*img.size, center_crop) if center_crop is not None else None
+    if size is not None and (img.size != (size[0], size[1]) or box is not None):
+        img = img.resize((size[0], size[1]), RESAMPLING[resample], box=box, reducing_gap=3.0)
     a = np.asarray(img, dtype=np.uint8)
     return a[:, :, None] if a.ndim == 2 else a
 
 
 def load_image(source: str | Path | bytes, size: tuple[int, int] | None = None,
-               channels: int = 3, *, max_pixels: int | None = None) -> np.ndarray:
-    return to_array(open_image(source, max_pixels=max_pixels), size, channels)
+               channels: int = 3, *, max_pixels: int | None = None, center_crop: float | None = None,
+               resample: str = "bilinear") -> np.ndarray:
+    return to_array(open_image(source, max_pixels=max_pixels), size, channels, center_crop=center_crop,
+                    resample=resample)

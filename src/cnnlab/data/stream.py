@@ -40,7 +40,7 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.data.augment import Augmentation
 from cnnlab.data.batches import BatchStream, derive_seed, model_input
 from cnnlab.data.dataset import Dataset, Split, prepare_splits
-from cnnlab.data.images import GREY_MODES, ImageError, open_image
+from cnnlab.data.images import GREY_MODES, ImageError, center_box, open_image
 
 if TYPE_CHECKING:
     from cnnlab.data.check import FolderScan
@@ -61,15 +61,6 @@ _CROP_KEY, _STATS_KEY = 0xC0, 0x57
 
 
 # ----------------------------------------------------------------------------- transforms
-def center_box(width: int, height: int, fraction: float) -> tuple[float, float, float, float] | None:
-    """The centre square of side ``fraction`` x the shorter side; None for the whole image."""
-    side = fraction * min(width, height)
-    if side == width == height:
-        return None
-    left, top = (width - side) / 2, (height - side) / 2
-    return (left, top, left + side, top + side)
-
-
 def random_resized_box(width: int, height: int, rng: np.random.Generator,
                        scale: tuple[float, float] = RRC_SCALE,
                        ratio: tuple[float, float] = RRC_RATIO) -> tuple[int, int, int, int]:
@@ -395,5 +386,5 @@ def describe(data: Dataset) -> str | None:
     return f"  streaming from disk: {d.size}x{d.size} crops decoded by {who}"
 
 
-__all__ = ["Decoding", "FileSplit", "StreamBatches", "StreamingDataset", "center_box", "choose_loader",
+__all__ = ["Decoding", "FileSplit", "StreamBatches", "StreamingDataset", "choose_loader",
            "decode", "open_streaming", "scan_data_folder", "random_resized_box"]

@@ -27,8 +27,10 @@ def check_config(cfg: Config) -> Config:
     """Every rule a run's config must meet, checked before any data loads: its own values
     (``config.validate``), then the rules that need a registry: the model exists and takes the
     image size asked for, a switch only some models act on (``--whiten``) is on for one of them,
-    and ``--loader stream`` names an image folder, not a dataset read from its archives."""
+    the weights ``--pretrained``/``--weights`` name exist for it, and ``--loader stream`` names
+    an image folder, not a dataset read from its archives."""
     from cnnlab.data.registry import official
+    from cnnlab.engine.pretrained import requested_weights
     from cnnlab.models.registry import check_input_size, list_models, model_info
     cfg = validate(cfg)
     info = model_info(cfg.model)
@@ -37,6 +39,7 @@ def check_config(cfg: Config) -> Config:
             takers = [name for name in list_models() if key in model_info(name).setup_keys]
             raise CnnlabError(f"--{key.replace('_', '-')} needs a model with a patch-whitening first layer; "
                               f"{cfg.model!r} has none (try --model {takers[0]})")
+    requested_weights(cfg)   # a model without weights, or an unknown tag: the choices
     source = official(cfg.data)
     if source is not None and cfg.image_size is not None:
         h, w, _ = source.image_shape
@@ -56,15 +59,19 @@ def data_key(cfg: Config) -> tuple:
 
 
 def image_size_for(cfg: Config, scan: FolderScan | None) -> tuple[ImageSize | None, str]:
-    """The square side an image folder trains at, and why: ``--image-size``, else the images'
-    shorter side (of their most common size, from a sample of headers) capped at what the
+    """The square side an image folder trains at, and why: ``--image-size``, else the size
+    pretrained weights were trained at, else the images' shorter side (of their most common size, from a sample of headers) capped at what the
     model's family trains at (``models.registry.default_image_size``). None for an official
     dataset, which comes at its own size."""
+    from cnnlab.engine.pretrained import requested_weights
     from cnnlab.models.registry import default_image_size
     if cfg.image_size is not None:
         return cfg.image_size, "--image-size"
     if scan is None:
         return None, ""
+    weights = requested_weights(cfg)
+    if weights is not None:
+        return weights.preprocessing.size, f"the size {weights.name} was trained at"
     listing, _ = scan
     sizes = Counter(size for size, _ in sample_headers([p for p, _ in listing.files.get("train", [])]))
     if not sizes:

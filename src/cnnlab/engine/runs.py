@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
@@ -31,6 +32,7 @@ from cnnlab.core.hardware import describe as describe_hardware
 from cnnlab.core.run_folder import RunFolder
 from cnnlab.core.version import __version__
 from cnnlab.data.dataset import Dataset, ImageSplit
+from cnnlab.data.images import open_image, to_array
 from cnnlab.engine.evaluation import Evaluation
 from cnnlab.models.classifier import Classifier, build_classifier
 from cnnlab.models.inspect import gradcam_heatmaps
@@ -194,10 +196,24 @@ class Run(RunFolder):
     def in_channels(self) -> int:
         return self.card["in_channels"]
 
-    def model(self, device: str | torch.device = "cpu") -> Classifier:
-        key = str(device)
+    def image_array(self, img: Image.Image) -> np.ndarray:
+        """uint8 (H, W, C) as this model takes an opened image: its input size and channels,
+        and for pretrained weights their centre crop and resampling (``model.json``)."""
+        h, w = self.input_size
+        return to_array(img, (w, h), self.in_channels, center_crop=self.card.get("center_crop"),
+                        resample=self.card.get("resample", "bilinear"))
+
+    def load_image(self, source: str | Path | bytes) -> np.ndarray:
+        """An image file (or its bytes) as this model takes it; ``ImageError`` if unreadable."""
+        return self.image_array(open_image(source))
+
+    def model(self, device: str | torch.device = "cpu", channels_last: bool = False) -> Classifier:
+        """The trained model in eval mode on ``device``; ``channels_last``: in NHWC, the layout
+        a CPU runs convolutions fastest in (for inference; exports want the default)."""
+        key = f"{device}{'-nhwc' if channels_last else ''}"
         if key not in self._models:
-            self._models[key] = load_model(self, self.card).to(device).eval()
+            model = load_model(self, self.card).to(device).eval()
+            self._models[key] = model.to(memory_format=torch.channels_last) if channels_last else model
         return self._models[key]
 
     def predict(self, inputs: Sequence[str | Path] | np.ndarray, top_k: int = 5,
@@ -210,7 +226,7 @@ class Run(RunFolder):
 
 
 def load_model(run: str | Path | RunFolder, card: dict[str, Any]) -> Classifier:
-    model = build_classifier(card["arch"], card["num_classes"], card["in_channels"],
+    model = build_classifier(card["arch"], card["num_classes"],
                              card["input_size"], card["mean"], card["std"])
     weights = (run if isinstance(run, RunFolder) else RunFolder(run)).weights_file
     try:
@@ -229,11 +245,21 @@ def load_model(run: str | Path | RunFolder, card: dict[str, Any]) -> Classifier:
 
 
 def load_run(path: str | Path) -> Run:
-    """A run folder with a model (finished or checkpointed), its config validated."""
+    """A run folder with a model (finished or checkpointed), its config validated; or, for a
+    name that is no folder here, published weights by name (``efficientnet_lite0``,
+    ``resnet50.imagenet1k_v1``), fetched once into the weights cache."""
     folder = RunFolder(path)
+    if not folder.path.exists():
+        from cnnlab.engine.pretrained import pretrained_folder
+        from cnnlab.models.weights import resolve_name, suggest
+        weights = resolve_name(str(path))
+        if weights is None:
+            raise CnnlabError(f"{folder.path} is neither a run folder (no such folder) nor published weights"
+                              f"{suggest(str(path))}: give a folder written by `cnnlab train`, or a name "
+                              f"from `cnnlab weights list`")
+        folder = RunFolder(pretrained_folder(weights))
     if not folder.card_file.is_file():
-        hint = "" if folder.path.exists() else " (no such folder)"
-        raise CnnlabError(f"{folder.path} is not a cnnlab run folder{hint}: expected {folder.card_file}, "
+        raise CnnlabError(f"{folder.path} is not a cnnlab run folder: expected {folder.card_file}, "
                           f"written by `cnnlab train`")
     if not folder.config_file.is_file():
         raise CnnlabError(f"cannot read run folder {folder.path}: {folder.config_file} is missing")

@@ -34,6 +34,7 @@ from cnnlab.engine.callbacks import Callback
 from cnnlab.engine.ema import WeightAverage
 from cnnlab.engine.evaluation import evaluate
 from cnnlab.engine.optim import build_optimizer, build_schedule, decay_weights, set_lr
+from cnnlab.engine.pretrained import pretrained_folder, requested_weights
 from cnnlab.engine.runs import empty_history
 from cnnlab.engine.signals import catch_stop_signals
 from cnnlab.models.classifier import Classifier, build_classifier
@@ -94,14 +95,19 @@ class Trainer:
         self.scaler = grad_scaler(device, self.precision)   # float16 only
         h, w, c = data.image_shape
         torch.manual_seed(derive_seed(cfg.seed, 0x1717))   # weight initialisation
-        self.mean, self.std = channel_stats(data.train.stats_sample(), cfg.normalize)
-        self.model: Classifier = build_classifier(cfg.model, data.num_classes, c, (h, w), self.mean, self.std).to(device)
+        weights = requested_weights(cfg)
+        if weights is not None:   # the normalisation the weights were trained with (3 channels)
+            self.mean, self.std = list(weights.preprocessing.mean), list(weights.preprocessing.std)
+        else:
+            self.mean, self.std = channel_stats(data.train.stats_sample(), cfg.normalize)
+        self.model: Classifier = build_classifier(cfg.model, data.num_classes, (h, w), self.mean, self.std).to(device)
         self.head = head_name(self.model.net)
         # Fine-tuning: trained weights over the fresh ones (a resumed run's come from its checkpoint).
-        self.init_report = (init_from(self.model.net, cfg.init_from, cfg.model)
-                            if cfg.init_from and initial_weights else None)
+        source = cfg.init_from or (pretrained_folder(weights) if weights is not None else None)
+        self.init_report = (init_from(self.model.net, source, cfg.model)
+                            if source is not None and initial_weights else None)
         if cfg.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.model = self.model.to(memory_format=torch.channels_last)
         # In memory or streamed from disk; this process's shard when data-parallel.
         self.batches = distributed.training_batches(cfg, data, device)
         self.steps_per_epoch = len(self.batches)

@@ -1,5 +1,15 @@
 """The model zoo. Each family lives in its own module and registers itself on import."""
-from cnnlab.models import alexnet, googlenet, lenet, resnet, speednet, tutorial, vgg  # noqa: F401  (register)
+from cnnlab.models import (  # noqa: F401  (register)
+    alexnet,
+    efficientnet_lite,
+    googlenet,
+    lenet,
+    resnet,
+    speednet,
+    torchvision_nets,
+    tutorial,
+    vgg,
+)
 from cnnlab.models.registry import (
     InputSize,
     ModelInfo,

@@ -20,6 +20,7 @@ from torch import nn
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.models.registry import create_model, list_models, model_info
+from cnnlab.models.weights import list_weights
 
 __all__ = ["count_parameters", "layer_table", "count_flops", "format_summary", "zoo_table"]
 
@@ -138,7 +139,7 @@ def format_summary(model: nn.Module, name: str, input_shape: tuple[int, int, int
 
 def zoo_table(input_size: int = 32, in_channels: int = 3, num_classes: int = 10) -> list[dict]:
     """One row per registered model, built for ``input_size``: name, family, year, parameters,
-    mflops, paper. Models whose ``input_sizes`` lack that size are still tried; where one
+    mflops, its published weights (tag, ImageNet top-1, default), paper. Models whose ``input_sizes`` lack that size are still tried; where one
     cannot be built or run at that size its ``parameters``/``mflops`` are None."""
     rows = []
     for name in list_models():
@@ -151,6 +152,7 @@ def zoo_table(input_size: int = 32, in_channels: int = 3, num_classes: int = 10)
             mflops = count_flops(model, (in_channels, input_size, input_size)) / _MEGA
         except (CnnlabError, RuntimeError, ValueError):
             pass    # too small/large for this family: left as None
+        weights = [{"tag": w.tag, "imagenet_top1": w.top1, "default": w.default} for w in list_weights(name)]
         rows.append({"name": name, "family": info.family, "year": info.year,
-                     "parameters": params, "mflops": mflops, "paper": info.paper})
+                     "parameters": params, "mflops": mflops, "weights": weights, "paper": info.paper})
     return rows

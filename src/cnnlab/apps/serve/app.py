@@ -59,7 +59,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.hardware import available_cores
-from cnnlab.data.images import MAX_PIXELS, open_image, to_array
+from cnnlab.data.images import MAX_PIXELS, open_image
 from cnnlab.engine.inference import logits_for, top_classes
 from cnnlab.engine.runs import Run, load_run
 
@@ -294,8 +294,7 @@ class Predictor:
             status = STATUS_FOR_KIND.get(kind, 422)
             reason = getattr(e, "reason", None) or str(e).removeprefix("uploaded image: ")
             raise HTTPException(status, MESSAGES.get(status, MESSAGES[422]).format(name=name, reason=reason)) from None
-        h, w = self.run.input_size
-        x = to_array(img, (w, h), self.run.in_channels)
+        x = self.run.image_array(img)
         return img, x if x.flags.writeable else x.copy()     # torch warns on read-only arrays
 
 
