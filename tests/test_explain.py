@@ -21,7 +21,7 @@ from cnnlab.cli import main
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.engine.runs import load_run, model_card, save_config, save_model
-from cnnlab.models import list_models
+from cnnlab.models import list_models, model_info
 from cnnlab.models.classifier import build_classifier
 from cnnlab.models.googlenet import INCEPTION_TABLE
 from cnnlab.models.inspect import (
@@ -152,8 +152,9 @@ def _rows_spatial_runs(rows):
 def test_every_zoo_model_draws_all_three_pictures_with_the_summary_shapes(arch, tmp_path):
     torch.manual_seed(0)
     c = 3 if list_models().index(arch) % 2 else 1                   # both 1 and 3 channels
-    model = build_classifier(arch, len(CLASSES), SMALL, [0.5] * c, [0.25] * c)
-    image = np.random.default_rng(0).integers(0, 256, (SMALL, SMALL, c), dtype=np.uint8)
+    side = max(SMALL, model_info(arch).min_size)                     # ConvNeXt takes 32 px and up
+    model = build_classifier(arch, len(CLASSES), side, [0.5] * c, [0.25] * c)
+    image = np.random.default_rng(0).integers(0, 256, (side, side, c), dtype=np.uint8)
     summary = explain_image(model, image, CLASSES, tmp_path, class_name="ship", top_k=2)
     for f in ("filters.png", "feature_maps.png", "gradcam.png"):
         assert (tmp_path / f).read_bytes()[:8] == PNG_MAGIC
@@ -163,9 +164,9 @@ def test_every_zoo_model_draws_all_three_pictures_with_the_summary_shapes(arch, 
     assert summary["predicted"]["class"] in CLASSES and len(summary["top"]) == 2
     assert sum(summary["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
 
-    rows = layer_table(model.net, (c, SMALL, SMALL))
+    rows = layer_table(model.net, (c, side, side))
     by_name = {r["layer"]: r for r in rows}
-    first = next(r for r in rows if r["type"] == "Conv2d")
+    first = next(r for r in rows if isinstance(model.net.get_submodule(r["layer"]), torch.nn.Conv2d))
     assert summary["first_conv"]["name"] == first["layer"]
     assert summary["first_conv"]["weight_shape"][0] == first["output_shape"][0]
     assert summary["layer"]["output_shape"] == list(by_name[summary["layer"]["name"]]["output_shape"]) \

@@ -279,6 +279,7 @@ def test_rules_that_need_a_registry_refuse_official_datasets_before_loading(tmp_
 # Flags of other programs that cnnlab's messages and comments name.
 OTHER_PROGRAMS_FLAGS = {"--nnodes", "--nproc-per-node",   # torchrun
                         "--logdir",                       # tensorboard
+                        "--force-reinstall",              # pip
                         "--rounds", "--flag"}             # a benchmark's, and the word in a docstring
 
 

@@ -19,8 +19,7 @@ from PIL import Image
 from cnnlab.cli import main
 from cnnlab.core.errors import CnnlabError
 from cnnlab.data.download import Checksum
-from cnnlab.engine.pretrained import RECORD, pretrained_folder, requested_weights
-from cnnlab.engine.runs import load_run
+from cnnlab.engine.runs import RECORD, load_run, pretrained_folder, requested_weights
 from cnnlab.models import weights as weights_mod
 from cnnlab.models.classifier import build_classifier
 from cnnlab.models.registry import create_model

@@ -327,7 +327,9 @@ def train(data: str | os.PathLike | None = None, model: str | None = None, epoch
 
 
 def load(path: str | os.PathLike) -> Run:
-    """A run folder written by ``cnnlab train`` or ``cnnlab.train`` (finished or checkpointed)."""
+    """A run folder written by ``cnnlab train`` or ``cnnlab.train`` (finished or checkpointed),
+    or a model with published ImageNet weights by name (``cnnlab.load("efficientnet_lite0")``,
+    ``"resnet50.imagenet1k_v1"``), ready to predict and explain."""
     return Run(runs.load_run(_plain(path)))
 
 

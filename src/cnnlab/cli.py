@@ -187,7 +187,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_list(args: argparse.Namespace) -> int:
-    from cnnlab.engine.pretrained import describe, is_cached
+    from cnnlab.engine.runs import describe, is_cached
     from cnnlab.models.weights import list_weights, weights_dir
     rows = [{**describe(w), "cached": is_cached(w)} for w in list_weights(args.model)]
     if args.json:
@@ -205,7 +205,7 @@ def cmd_weights_list(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_fetch(args: argparse.Namespace) -> int:
-    from cnnlab.engine.pretrained import pretrained_folder
+    from cnnlab.engine.runs import pretrained_folder
     from cnnlab.models.weights import find_weights, resolve_name
     for name in args.names:
         info = resolve_name(name) or find_weights(name)   # the second names what is wrong
@@ -214,7 +214,7 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_import(args: argparse.Namespace) -> int:
-    from cnnlab.engine.pretrained import pretrained_folder
+    from cnnlab.engine.runs import pretrained_folder
     from cnnlab.models.weights import import_file
     info, _ = import_file(args.file)
     print(f"{args.file} is {info.name}: {pretrained_folder(info)}")

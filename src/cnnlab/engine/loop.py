@@ -29,7 +29,7 @@ from cnnlab.core.run_folder import RunFolder, finite
 from cnnlab.data.dataset import Dataset
 from cnnlab.data.stream import describe as describe_streaming
 from cnnlab.engine import checkpoint as ckpt
-from cnnlab.engine import distributed, prepare, pretrained
+from cnnlab.engine import distributed, prepare
 from cnnlab.engine.callbacks import Callback, default_callbacks
 from cnnlab.engine.evaluation import Evaluation, evaluate
 from cnnlab.engine.runs import (
@@ -40,6 +40,8 @@ from cnnlab.engine.runs import (
     is_empty_run_folder,
     load_run,
     model_card,
+    pretrained_folder,
+    requested_weights,
     run_path,
     save_config,
     save_evaluation,
@@ -76,10 +78,10 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
     cfg = config_mod.merge(config or Config(), overrides, source="fit()") if overrides else (config or Config())
     cfg = prepare.check_config(cfg)   # bad input leaves no folder behind
     device = distributed.setup(pick_device(cfg.device))   # joins torchrun's process group, if any
-    weights = pretrained.requested_weights(cfg)
+    weights = requested_weights(cfg)
     if weights is not None:   # fetched (once) before any data loads: no network, no wait for data
         with distributed.main_first():
-            pretrained.pretrained_folder(weights)
+            pretrained_folder(weights)
     set_threads(cfg.threads or distributed.threads_per_process())
     progress = progress and distributed.is_main()
     path = distributed.from_main(run_path(out=out, name=name, default_name=default_run_name(cfg)))
@@ -206,7 +208,7 @@ def _print_header(cfg: Config, data: Dataset, trainer: Trainer, path: Path, devi
 
 def _fine_tuning_lines(trainer: Trainer) -> list[str]:
     cfg, lines = trainer.cfg, trainer.init_report.lines() if trainer.init_report else []
-    weights = pretrained.requested_weights(cfg)
+    weights = requested_weights(cfg)
     if weights is not None:
         top1 = f", ImageNet-1k top-1 {weights.top1:g}%" if weights.top1 else ""
         lines.insert(0, f"  pretrained: {weights.name} ({weights.license}{top1}), normalised with its mean and std")

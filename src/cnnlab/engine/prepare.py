@@ -30,7 +30,7 @@ def check_config(cfg: Config) -> Config:
     the weights ``--pretrained``/``--weights`` name exist for it, and ``--loader stream`` names
     an image folder, not a dataset read from its archives."""
     from cnnlab.data.registry import official
-    from cnnlab.engine.pretrained import requested_weights
+    from cnnlab.engine.runs import requested_weights
     from cnnlab.models.registry import check_input_size, list_models, model_info
     cfg = validate(cfg)
     info = model_info(cfg.model)
@@ -63,7 +63,7 @@ def image_size_for(cfg: Config, scan: FolderScan | None) -> tuple[ImageSize | No
     pretrained weights were trained at, else the images' shorter side (of their most common size, from a sample of headers) capped at what the
     model's family trains at (``models.registry.default_image_size``). None for an official
     dataset, which comes at its own size."""
-    from cnnlab.engine.pretrained import requested_weights
+    from cnnlab.engine.runs import requested_weights
     from cnnlab.models.registry import default_image_size
     if cfg.image_size is not None:
         return cfg.image_size, "--image-size"

@@ -34,8 +34,7 @@ from cnnlab.engine.callbacks import Callback
 from cnnlab.engine.ema import WeightAverage
 from cnnlab.engine.evaluation import evaluate
 from cnnlab.engine.optim import build_optimizer, build_schedule, decay_weights, set_lr
-from cnnlab.engine.pretrained import pretrained_folder, requested_weights
-from cnnlab.engine.runs import empty_history
+from cnnlab.engine.runs import empty_history, pretrained_folder, requested_weights
 from cnnlab.engine.signals import catch_stop_signals
 from cnnlab.models.classifier import Classifier, build_classifier
 from cnnlab.models.hooks import FreezeBody, TrainingHook

