@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cnnlab.core.hardware import autocast, choose_precision, cpu_isa, reuse_freed_memory
+from cnnlab.core.hardware import autocast, choose_precision, cpu_isa, cpu_name, reuse_freed_memory
 from cnnlab.models.classifier import build_classifier
 from cnnlab.models.weights import find_weights, models_with_weights
 
@@ -126,7 +125,7 @@ def main() -> None:
     p.add_argument("--json", default=None, metavar="FILE")
     args = p.parse_args()
     bf16 = choose_precision("auto", torch.device("cpu")).dtype == torch.bfloat16
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__} ISA {cpu_isa()}, "
+    print(f"machine: {cpu_name()}, torch {torch.__version__} ISA {cpu_isa()}, "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} threads; native bf16: {'yes' if bf16 else 'no'}")
     out: dict[str, Any] = {"torch": torch.__version__, "isa": cpu_isa(), "bf16": bf16}
     if Path(args.photos).is_dir():
