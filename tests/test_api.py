@@ -209,3 +209,23 @@ def test_in_a_notebook_one_bar_serves_every_epoch(monkeypatch, capsys):
     bar.on_train_end(trainer, {})
     assert len(made) == 1 and made[0].resets == 2 and made[0].closed
     assert capsys.readouterr().out.count("loss 1.0000") == 3
+
+
+def test_train_leaves_threads_and_the_global_random_state_as_it_found_them(tmp_path):
+    """A library is a guest: the thread count and torch's global random state come back as they
+    were, after a run that changed both (its own threads, its seeded initialisation)."""
+    import torch
+    from PIL import Image
+    for split, n in (("train", 6), ("test", 2)):
+        for c, level in (("a", 30), ("b", 220)):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((16, 16, 3), level + i, np.uint8)).save(tmp_path / "data" / split / c / f"{i}.png")
+    before_threads = torch.get_num_threads()
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    cnnlab.train(data=tmp_path / "data", model="tutorial", epochs=1, batch_size=4, threads=1 if before_threads > 1 else 2,
+                 out=tmp_path / "run", quiet=True)
+    assert torch.get_num_threads() == before_threads
+    assert torch.equal(torch.rand(3), expected)

@@ -30,6 +30,7 @@ from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.engine import checkpoint as ckpt
 from cnnlab.engine import loop, trainer
+from cnnlab.engine.checkpoint import loop_state
 
 # Shared by every run: one thread (identical kernels in and out of process, and fast on
 # busy cores), shuffling and all three augmentations on, a fixed seed.
@@ -85,8 +86,10 @@ def assert_same_checkpoint(run_a: Path, run_b: Path) -> None:
     (ta, ma), (tb, mb) = (ckpt.read_checkpoint(r / "checkpoints" / "last.safetensors") for r in (run_a, run_b))
     assert_same_weights({k: v for k, v in ta.items() if not k.startswith("rng.")},
                         {k: v for k, v in tb.items() if not k.startswith("rng.")})
-    for key in ("epoch", "step_in_epoch", "global_step", "best_val", "best_epoch", "optimizer"):
-        assert ma[key] == mb[key], key
+    la, lb = loop_state(ma), loop_state(mb)
+    for key in ("epoch", "step_in_epoch", "global_step", "best_val", "best_epoch"):
+        assert getattr(la, key) == getattr(lb, key), key
+    assert ma["optimizer"] == mb["optimizer"]
 
 
 def position(run: Path) -> tuple[int, int] | None:
@@ -96,7 +99,8 @@ def position(run: Path) -> tuple[int, int] | None:
             meta = json.loads(f.metadata()["state"])
     except (FileNotFoundError, SafetensorError, OSError, RuntimeError):   # polled while it is replaced
         return None
-    return meta["epoch"], meta["step_in_epoch"]
+    state = loop_state(meta)
+    return state.epoch, state.step_in_epoch
 
 
 def train_then_signal(tmp: Path, args: list[str], run: Path, sig: int, *, steps: int, from_epoch: int):
@@ -326,7 +330,7 @@ def test_disk_full_half_way_through_a_checkpoint_keeps_the_previous_one(tiny_cif
     assert len(writes) == 3
     assert os.listdir(run / "checkpoints") == ["last.safetensors"]
     tensors, meta = ckpt.read_checkpoint(run / "checkpoints" / "last.safetensors")
-    assert meta["global_step"] == 2 and all(t.isfinite().all() for t in tensors.values() if t.is_floating_point())
+    assert loop_state(meta).global_step == 2 and all(t.isfinite().all() for t in tensors.values() if t.is_floating_point())
 
 
 def test_failed_write_of_any_run_file_leaves_the_old_version(tmp_path, monkeypatch):
@@ -386,9 +390,9 @@ def test_nan_mid_training_keeps_the_last_finite_weights(tiny_cifar, tmp_path, mo
     assert all(t.isfinite().all() for t in model.values())
     tensors, meta = ckpt.read_checkpoint(run / "checkpoints" / "last.safetensors")
     assert all(t.isfinite().all() for t in tensors.values() if t.is_floating_point())
-    assert json.loads((run / "history.json").read_text())["loss"] == meta["history"]["loss"]
+    assert json.loads((run / "history.json").read_text())["loss"] == loop_state(meta).history["loss"]
     if checkpoint_every:
-        assert (meta["epoch"], meta["step_in_epoch"]) == (1, 2)  # the last step before the NaN one
+        assert (loop_state(meta).epoch, loop_state(meta).step_in_epoch) == (1, 2)  # the last step before the NaN one
     else:  # the end of epoch 1, which an uninterrupted 1-epoch run reproduces
         monkeypatch.setattr(trainer, "set_lr", real_set_lr)
         assert_same_weights(model, reference(tiny_cifar, tmp_path / "one", **dict(settings, epochs=1)))
@@ -442,3 +446,17 @@ def test_pickle_offered_as_weights_is_refused_and_never_run(finished_run, tiny_c
     assert f"{target} is not" in err and "safetensors" in err and "never" in err
     assert len(err.strip().splitlines()) == 1
     assert not marker.exists()
+
+
+def test_a_checkpoint_from_before_named_state_still_reads():
+    """Checkpoints written before the loop's state was saved by name (top-level keys and an
+    ``epoch_partial`` list) give the same state as the named form."""
+    old = {"epoch": 2, "step_in_epoch": 3, "global_step": 23, "history": {"loss": [1.0, 0.5]}, "best_val": None,
+           "best_epoch": 1, "train_seconds": 9.5, "epoch_partial": [1.25, 7, 12, 0.75]}
+    state = loop_state(old)
+    assert (state.epoch, state.step_in_epoch, state.global_step, state.best_epoch) == (2, 3, 23, 1)
+    assert state.best_val == float("-inf") and state.history == {"loss": [1.0, 0.5]}
+    assert (state.epoch_loss, state.epoch_correct, state.epoch_seen, state.epoch_seconds) == (1.25, 7, 12, 0.75)
+    import dataclasses
+    named = {"loop": {**dataclasses.asdict(state), "best_val": None}}
+    assert loop_state(named) == state

@@ -314,10 +314,9 @@ def train(data: str | os.PathLike | None = None, model: str | None = None, epoch
         if recipe:
             raise CnnlabError(f"{SOURCE}: give recipe={recipe!r} or a Config, not both (a Config already holds "
                               f"its recipe's values: cnnlab.core.config.resolve(recipe=...) makes one)")
-        base = config
-    else:
-        base = resolve(recipe=recipe, config_file=_plain(config))
-    cfg = merge(base, changes, source=SOURCE)
+        cfg = merge(config, changes, source=SOURCE)
+    else:   # the keywords are the top layer, checked with the others as one config
+        cfg = resolve(recipe=recipe, config_file=_plain(config), overrides=changes, overrides_source=SOURCE)
     if cfg.nproc > 1:
         raise CnnlabError(f"cnnlab.train() trains in this process: nproc {cfg.nproc} needs the command line, "
                           f"`cnnlab train --nproc {cfg.nproc} ...`")

@@ -264,12 +264,14 @@ def _image_size(value: Any) -> ImageSize:
     return sides[0] if len(set(sides)) == 1 else (sides[0], sides[1])
 
 
-def validate(cfg: Config) -> Config:
+def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
     """Every rule on the config's own values that types alone cannot express (ranges, and fields
     that exclude each other), checked before anything loads. Rules that need a registry (the
-    model's, the datasets') are ``cnnlab.engine.prepare.check_config``'s, which runs this first."""
+    model's, the datasets') are ``cnnlab.engine.prepare.check_config``'s, which runs this first.
+    ``origins``: the layer each key was set by (``resolve``'s), named in the error."""
     def bad(key, rule):
-        raise CnnlabError(f"{key} must be {rule}; got {getattr(cfg, key)!r}")
+        where = f" (from the {origins[key]})" if origins and key in origins else ""
+        raise CnnlabError(f"{key} must be {rule}; got {getattr(cfg, key)!r}{where}")
     if not (cfg.epochs > 0 and math.isfinite(cfg.epochs)):
         bad("epochs", "a positive number, e.g. --epochs 10")
     if cfg.batch_size < 1:
@@ -294,6 +296,11 @@ def validate(cfg: Config) -> Config:
             bad("whiten_bias_epochs", "zero or more epochs")
     if cfg.time_limit is not None and not cfg.time_limit > 0:
         bad("time_limit", "a positive number of seconds")
+    if cfg.time_limit is not None and cfg.nproc > 1:
+        # Each process would read its own clock for the stop and the lr schedule: replicas
+        # would take different steps and drift apart.
+        raise CnnlabError(f"--time-limit is not supported with data-parallel training (--nproc {cfg.nproc}: "
+                          f"processes would disagree on when to stop); give --epochs instead")
     if cfg.early_stop is not None and cfg.early_stop < 1:
         bad("early_stop", "a positive number of epochs")
     if cfg.threads is not None and cfg.threads < 1:
@@ -357,15 +364,17 @@ def config_key(raw: Any, source: str, what: str = "config key") -> str:
     return key
 
 
-def merge(cfg: Config, changes: dict[str, Any], *, source: str) -> Config:
-    """A new Config with ``changes`` applied; unknown keys name the closest known one."""
+def merge(cfg: Config, changes: dict[str, Any], *, source: str, check: bool = True) -> Config:
+    """A new Config with ``changes`` applied; unknown keys name the closest known one, and each
+    value is checked for its type. ``check``: also the rules between values (``validate``);
+    ``resolve`` leaves those to the merged result of all its layers."""
     if not isinstance(changes, dict):
         raise CnnlabError(f"{source}: expected a mapping of config keys to values, got {type(changes).__name__}")
     values = cfg.to_dict()
     for raw, value in changes.items():
         key = config_key(raw, source)
         values[key] = _check_value(key, value, source)
-    return validate(Config(**values))
+    return validate(Config(**values)) if check else Config(**values)
 
 
 def load_yaml_file(path: str | Path, what: str = "config file") -> Any:
@@ -415,16 +424,21 @@ def recipe_document(name: str) -> dict[str, Any]:
 
 
 def resolve(*, recipe: str | None = None, config_file: str | Path | None = None,
-            overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then recipe, then file, then flags (``overrides`` with None meaning unset)."""
-    cfg = Config()
+            overrides: dict[str, Any] | None = None, overrides_source: str = "command line") -> Config:
+    """Defaults, then recipe, then file, then flags (``overrides`` with None meaning unset).
+
+    Each layer's keys and value types are checked as it is applied, its errors naming it; the
+    rules between values once, on the merged result (a file's ``freeze_epochs`` completed by a
+    flag's ``--init-from`` is a config, not an error), naming the layer a bad value came from."""
+    cfg, origins = Config(), {}
     file_values = read_yaml(config_file) if config_file else {}
     recipe = (overrides or {}).get("recipe") or recipe or file_values.get("recipe")
-    if recipe:
-        cfg = merge(cfg, recipe_values(recipe), source=f"recipe {recipe}")
-    if file_values:
-        cfg = merge(cfg, file_values, source=f"config file {config_file}")
-    if overrides:
-        cfg = merge(cfg, {k: v for k, v in overrides.items() if v is not None}, source="command line")
-    return cfg
+    layers = [(recipe_values(recipe) if recipe else {}, f"recipe {recipe}"),
+              (file_values, f"config file {config_file}"),
+              ({k: v for k, v in (overrides or {}).items() if v is not None}, overrides_source)]
+    for values, source in layers:
+        if values:
+            cfg = merge(cfg, values, source=source, check=False)
+            origins.update({config_key(k, source): source for k in values})
+    return validate(cfg, origins)
 

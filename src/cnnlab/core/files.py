@@ -22,10 +22,6 @@ def _temp_name(path: Path) -> str:
     return f".{path.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}"
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path to write; on success it replaces ``path``, on failure it vanishes.

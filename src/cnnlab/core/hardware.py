@@ -70,6 +70,20 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
+@contextlib.contextmanager
+def borrowed_process() -> Iterator[None]:
+    """Put back what a run changes in the process, torch's thread count and its global random
+    state (CPU, and CUDA's where it is in use), however the run ends: a library call, from a
+    notebook or another program, leaves the process as it found it. Usable as a decorator."""
+    threads = torch.get_num_threads()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
 # glibc's mallopt parameters (malloc.h) and their defaults, restored after training.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _GLIBC_DEFAULTS = ((_M_TRIM_THRESHOLD, 128 * 1024), (_M_MMAP_MAX, 65536))

@@ -41,7 +41,7 @@ class Trainer(Protocol):
     """What callbacks see of ``cnnlab.engine.trainer.Trainer`` (which imports this module)."""
     cfg: Config
     run: Path                   # the run folder
-    state: Any                  # LoopState: epoch, step_in_epoch, global_step, history, best_val, best_epoch
+    state: Any                  # checkpoint.LoopState: epoch, step_in_epoch, global_step, history, best_val, best_epoch
     best_state: dict[str, torch.Tensor] | None
 
     def checkpoint(self) -> None: ...
@@ -146,7 +146,6 @@ class Checkpointer(Callback):
 
     def on_step_end(self, trainer: Trainer) -> None:
         if self.every and trainer.state.global_step % self.every == 0:
-            trainer.keep_partial_epoch()
             trainer.checkpoint()
 
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:

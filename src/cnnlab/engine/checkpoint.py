@@ -12,8 +12,11 @@ below what was trained. Then "E epochs, resumed with --epochs F" equals an F-epo
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,6 +29,7 @@ from cnnlab.core.config import FIELDS, Config, merge
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.files import write_bytes
 from cnnlab.engine.optim import Optimizer
+from cnnlab.engine.runs import empty_history
 
 FORMAT = "cnnlab-checkpoint-1"
 
@@ -124,6 +128,41 @@ def _show(value: Any) -> str:
     return repr(int(value)) if isinstance(value, float) and value.is_integer() else repr(value)
 
 
+# ----------------------------------------------------------------------------- the loop's state
+@dataclass
+class LoopState:
+    epoch: int = 0                 # epochs completed
+    step_in_epoch: int = 0         # batches done in the current epoch
+    global_step: int = 0
+    history: dict[str, list] = field(default_factory=empty_history)
+    best_val: float = -math.inf
+    best_epoch: int = 0
+    train_seconds: float = 0.0
+    # Sums over the steps done of the epoch in progress, saved by mid-epoch checkpoints so a
+    # resumed epoch reports the same loss, accuracy and seconds as an uninterrupted one.
+    epoch_loss: float = 0.0
+    epoch_correct: int = 0
+    epoch_seen: int = 0
+    epoch_seconds: float = 0.0
+
+
+def loop_state(meta: dict[str, Any]) -> LoopState:
+    """The loop's state from a checkpoint's metadata, by name. Checkpoints written before the
+    state was saved as a named ``loop`` mapping (cnnlab 0.x, 2026-12) kept it as top-level keys
+    and an ``epoch_partial`` list; they still resume."""
+    if "loop" in meta:
+        saved = dict(meta["loop"])
+    else:
+        saved = {k: meta[k] for k in ("epoch", "step_in_epoch", "global_step", "history", "best_val",
+                                      "best_epoch", "train_seconds")}
+        saved.update(zip(("epoch_loss", "epoch_correct", "epoch_seen", "epoch_seconds"), meta.get("epoch_partial", ())))
+    if saved.get("best_val") is None:
+        saved["best_val"] = -math.inf
+    known = {f.name for f in dataclasses.fields(LoopState)}
+    return LoopState(**{k: v for k, v in saved.items() if k in known})
+
+
+
 def resumed_config(meta: dict[str, Any], changes: dict[str, Any], run: Path) -> Config:
     """The saved config with ``changes`` applied, or a CnnlabError listing what may not change.
 
@@ -146,11 +185,12 @@ def resumed_config(meta: dict[str, Any], changes: dict[str, Any], run: Path) -> 
                        f"started with ({_show(old)} epochs); stretching it now would make the rate jump back up")
     if saved.ema_ramp or saved.ema_start > 0:
         reasons.append("its EMA " + ("ramp" if saved.ema_ramp else "start") + " is timed by the run's length")
-    if old % 1 and meta["epoch"] > old:
+    state = loop_state(meta)
+    if old % 1 and state.epoch > old:
         reasons.append(f"it has already trained the partial last epoch of its {_show(old)} epochs")
     spe = meta.get("steps_per_epoch")
-    if spe and max(1, round(new * spe)) < meta["global_step"]:
-        reasons.append(f"it has already trained {meta['global_step'] / spe:.3g} epochs")
+    if spe and max(1, round(new * spe)) < state.global_step:
+        reasons.append(f"it has already trained {state.global_step / spe:.3g} epochs")
     if reasons:
         raise CnnlabError(f"cannot resume {run} with {listed}: {' and '.join(reasons)}. Only a run with a "
                           f"constant learning rate can change length; start a new run with --epochs "

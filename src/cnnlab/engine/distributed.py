@@ -55,6 +55,11 @@ def launched() -> bool:
     return all(k in os.environ for k in LAUNCH_ENV)
 
 
+def launched_world() -> int:
+    """How many processes a launcher started this one among (1 when none did), before they join."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -206,11 +211,6 @@ def training_batches(cfg: Config, data, device: torch.device):
     """This process's training batches: in memory or streamed, sharded when data-parallel."""
     from cnnlab.data.augment import Augmentation
     r, world = shard()
-    if world > 1 and getattr(cfg, "time_limit", None):
-        # Each process would read its own clock for the stop and the lr schedule: replicas
-        # would take different steps and drift apart.
-        raise CnnlabError("--time-limit is not supported with data-parallel training (processes would "
-                          "disagree on when to stop); give --epochs instead")
     batches = data.train.train_batches(cfg.batch_size, device, seed=cfg.seed, aug=Augmentation.from_config(cfg),
                                        channels_last=cfg.channels_last, drop_last=world > 1, shard=(r, world))
     if len(batches) == 0:

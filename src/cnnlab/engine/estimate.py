@@ -68,6 +68,7 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+@hardware.borrowed_process()
 def probe(cfg: Config, *, batch: int = PROBE_BATCH, steps: int = PROBE_STEPS) -> Probe:
     """Time the recipe's training step and evaluation on synthetic CIFAR-sized batches."""
     from cnnlab.engine.evaluation import evaluate

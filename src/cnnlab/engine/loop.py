@@ -54,6 +54,7 @@ from cnnlab.engine.trainer import NonFiniteLoss, Trainer
 from cnnlab.models.classifier import Classifier
 
 
+@hardware.borrowed_process()   # threads and the global RNG: put back when fit returns or raises
 def fit(config: Config | None = None, data: Dataset | None = None, *, out: str | Path | None = None,
         name: str | None = None, progress: bool = True, on_epoch: Callable[[int, dict[str, list]], bool] | None = None,
         callbacks: Sequence[Callback] = (), test: bool = True, **overrides: Any) -> Run:
@@ -122,6 +123,7 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
             raise
 
 
+@hardware.borrowed_process()
 def resume(run: str | Path, *, progress: bool = True, changes: dict[str, Any] | None = None,
            on_epoch: Callable[[int, dict[str, list]], bool] | None = None,
            callbacks: Sequence[Callback] = ()) -> Run:
@@ -152,7 +154,7 @@ def _complete_message(folder: RunFolder, meta: dict[str, Any], cfg: Config) -> s
     """Why resuming ``folder`` has nothing to do, or None: its last checkpoint (``meta``) is the
     state its saved model and metrics came from, and ``cfg`` asks for no more epochs."""
     metrics = folder.metrics
-    if (not folder.weights_file.is_file() or metrics.get("steps") != meta["global_step"]
+    if (not folder.weights_file.is_file() or metrics.get("steps") != ckpt.loop_state(meta).global_step
             or cfg.epochs > float(meta["config"].get("epochs", cfg.epochs))):
         return None
     test = metrics.get("test_accuracy")

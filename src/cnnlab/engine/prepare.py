@@ -33,6 +33,9 @@ def check_config(cfg: Config) -> Config:
     from cnnlab.engine.runs import requested_weights
     from cnnlab.models.registry import check_input_size, list_models, model_info
     cfg = validate(cfg)
+    if cfg.time_limit is not None and distributed.launched_world() > 1:   # torchrun's processes, not --nproc's
+        raise CnnlabError(f"--time-limit is not supported with data-parallel training ({distributed.launched_world()} "
+                          f"processes would disagree on when to stop); give --epochs instead")
     info = model_info(cfg.model)
     for key in sorted({k for name in list_models() for k in model_info(name).setup_keys}):
         if getattr(cfg, key) not in (False, None) and key not in info.setup_keys:

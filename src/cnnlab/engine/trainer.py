@@ -11,10 +11,11 @@ wraps it into ``fit`` and ``resume``, which own the run folder.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -34,7 +35,7 @@ from cnnlab.engine.callbacks import Callback
 from cnnlab.engine.ema import WeightAverage
 from cnnlab.engine.evaluation import evaluate
 from cnnlab.engine.optim import build_optimizer, build_schedule, decay_weights, set_lr
-from cnnlab.engine.runs import empty_history, pretrained_folder, requested_weights
+from cnnlab.engine.runs import pretrained_folder, requested_weights
 from cnnlab.engine.signals import catch_stop_signals
 from cnnlab.models.classifier import Classifier, build_classifier
 from cnnlab.models.hooks import FreezeBody, TrainingHook
@@ -51,23 +52,6 @@ class NonFiniteLoss(CnnlabError):
 
 
 # ----------------------------------------------------------------------------- state
-@dataclass
-class LoopState:
-    epoch: int = 0                 # epochs completed
-    step_in_epoch: int = 0         # batches done in the current epoch
-    global_step: int = 0
-    history: dict[str, list] = field(default_factory=empty_history)
-    best_val: float = -math.inf
-    best_epoch: int = 0
-    train_seconds: float = 0.0
-    # Sums over the steps done of the epoch in progress, saved by mid-epoch checkpoints so a
-    # resumed epoch reports the same loss, accuracy and seconds as an uninterrupted one.
-    epoch_loss: float = 0.0
-    epoch_correct: int = 0
-    epoch_seen: int = 0
-    epoch_seconds: float = 0.0
-
-
 @dataclass
 class EpochSums:
     """Running sums of the epoch in progress (on the device: no sync a step)."""
@@ -127,7 +111,7 @@ class Trainer:
         self.ema_start_step = round(cfg.ema_start * self.total_steps)
         self._ema_model: Classifier | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
-        self.state = LoopState()
+        self.state = ckpt.LoopState()
         self.test = True   # evaluate the test split at the end (fit(test=False): never read it)
         self.callbacks: list[Callback] = []
         self.sums: EpochSums | None = None
@@ -148,7 +132,11 @@ class Trainer:
 
     # -- checkpoint --------------------------------------------------------------------
     def checkpoint(self) -> None:
+        """Write the resumable state; mid-epoch, with the epoch-so-far sums (every process
+        calls this at the same step: the sums are gathered from all of them)."""
         self._check_finite()   # a checkpoint is always a state worth going back to
+        if self.state.step_in_epoch and self.sums is not None:
+            self.keep_partial_epoch()
         if not distributed.is_main():
             return   # every process holds the same state; rank 0 writes it
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
@@ -161,10 +149,7 @@ class Trainer:
         rng_t, rng_meta = ckpt.rng_states()
         tensors.update(rng_t)
         s = self.state
-        meta = {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "global_step": s.global_step,
-                "history": s.history, "best_val": s.best_val if math.isfinite(s.best_val) else None,
-                "best_epoch": s.best_epoch, "train_seconds": s.train_seconds,
-                "epoch_partial": [s.epoch_loss, s.epoch_correct, s.epoch_seen, s.epoch_seconds],
+        meta = {"loop": {**dataclasses.asdict(s), "best_val": s.best_val if math.isfinite(s.best_val) else None},
                 "steps_per_epoch": self.steps_per_epoch, "test": self.test,
                 "optimizer": opt_meta, "rng": rng_meta, "config": self.cfg.to_dict(),
                 "mean": self.mean, "std": self.std, "world_size": distributed.world_size(),
@@ -184,9 +169,7 @@ class Trainer:
         self.test = meta.get("test", True)   # a resumed run tests as it started (a trial: never)
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
-        self.state = LoopState(meta["epoch"], meta["step_in_epoch"], meta["global_step"], meta["history"],
-                               -math.inf if meta["best_val"] is None else meta["best_val"],
-                               meta["best_epoch"], meta["train_seconds"], *meta.get("epoch_partial", ()))
+        self.state = ckpt.loop_state(meta)
         if not distributed.is_main():   # the saved sums are every process's: rank 0 carries them on
             self.state.epoch_loss, self.state.epoch_correct, self.state.epoch_seen = 0.0, 0, 0
 
@@ -199,7 +182,7 @@ class Trainer:
                                 f"{', ...' if len(bad) > 3 else ''}): the learning rate ({self.cfg.lr}) is "
                                 f"probably too high for {self.cfg.model}; try one ten times smaller")
 
-    def keep_partial_epoch(self) -> None:
+    def keep_partial_epoch(self) -> None:   # a collective when data-parallel: every process calls it
         """Put the epoch-so-far sums in the state, for a mid-epoch checkpoint."""
         s, sums = self.state, self.sums
         assert sums is not None
@@ -307,7 +290,6 @@ class Trainer:
                 break
             if distributed.any_rank(bool(stop)):   # every process stops after the same step
                 self._call("on_interrupt")
-                self.keep_partial_epoch()
                 self.checkpoint()
                 raise TrainingInterrupted(self.run, stop[0] if stop else signal.SIGTERM)
         elapsed = time.perf_counter() - sums.start

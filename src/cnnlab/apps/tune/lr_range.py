@@ -38,6 +38,7 @@ import numpy as np
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.files import write_json
+from cnnlab.core.hardware import borrowed_process
 from cnnlab.engine.runs import default_run_name, run_path
 
 DIVERGE = 4.0          # stop once the smoothed loss passes this multiple of its best
@@ -76,6 +77,7 @@ class LrFindResult:
         return self.min_loss_lr / 10
 
 
+@borrowed_process()
 def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int = 100,
             out: str | Path | None = None, progress: bool = True) -> LrFindResult:
     """Run the range test for ``cfg`` (its model, data, optimizer, batch size)."""
