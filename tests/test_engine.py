@@ -252,24 +252,52 @@ def test_a_callback_sees_every_hook_and_can_stop_the_run(tiny_cifar, tmp_path):
     assert rec.calls[-1] == ("train_end", run.metrics)                     # last, with metrics.json's scores
 
 
-def test_a_caller_sets_each_steps_rate_and_the_trainer_counts_the_steps(tiny_cifar, tmp_path):
-    """``lr_at`` replaces the schedule (the range test's ramp); ``train_steps`` runs on across epochs."""
+def test_a_callback_sets_each_steps_rate_and_the_events_come_in_order(tiny_cifar, tmp_path):
+    """``on_step_begin`` may replace the schedule's rate (the range test's ramp); every event
+    fires in the documented order, across epochs; a stop mid-epoch ends after that step."""
+    from cnnlab.core.events import EVENTS, Callback
     from cnnlab.engine.prepare import load_data
     from cnnlab.engine.trainer import Trainer
-    cfg = Config(data=str(tiny_cifar), batch_size=64, threads=1, bias_lr_scale=2.0)
-    trainer = Trainer(cfg, load_data(cfg), tmp_path / "r", torch.device("cpu"), progress=False,
-                      lr_at=lambda step: 1e-4 * 2 ** step)
+    cfg = Config(data=str(tiny_cifar), batch_size=64, threads=1, bias_lr_scale=2.0, epochs=3)
+    events: list[str] = []
+
+    class Ramp(Callback):
+        def __init__(self):
+            self.rates = []
+
+        def on_step_begin(self, trainer):
+            events.append("on_step_begin")
+            trainer.lr = 1e-4 * 2 ** trainer.state.global_step
+
+        def on_backward_end(self, trainer):
+            events.append("on_backward_end")
+
+        def on_step_end(self, trainer):
+            events.append("on_step_end")
+            self.rates.append([g["lr"] for g in trainer.optimizer.param_groups])
+            if trainer.state.global_step == trainer.steps_per_epoch + 2:
+                trainer.end_epoch_now()
+                trainer.request_stop(None)
+
+        def on_epoch_begin(self, trainer, steps):
+            events.append("on_epoch_begin")
+
+        def on_epoch_end(self, trainer, logs):
+            events.append("on_epoch_end")
+
+    trainer = Trainer(cfg, load_data(cfg), tmp_path / "r", torch.device("cpu"), progress=False)
+    ramp = Ramp()
+    trainer.fit([ramp])
     steps = trainer.steps_per_epoch
-    rates = []
-    for i, _ in enumerate(trainer.train_steps()):
-        rates.append([g["lr"] for g in trainer.optimizer.param_groups])
-        if i + 1 == steps + 2:
-            break
-    assert rates == [[1e-4 * 2 ** i * g["lr_scale"] for g in trainer.optimizer.param_groups]
-                     for i in range(steps + 2)]
+    assert ramp.rates == [[1e-4 * 2 ** i * g["lr_scale"] for g in trainer.optimizer.param_groups]
+                          for i in range(steps + 2)]
     s = trainer.state
-    assert (s.epoch, s.step_in_epoch, s.global_step) == (1, 2, steps + 2)
-    assert not (tmp_path / "r").exists()                     # no checkpoint, no run folder
+    assert (s.epoch, s.step_in_epoch, s.global_step) == (2, 0, steps + 2)
+    assert s.history["lr"] == [1e-4 * 2 ** (steps - 1), 1e-4 * 2 ** (steps + 1)]   # what the last steps used
+    step = ["on_step_begin", "on_backward_end", "on_step_end"]
+    assert events == ["on_epoch_begin", *step * steps, "on_epoch_end", "on_epoch_begin", *step * 2, "on_epoch_end"]
+    assert [e for e in EVENTS if e in events] == sorted(set(events), key=EVENTS.index)
+    assert not (tmp_path / "r").exists()                     # no checkpoint callback, no run folder
 
 
 def test_early_stop_and_time_limit_end_the_run(tiny_cifar, tmp_path, capsys):

@@ -105,15 +105,16 @@ def test_tensorboard_events_hold_the_history(runs):
 
 @needs_tensorboard
 def test_tensorboard_scalars_are_on_disk_as_each_epoch_ends(tiny_cifar, tmp_path):
+    from cnnlab.engine.callbacks import Callback
     seen: dict[int, dict[str, list[tuple[int, float]]]] = {}
 
-    def look(epoch: int, history: dict[str, list]) -> bool:
-        seen[epoch] = _scalars(tmp_path / "live" / "tensorboard")
-        _assert_epochs_match(seen[epoch], history)   # this epoch's row is already there
-        return False
+    class Look(Callback):   # after the run's own callbacks, TensorBoard's among them
+        def on_epoch_end(self, trainer, logs):
+            seen[trainer.state.epoch] = _scalars(tmp_path / "live" / "tensorboard")
+            _assert_epochs_match(seen[trainer.state.epoch], trainer.state.history)   # this epoch's row is there
 
     fit(Config(data=str(tiny_cifar), epochs=2, batch_size=32, val_split=0.2, train_size=100, tensorboard=True),
-        out=tmp_path / "live", progress=False, on_epoch=look)
+        out=tmp_path / "live", progress=False, callbacks=[Look()])
     assert [s for s, _ in seen[1]["loss/train"]] == [1]
     assert [s for s, _ in seen[2]["loss/train"]] == [1, 2]
     assert "test/accuracy" not in seen[2]                 # the test split is scored after training

@@ -1,27 +1,22 @@
-"""What varies between runs, as callbacks the one loop calls (Keras's and Lightning's shape).
+"""What varies between runs, as callbacks on the one loop's events (``cnnlab.core.events``
+lists them and their order; Keras's and fastai's shape).
 
-The loop (``Trainer.fit``) trains, evaluates and keeps the history; everything else hangs on
-these hooks, each called with the trainer:
+The loop (``Trainer.fit``) trains, evaluates and keeps the history; everything else is a
+callback: progress, keep-best, checkpoints, TensorBoard, the time limit, early stopping,
+freezing the body while a new head fits (``FreezeBody``), a network's own set-up (SpeedNet's
+whitening, offered by the network), lr-find's ramp and the tuner's pruning (in ``cnnlab.apps``).
 
-    on_epoch_begin(trainer, steps)    before an epoch's first step (or a resumed epoch's next)
-    on_log(trainer, logs)             every LOG_EVERY steps: loss, accuracy, img_s so far
-    on_step_end(trainer)              after each optimizer step
-    on_epoch_end(trainer, logs)       after the epoch's evaluation and history row
-    on_interrupt(trainer)             before a stop signal's checkpoint
-    on_train_end(trainer, metrics)    after the test split's evaluation (metrics.json's contents)
-
-A callback stops training by calling ``trainer.request_stop(reason)`` (after the epoch) or
-``trainer.end_epoch_now()`` (after this step: the time limit). The order of
-``default_callbacks`` matters: the best weights are kept before the checkpoint that saves
-them, the checkpoint is written before anything may stop the run, and TensorBoard shows only
-epochs a checkpoint holds (a run that turns non-finite keeps the last checkpoint's history).
+The order of ``default_callbacks`` matters: the best weights are kept before the checkpoint
+that saves them, the checkpoint is written before anything may stop the run, and TensorBoard
+shows only epochs a checkpoint holds (a run that turns non-finite keeps the last checkpoint's
+history).
 """
 from __future__ import annotations
 
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm as auto_tqdm
@@ -29,6 +24,7 @@ from tqdm.std import tqdm as terminal_tqdm
 
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
+from cnnlab.core.events import Callback
 from cnnlab.core.run_folder import RunFolder
 from cnnlab.engine.distributed import is_main
 
@@ -43,23 +39,18 @@ class Trainer(Protocol):
     run: Path                   # the run folder
     state: Any                  # checkpoint.LoopState: epoch, step_in_epoch, global_step, history, best_val, best_epoch
     best_state: dict[str, torch.Tensor] | None
+    model: Any                  # the Classifier; its network is model.net
+    head: str                   # the network's classifier head (a module name)
+    schedule: Any               # optim's schedule: base_lr, multiplier(step, progress)
+    steps_per_epoch: int
+    lr: float                   # this step's learning rate and decoupled-decay multiplier
+    decay_mult: float           # (on_step_begin may change them)
+    last_loss: torch.Tensor     # the last step's loss (detached)
 
     def checkpoint(self) -> None: ...
-    def keep_partial_epoch(self) -> None: ...
     def elapsed(self) -> float: ...
     def request_stop(self, reason: str | None) -> None: ...
     def end_epoch_now(self) -> None: ...
-
-
-class Callback:
-    """Every hook, doing nothing: subclasses override what they need."""
-
-    def on_epoch_begin(self, trainer: Trainer, steps: int) -> None: ...
-    def on_log(self, trainer: Trainer, logs: dict[str, float]) -> None: ...
-    def on_step_end(self, trainer: Trainer) -> None: ...
-    def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
-    def on_interrupt(self, trainer: Trainer) -> None: ...
-    def on_train_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
 
 
 class _Holding(Callback):
@@ -152,23 +143,43 @@ class Checkpointer(Callback):
         trainer.checkpoint()
 
 
-class OnEpoch(Callback):
-    """``fit(on_epoch=fn)``: ``fn(epoch, history)`` returning True stops (the tuner's pruner)."""
+class FreezeBody(Callback):
+    """``--freeze-epochs``: for the first ``steps`` steps only the head trains, so a new head
+    fits the started-from body before the body moves (fastai's ``fine_tune``). Parameters
+    frozen for their own reasons stay frozen."""
+    unused_parameters = True
 
-    def __init__(self, fn: Callable[[int, dict[str, list]], bool]):
-        self.fn = fn
+    def __init__(self, steps: int):
+        self.steps = steps
+        self._frozen: bool | None = None
 
-    def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
-        if self.fn(trainer.state.epoch, trainer.state.history):
-            trainer.request_stop(None)
+    def on_setup(self, trainer: Trainer) -> None:
+        self.body = [p for name, p in trainer.model.net.named_parameters()
+                     if p.requires_grad and not name.startswith(trainer.head + ".")]
+
+    def on_step_begin(self, trainer: Trainer) -> None:
+        frozen = trainer.state.global_step < self.steps
+        if frozen != self._frozen:   # only at the start and at the thaw
+            for p in self.body:
+                p.requires_grad_(not frozen)
+            self._frozen = frozen
+
+    def on_backward_end(self, trainer: Trainer) -> None:
+        if trainer.state.global_step < self.steps:   # DDP hands unused parameters a zero gradient; None skips them
+            for p in self.body:
+                p.grad = None
 
 
 class TimeLimit(Callback):
-    """``--time-limit S``: stop after the step that passes S seconds of training (the schedule
-    decays over the time: ``Trainer.progress``)."""
+    """``--time-limit S``: the schedule decays over the S seconds instead of the steps, and
+    training stops after the step that passes them."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
+
+    def on_step_begin(self, trainer: Trainer) -> None:
+        mult = trainer.schedule.multiplier(trainer.state.global_step, trainer.elapsed() / self.seconds)
+        trainer.lr, trainer.decay_mult = trainer.schedule.base_lr * mult, mult
 
     def on_step_end(self, trainer: Trainer) -> None:
         if trainer.elapsed() >= self.seconds:
@@ -262,8 +273,7 @@ class TensorBoard(_Holding):
         self._close()
 
 
-def default_callbacks(cfg: Config, *, progress: bool,
-                      on_epoch: Callable[[int, dict[str, list]], bool] | None = None) -> list[Callback]:
+def default_callbacks(cfg: Config, *, progress: bool) -> list[Callback]:
     """The callbacks ``cfg`` asks for, in the order they must run (see the module docstring)."""
     callbacks: list[Callback] = []
     if cfg.keep == "best":
@@ -273,8 +283,6 @@ def default_callbacks(cfg: Config, *, progress: bool,
     callbacks.append(Checkpointer(cfg.checkpoint_every))
     if cfg.tensorboard and is_main():
         callbacks.append(TensorBoard())
-    if on_epoch is not None:
-        callbacks.append(OnEpoch(on_epoch))
     if cfg.time_limit:
         callbacks.append(TimeLimit(cfg.time_limit))
     if cfg.early_stop:

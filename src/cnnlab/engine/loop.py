@@ -5,8 +5,8 @@ the data, trains with the one loop (``cnnlab.engine.trainer.Trainer``: the piece
 names, checkpoints every epoch so a run can be resumed exactly), evaluates the test split once at the end (or not at all: ``fit(test=False)``,
 the tuner's trials; ``score_test_split`` tests such a run later), and writes the run folder
 (everything but the report, which ``cnnlab.report`` draws from it), one process at a time
-(``cnnlab.engine.runs.writing_run``). What varies between runs hangs on callbacks
-(``cnnlab.engine.callbacks``) and on hooks the network offers (``cnnlab.models.hooks``).
+(``cnnlab.engine.runs.writing_run``). What varies between runs is a callback on the loop's
+events (``cnnlab.core.events``; the engine's own in ``cnnlab.engine.callbacks``).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import os
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -56,16 +56,13 @@ from cnnlab.models.classifier import Classifier
 
 @hardware.borrowed_process()   # threads and the global RNG: put back when fit returns or raises
 def fit(config: Config | None = None, data: Dataset | None = None, *, out: str | Path | None = None,
-        name: str | None = None, progress: bool = True, on_epoch: Callable[[int, dict[str, list]], bool] | None = None,
-        callbacks: Sequence[Callback] = (), test: bool = True, **overrides: Any) -> Run:
+        name: str | None = None, progress: bool = True, callbacks: Sequence[Callback] = (), test: bool = True, **overrides: Any) -> Run:
     """Train a model as ``config`` (plus keyword overrides) says and return the finished run.
 
     - ``data``: what ``load_data(config)`` returns, for a caller that trains several times on
       the same images (the tuner).
-    - ``on_epoch(epoch, history)`` is called after each epoch; returning True stops training
-      (the tuner's pruner uses it).
     - ``callbacks`` run after the config's own (progress, checkpoints, keep-best, TensorBoard,
-      time limit, early stop: ``cnnlab.engine.callbacks``).
+      time limit, early stop: ``cnnlab.engine.callbacks``); the tuner's pruning is one.
     - ``test=False``: the test split is not read at all (a tuning trial, scored on validation);
       metrics.json says ``"tested": false`` and there is no evaluation.npz. ``score_test_split``
       tests the run later, once.
@@ -111,7 +108,7 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
             if progress:
                 _print_header(cfg, data, trainer, path, device)
             trainer.test = test
-            return _train_and_save(trainer, on_epoch, callbacks)
+            return _train_and_save(trainer, callbacks)
         except BaseException:
             # A run that ends before its first checkpoint has nothing to resume: no folder is left
             # for the next `--out` to trip over.
@@ -125,7 +122,6 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
 
 @hardware.borrowed_process()
 def resume(run: str | Path, *, progress: bool = True, changes: dict[str, Any] | None = None,
-           on_epoch: Callable[[int, dict[str, list]], bool] | None = None,
            callbacks: Sequence[Callback] = ()) -> Run:
     """Continue ``run`` from its last checkpoint with its saved config. ``changes`` may repeat
     saved values or change ``epochs`` (see ``checkpoint.resumed_config``); others are refused.
@@ -141,8 +137,7 @@ def resume(run: str | Path, *, progress: bool = True, changes: dict[str, Any] | 
         ckpt.read_checkpoint(folder.last_checkpoint)   # says why there is nothing to resume
     main = _launched_as_rank_zero()
     with writing_run(path) if main else nullcontext():
-        return _resume(path, main, progress=progress, changes=changes or {}, on_epoch=on_epoch,
-                       callbacks=callbacks)
+        return _resume(path, main, progress=progress, changes=changes or {}, callbacks=callbacks)
 
 
 def _launched_as_rank_zero() -> bool:
@@ -165,7 +160,7 @@ def _complete_message(folder: RunFolder, meta: dict[str, Any], cfg: Config) -> s
 
 
 def _resume(path: Path, main: bool, *, progress: bool, changes: dict[str, Any],
-            on_epoch: Callable[[int, dict[str, list]], bool] | None, callbacks: Sequence[Callback]) -> Run:
+            callbacks: Sequence[Callback]) -> Run:
     folder = RunFolder(path)
     tensors, meta = ckpt.read_checkpoint(folder.last_checkpoint)
     cfg = ckpt.resumed_config(meta, changes, path)
@@ -189,7 +184,7 @@ def _resume(path: Path, main: bool, *, progress: bool, changes: dict[str, Any],
               flush=True)
     if distributed.is_main():
         save_config(path, cfg, environment(device, trainer.precision))
-    return _train_and_save(trainer, on_epoch, callbacks)
+    return _train_and_save(trainer, callbacks)
 
 
 def _print_header(cfg: Config, data: Dataset, trainer: Trainer, path: Path, device: torch.device) -> None:
@@ -233,10 +228,10 @@ def hardware_line(device: torch.device, precision: hardware.Precision) -> str:
 
 
 @hardware.reuse_freed_memory()
-def _train_and_save(trainer: Trainer, on_epoch, callbacks: Sequence[Callback] = ()) -> Run:
+def _train_and_save(trainer: Trainer, callbacks: Sequence[Callback] = ()) -> Run:
     cfg, path, s = trainer.cfg, trainer.run, trainer.state
     try:
-        trainer.fit([*default_callbacks(cfg, progress=trainer.progress, on_epoch=on_epoch), *callbacks])
+        trainer.fit([*default_callbacks(cfg, progress=trainer.progress), *callbacks])
     except NonFiniteLoss as e:
         # No checkpoint holds a NaN (Trainer.checkpoint checks): the last one's weights (averaged
         # or best, as the config asks) become the model, and its history the history.

@@ -2,11 +2,11 @@
 
 One trainer serves every model. It builds the model from the registry, the optimizer,
 schedule, precision and weight average the config names, and trains step by step and epoch
-by epoch; what varies between runs hangs on callbacks (``cnnlab.engine.callbacks``:
-progress, checkpoints, keep-best, time limit, early stop, TensorBoard) and on hooks the
-network offers (``cnnlab.models.hooks``: SpeedNet's whitening, a frozen body). Its state
-(``LoopState``) goes into every checkpoint, so a run resumes exactly. ``cnnlab.engine.loop``
-wraps it into ``fit`` and ``resume``, which own the run folder.
+by epoch; what varies between runs is a callback on its events (``cnnlab.core.events``:
+progress, checkpoints, keep-best, time limit, early stop, TensorBoard, a frozen body, and
+what the network offers, SpeedNet's whitening). Its state (``checkpoint.LoopState``) goes
+into every checkpoint, so a run resumes exactly. ``cnnlab.engine.loop`` wraps it into ``fit``
+and ``resume``, which own the run folder.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -31,14 +31,13 @@ from cnnlab.data.batches import derive_seed, model_input
 from cnnlab.data.dataset import Dataset, channel_stats
 from cnnlab.engine import checkpoint as ckpt
 from cnnlab.engine import distributed
-from cnnlab.engine.callbacks import Callback
+from cnnlab.engine.callbacks import Callback, FreezeBody
 from cnnlab.engine.ema import WeightAverage
 from cnnlab.engine.evaluation import evaluate
 from cnnlab.engine.optim import build_optimizer, build_schedule, decay_weights, set_lr
 from cnnlab.engine.runs import pretrained_folder, requested_weights
 from cnnlab.engine.signals import catch_stop_signals
 from cnnlab.models.classifier import Classifier, build_classifier
-from cnnlab.models.hooks import FreezeBody, TrainingHook
 from cnnlab.models.pretrained import head_name, init_from
 
 LOG_EVERY = 10           # steps between progress-bar refreshes (each one syncs the device)
@@ -64,15 +63,14 @@ class EpochSums:
 class Trainer:
     """The loop's moving parts, gathered so checkpointing and callbacks can see them all.
 
-    ``lr_at(global_step)``, when given, is each step's learning rate in place of the config's
-    schedule (the range test's exponential ramp); SGD's decoupled weight decay then stays at
-    its full strength, as under a constant schedule.
+    Each step's learning rate and decoupled-decay multiplier come from the config's schedule
+    (``lr``, ``decay_mult``); a callback may change them in ``on_step_begin`` (the time limit
+    decays over seconds, lr-find ramps).
     """
 
     def __init__(self, cfg: Config, data: Dataset, run: Path, device: torch.device,
-                 progress: bool = True, lr_at: Callable[[int], float] | None = None, initial_weights: bool = True):
+                 progress: bool = True, initial_weights: bool = True):
         self.cfg, self.data, self.run, self.device, self.progress = cfg, data, run, device, progress
-        self.lr_at = lr_at
         self.precision = choose_precision(cfg.precision, device)
         self.dtype = self.precision.dtype
         self.scaler = grad_scaler(device, self.precision)   # float16 only
@@ -94,13 +92,6 @@ class Trainer:
         # In memory or streamed from disk; this process's shard when data-parallel.
         self.batches = distributed.training_batches(cfg, data, device)
         self.steps_per_epoch = len(self.batches)
-        # What the network itself asks of training (models/hooks.py): SpeedNet's whitening.
-        offered = getattr(self.model.net, "training_hooks", None)   # its switches: check_config's
-        self.model_hooks: list[TrainingHook] = offered(cfg, self.steps_per_epoch) if offered else []
-        if cfg.freeze_epochs:   # first, so the network's own hooks have the last word on its parameters
-            self.model_hooks.insert(0, FreezeBody(self.head, round(cfg.freeze_epochs * self.steps_per_epoch)))
-        for hook in self.model_hooks:
-            hook.setup(self.model.net, self.training_sample)
         self.total_steps = max(1, round(cfg.epochs * self.steps_per_epoch))
         self.opt_cfg = distributed.global_batch_config(cfg)   # lr/decay scaling see the global batch
         self.schedule = build_schedule(self.opt_cfg, self.steps_per_epoch)
@@ -112,14 +103,24 @@ class Trainer:
         self._ema_model: Classifier | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.state = ckpt.LoopState()
+        self.lr, self.decay_mult = self.schedule.lr(0), 1.0
+        self.last_loss = torch.zeros(())
         self.test = True   # evaluate the test split at the end (fit(test=False): never read it)
-        self.callbacks: list[Callback] = []
+        # The policies of this config and network, on every step (fit's callbacks come after
+        # them): freezing the body first, so the network's own have the last word on its
+        # parameters; then what the network asks (its switches are check_config's).
+        offered = getattr(self.model.net, "training_callbacks", None)
+        self.policies: list[Callback] = ([FreezeBody(round(cfg.freeze_epochs * self.steps_per_epoch))]
+                                         if cfg.freeze_epochs else [])
+        self.policies += offered(cfg, self.steps_per_epoch) if offered else []
+        self.callbacks: list[Callback] = list(self.policies)
         self.sums: EpochSums | None = None
         self._stop: tuple[bool, str | None] = (False, None)   # (stopping, reason to print)
         self._end_epoch = False
         self._epoch_start = time.perf_counter()
+        self._call("on_setup")   # before a resumed run restores its weights over what this sets
         replica = distributed.wrap_model(self.model, device, sync_bn=cfg.sync_bn,   # DDP when data-parallel
-                                         unused_parameters=any(h.unused_parameters for h in self.model_hooks))
+                                         unused_parameters=any(c.unused_parameters for c in self.policies))
         self.forward = torch.compile(replica) if cfg.compile else replica
 
     def training_sample(self, n: int) -> torch.Tensor:
@@ -170,6 +171,7 @@ class Trainer:
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         self.state = ckpt.loop_state(meta)
+        self.lr = self.schedule.lr(max(0, self.state.global_step - 1))   # the history's, until a step runs
         if not distributed.is_main():   # the saved sums are every process's: rank 0 carries them on
             self.state.epoch_loss, self.state.epoch_correct, self.state.epoch_seen = 0.0, 0, 0
 
@@ -208,50 +210,28 @@ class Trainer:
     # -- training ----------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, s = self.cfg, self.state
-        lr, mult = self._rate(s.global_step)
-        set_lr(self.optimizer, lr)
+        mult = self.schedule.multiplier(s.global_step, None)
+        self.lr, self.decay_mult = self.schedule.base_lr * mult, mult
+        self._call("on_step_begin")
+        set_lr(self.optimizer, self.lr)
         # Dropout and other in-model randomness, reproducible per step for exact resume.
         torch.manual_seed(derive_seed(cfg.seed, s.epoch, s.step_in_epoch, 0xD0, *distributed.rank_key()))
-        for hook in self.model_hooks:
-            hook.before_step(self.model.net, s.global_step)
         with autocast(self.device, self.dtype):
             logits = self.forward(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-        for hook in self.model_hooks:
-            hook.after_backward(self.model.net, s.global_step)
+        self._call("on_backward_end")
         if self.scaler is None:
-            decay_weights(self.optimizer, self.opt_cfg, mult)
+            decay_weights(self.optimizer, self.opt_cfg, self.decay_mult)
             self.optimizer.step()
         else:
-            self._scaled_step(mult)
+            self._scaled_step(self.decay_mult)
         if self.ema is not None and s.global_step >= self.ema_start_step:
             self.ema.update(s.global_step)
         correct = (logits.detach().argmax(1) == y).sum()
-        return loss.detach(), correct
-
-    def _rate(self, step: int) -> tuple[float, float]:
-        """(learning rate, decoupled-decay multiplier) of ``step``."""
-        if self.lr_at is not None:
-            return self.lr_at(step), 1.0
-        progress = self.elapsed() / self.cfg.time_limit if self.cfg.time_limit else None
-        mult = self.schedule.multiplier(step, progress)
-        return self.schedule.base_lr * mult, mult
-
-    def train_steps(self) -> Iterator[torch.Tensor]:
-        """Train batch after batch, epoch after epoch, yielding each step's loss: no evaluation,
-        checkpoint or callback, and no end but the caller's (the range test's loop)."""
-        s = self.state
-        self.model.train()
-        while True:
-            for x, y in self.batches.epoch(s.epoch, s.step_in_epoch):
-                loss, _ = self.train_step(x, y)
-                s.step_in_epoch += 1
-                s.global_step += 1
-                yield loss
-            s.epoch += 1
-            s.step_in_epoch = 0
+        self.last_loss = loss.detach()
+        return self.last_loss, correct
 
     def _scaled_step(self, mult: float) -> None:
         """float16: the scaler unscales the gradients and skips the step when one overflowed,
@@ -332,8 +312,9 @@ class Trainer:
         return self._ema_model
 
     def fit(self, callbacks: Sequence[Callback] = ()) -> None:
-        """Train to the end of the schedule, or until a callback stops it."""
-        self.callbacks = list(callbacks)
+        """Train to the end of the schedule, or until a callback stops it; ``callbacks`` come
+        after the run's own policies (``policies``), in their order."""
+        self.callbacks = [*self.policies, *callbacks]
         cfg, s = self.cfg, self.state
         total_epochs = math.ceil(cfg.epochs)
         with catch_stop_signals() as stop:
@@ -349,8 +330,7 @@ class Trainer:
                 h["accuracy"].append(acc)
                 h["val_loss"].append(val.loss if val else None)
                 h["val_accuracy"].append(val.accuracy if val else None)
-                last = max(0, s.global_step - 1)
-                h["lr"].append(self.lr_at(last) if self.lr_at is not None else self.schedule.lr(last))
+                h["lr"].append(self.lr)   # the last step's, as the schedule or a callback set it
                 h["seconds"].append(seconds)
                 s.epoch += 1
                 s.step_in_epoch = 0

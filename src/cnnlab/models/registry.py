@@ -104,8 +104,8 @@ class ModelInfo:
     min_size: int = 1
     # The square side it trains at on photo folders whose images are at least that large.
     default_size: int = 224
-    # Config switches only this family acts on, through the training hooks it offers
-    # (cnnlab.models.hooks): SpeedNet's ("whiten", "whiten_bias_epochs").
+    # Config switches only this family acts on, through the training callbacks it offers
+    # (training_callbacks, cnnlab.core.events): SpeedNet's ("whiten", "whiten_bias_epochs").
     setup_keys: tuple[str, ...] = ()
 
 
@@ -119,7 +119,7 @@ def register_model(name: str, *, family: str, year: int, paper: str,
 
     ``min_size``: the smallest side it takes (``smallest_side`` of its layer path);
     ``default_size``: its training side on photo folders (default: the largest of ``input_sizes``);
-    ``setup_keys``: the config switches its ``training_hooks`` act on.
+    ``setup_keys``: the config switches its ``training_callbacks`` act on.
     """
     if default_size is None:
         default_size = max(input_sizes)

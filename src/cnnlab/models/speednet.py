@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from cnnlab.core.config import Config
+from cnnlab.core.events import Callback
 from cnnlab.models.conv import Conv3x3
-from cnnlab.models.hooks import TrainingHook
 from cnnlab.models.registry import InputSize, Window, register_model, smallest_side
 
 # name -> (widths of the three blocks, activation, whitening filters in +/- pairs through the
@@ -114,15 +114,15 @@ class SpeedNet(nn.Module):
         return self.head(self.pool(x).flatten(1)) * self.logit_scale
 
 
-    def training_hooks(self, cfg: Config, steps_per_epoch: int) -> list[TrainingHook]:
+    def training_callbacks(self, cfg: Config, steps_per_epoch: int) -> list[Callback]:
         """``--whiten``: the patch conv set from the training images; ``--whiten-bias-epochs``:
         its bias frozen after that many epochs."""
-        hooks: list[TrainingHook] = []
+        callbacks: list[Callback] = []
         if cfg.whiten:
-            hooks.append(PatchWhitening())
+            callbacks.append(PatchWhitening())
         if cfg.whiten_bias_epochs is not None:
-            hooks.append(FreezeWhiteningBias(round(cfg.whiten_bias_epochs * steps_per_epoch)))
-        return hooks
+            callbacks.append(FreezeWhiteningBias(round(cfg.whiten_bias_epochs * steps_per_epoch)))
+        return callbacks
 
 
 def _whitening_bias(net: nn.Module) -> torch.Tensor:
@@ -132,12 +132,12 @@ def _whitening_bias(net: nn.Module) -> torch.Tensor:
 WHITENING_SAMPLE = 2000  # images whose 2x2 patches set the whitening layer
 
 
-class PatchWhitening(TrainingHook):
-    def setup(self, net: nn.Module, sample) -> None:
-        cast(SpeedNet, net).init_whitening(sample(WHITENING_SAMPLE))
+class PatchWhitening(Callback):
+    def on_setup(self, trainer) -> None:
+        cast(SpeedNet, trainer.model.net).init_whitening(trainer.training_sample(WHITENING_SAMPLE))
 
 
-class FreezeWhiteningBias(TrainingHook):
+class FreezeWhiteningBias(Callback):
     """The whitening bias settles within a few epochs (airbench freezes it after 3); frozen, it
     also spares the backward pass its path through the first convolution."""
     unused_parameters = True
@@ -145,12 +145,12 @@ class FreezeWhiteningBias(TrainingHook):
     def __init__(self, after_steps: int):
         self.after_steps = after_steps
 
-    def before_step(self, net: nn.Module, step: int) -> None:
-        _whitening_bias(net).requires_grad_(step < self.after_steps)
+    def on_step_begin(self, trainer) -> None:
+        _whitening_bias(trainer.model.net).requires_grad_(trainer.state.global_step < self.after_steps)
 
-    def after_backward(self, net: nn.Module, step: int) -> None:
-        if step >= self.after_steps:   # DDP hands unused parameters a zero gradient; None keeps momentum off it
-            _whitening_bias(net).grad = None
+    def on_backward_end(self, trainer) -> None:
+        if trainer.state.global_step >= self.after_steps:   # DDP hands unused parameters a zero gradient; None keeps momentum off it
+            _whitening_bias(trainer.model.net).grad = None
 
 
 def _path(blocks: int) -> list[Window]:

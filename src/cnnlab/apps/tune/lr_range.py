@@ -21,22 +21,25 @@ few losses, and its last ``SKIP_END`` steps, where it diverges:
 tests/test_tune.py trains the valley's rate and a grid of rates on real images and checks
 that it is within a few points of the grid's best.
 
-It reuses the training loop's ``Trainer`` (model, optimizer, batches, augmentation,
-precision, ``train_steps``), giving it the ramp as its per-step learning rate (``lr_at``).
+It runs on the one training loop (model, optimizer, batches, augmentation, precision) as a
+callback, ``RangeTest``, that sets each step's rate from the ramp and stops the run.
 Rates are in the config's units (per 1024 examples when ``lr_per_1024`` is on). Writes
 ``lr_find.json`` and ``lr_find.png`` in the output folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
+from cnnlab.core.events import Callback
 from cnnlab.core.files import write_json
 from cnnlab.core.hardware import borrowed_process
 from cnnlab.engine.runs import default_run_name, run_path
@@ -77,15 +80,58 @@ class LrFindResult:
         return self.min_loss_lr / 10
 
 
+class RangeTest(Callback):
+    """The range test on the one training loop: each step's rate set from an exponential ramp
+    from ``start`` to ``end`` over ``steps`` (SGD's decoupled decay at full strength, as under a
+    constant schedule), each step's loss recorded and smoothed, and training stopped when the
+    smoothed loss diverges or the ramp ends."""
+
+    def __init__(self, start: float, end: float, steps: int, *, scale: float, progress: bool):
+        self.start, self.steps, self.scale = start, steps, scale
+        self.ratio = (end / start) ** (1 / (steps - 1))
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+        self.avg, self.best, self.diverged = 0.0, math.inf, False
+        self.bar = tqdm(total=steps, desc="lr-find", unit="step", disable=not progress, leave=False)
+
+    def rate(self, step: int) -> float:   # in the config's units
+        return self.start * self.ratio ** step
+
+    def on_step_begin(self, trainer: Any) -> None:
+        # The optimizer receives effective rates; with lr_per_1024 the config's rate is per 1024 examples.
+        trainer.lr, trainer.decay_mult = self.rate(trainer.state.global_step) * self.scale, 1.0
+
+    def on_step_end(self, trainer: Any) -> None:
+        step, loss = len(self.lrs), float(trainer.last_loss)
+        self.bar.update(1)
+        if not math.isfinite(loss):
+            self._stop(trainer, diverged=True)
+            return
+        self.avg = SMOOTHING * self.avg + (1 - SMOOTHING) * loss
+        smooth = self.avg / (1 - SMOOTHING ** (step + 1))
+        self.lrs.append(self.rate(step))
+        self.losses.append(loss)
+        self.smoothed.append(smooth)
+        self.best = min(self.best, smooth)
+        if smooth > DIVERGE * self.best:
+            self._stop(trainer, diverged=True)
+        elif len(self.lrs) >= self.steps:
+            self._stop(trainer, diverged=False)
+
+    def _stop(self, trainer: Any, diverged: bool) -> None:
+        self.diverged = diverged
+        trainer.end_epoch_now()
+        trainer.request_stop(None)
+
+
 @borrowed_process()
 def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int = 100,
             out: str | Path | None = None, progress: bool = True) -> LrFindResult:
     """Run the range test for ``cfg`` (its model, data, optimizer, batch size)."""
-    from tqdm import tqdm
-
     from cnnlab.core.hardware import pick_device, set_threads
     from cnnlab.engine.prepare import check_config, load_data
-    from cnnlab.engine.trainer import Trainer
+    from cnnlab.engine.trainer import NonFiniteLoss, Trainer
 
     if not (0 < start < end and math.isfinite(end)):
         raise CnnlabError(f"--start and --end must satisfy 0 < start < end; got start {start:g}, end {end:g}")
@@ -95,37 +141,18 @@ def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int =
     path = run_path(out=out, name=None, default_name=f"lr-find-{default_run_name(cfg)}")
     device = pick_device(cfg.device)
     set_threads(cfg.threads)
-    data = load_data(cfg)
-    ratio = (end / start) ** (1 / (steps - 1))
-
-    def rate(step: int) -> float:   # in the config's units
-        return start * ratio ** step
-
-    # The optimizer receives effective rates; with lr_per_1024 the config's rate is per 1024 examples.
-    scale = cfg.batch_size / 1024 if cfg.lr_per_1024 else 1.0
-    trainer = Trainer(cfg, data, path, device, progress=False, lr_at=lambda step: rate(step) * scale)
-
-    lrs, losses, smoothed = [], [], []
-    avg, best, diverged = 0.0, math.inf, False
-    bar = tqdm(total=steps, desc="lr-find", unit="step", disable=not progress, leave=False)
-    for step, step_loss in enumerate(trainer.train_steps()):   # step == len(lrs) until it stops
-        loss = float(step_loss)
-        bar.update(1)
-        if not math.isfinite(loss):
-            diverged = True
-            break
-        avg = SMOOTHING * avg + (1 - SMOOTHING) * loss
-        smooth = avg / (1 - SMOOTHING ** (step + 1))
-        lrs.append(rate(step))
-        losses.append(loss)
-        smoothed.append(smooth)
-        best = min(best, smooth)
-        if smooth > DIVERGE * best:
-            diverged = True
-            break
-        if len(lrs) >= steps:
-            break
-    bar.close()
+    # Training batches only (no validation at an epoch's end); enough epochs for every step.
+    data = dataclasses.replace(load_data(cfg), val=None)
+    ramp = RangeTest(start, end, steps, scale=cfg.batch_size / 1024 if cfg.lr_per_1024 else 1.0, progress=progress)
+    trainer = Trainer(cfg.replace(epochs=float(steps)), data, path, device, progress=False)
+    try:
+        trainer.fit([ramp])
+    except NonFiniteLoss:   # the loop's own check saw the loss leave the numbers: diverged
+        ramp.diverged = True
+    finally:
+        ramp.bar.close()
+    lrs, losses, smoothed, diverged = ramp.lrs, ramp.losses, ramp.smoothed, ramp.diverged
+    ratio = ramp.ratio
     if len(lrs) < MIN_STEPS:
         raise CnnlabError(f"the loss diverged after {len(lrs)} step(s), at lr {start * ratio ** len(lrs):.3g}: "
                           f"lower --start (now {start:g}) or the batch size")

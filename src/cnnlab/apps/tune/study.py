@@ -59,6 +59,7 @@ from tqdm import tqdm
 from cnnlab.apps.tune.space import SearchSpace, default_space, load_space, parse_space
 from cnnlab.core.config import FIELDS, Config, merge
 from cnnlab.core.errors import CnnlabError, TrainingInterrupted
+from cnnlab.core.events import Callback
 from cnnlab.core.files import read_json, write_json, write_text
 from cnnlab.core.metrics import accuracy_se, with_se, worst_case_se
 from cnnlab.core.run_folder import RunFolder
@@ -86,6 +87,25 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # images) cannot rank trials a few points apart: the tuner says so before it starts.
 RANKING_SE = 0.025
 TESTED_ATTR = "tested_trials"   # the study's user attribute: every trial whose model was tested
+
+
+class PruneTrial(Callback):
+    """A trial's validation accuracy reported to Optuna after each epoch; training stops when
+    the pruner says so (never after the last epoch: nothing is left to save by stopping)."""
+
+    def __init__(self, trial: optuna.Trial, last_epoch: int):
+        self.trial, self.last_epoch = trial, last_epoch
+        self.pruned_at: list[int] = []
+
+    def on_epoch_end(self, trainer: Any, logs: dict[str, Any]) -> None:
+        epoch = trainer.state.epoch
+        acc = trainer.state.history["val_accuracy"][-1]
+        if acc is None or not math.isfinite(acc):
+            raise CnnlabError(f"no validation accuracy after epoch {epoch}")
+        self.trial.report(acc, epoch)
+        if epoch < self.last_epoch and self.trial.should_prune():
+            self.pruned_at.append(epoch)
+            trainer.request_stop(None)
 
 
 def _trial_errors() -> tuple[type[Exception], ...]:
@@ -367,23 +387,11 @@ class _Objective:
         try:
             cfg = merge(self.base, self.space.suggest(trial, grid=self.grid), source=f"trial {trial.number}")
             trial.set_user_attr("config", cfg.to_dict())
-            last_epoch = math.ceil(cfg.epochs)
-            pruned_at: list[int] = []
-
-            def on_epoch(epoch: int, history: dict[str, list]) -> bool:
-                acc = history["val_accuracy"][-1]
-                if acc is None or not math.isfinite(acc):
-                    raise CnnlabError(f"no validation accuracy after epoch {epoch}")
-                trial.report(acc, epoch)
-                # After the last epoch there is nothing left to save by stopping.
-                if epoch < last_epoch and trial.should_prune():
-                    pruned_at.append(epoch)
-                    return True
-                return False
-
+            pruning = PruneTrial(trial, math.ceil(cfg.epochs))
+            pruned_at = pruning.pruned_at
             # Scored on validation only: no trial reads the test split (score_test_split tests the
             # best one when the study ends).
-            run = fit(cfg, self.data_for(cfg), out=run_dir, progress=False, on_epoch=on_epoch, test=False)
+            run = fit(cfg, self.data_for(cfg), out=run_dir, progress=False, callbacks=[pruning], test=False)
             history = run.history
             trial.set_user_attr("epochs_run", len(history.get("loss", [])))
             trial.set_user_attr("val_images", run.metrics.get("val_images"))
