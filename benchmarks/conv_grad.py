@@ -5,7 +5,7 @@
 Every figure is a median over interleaved rounds in one process (bfloat16 autocast, or
 float32 with ``--precision fp32`` as on CPUs without bfloat16; channels-last; freed memory
 kept for reuse as in training), so drifts in the machine's speed hit both sides alike.
-"oneDNN" is the same layer with the products switched off (``conv.LIMIT = 0``), "products"
+"oneDNN" is the same layer with the products switched off (``conv.forced_limit(0)``), "products"
 with them on every map up to 7x7; the whole step is also timed as ``conv.products_limit``
 picks for this CPU and precision.
 """
@@ -22,7 +22,7 @@ from cnnlab.core import hardware
 from cnnlab.models import conv, create_model
 
 SHAPES = [(384, 384, 7), (384, 512, 7), (512, 512, 3)]   # SpeedNet-L's wide layers on small maps
-# name, the conv.LIMIT that selects it
+# name, the conv.forced_limit that selects it
 MODES = (("oneDNN", 0), ("products", conv.SMALL_MAP))
 
 
@@ -43,13 +43,13 @@ def layer_times(cin: int, cout: int, size: int, batch: int, rounds: int,
     times: dict[str, list[float]] = {}
     for _ in range(rounds):
         for mode, limit in MODES:
-            conv.LIMIT = limit
-            for _ in range(2):
-                with autocast(dtype):
-                    y = layer(x)
-                times.setdefault(f"{mode} backward", []).append(timed(lambda: y.backward(torch.ones_like(y))))
-                with autocast(dtype):
-                    times.setdefault(f"{mode} forward", []).append(timed(lambda: layer(x)))
+            with conv.forced_limit(limit):
+                for _ in range(2):
+                    with autocast(dtype):
+                        y = layer(x)
+                    times.setdefault(f"{mode} backward", []).append(timed(lambda: y.backward(torch.ones_like(y))))
+                    with autocast(dtype):
+                        times.setdefault(f"{mode} forward", []).append(timed(lambda: layer(x)))
     return times
 
 
@@ -71,9 +71,9 @@ def step_times(model_name: str, batch: int, rounds: int, dtype: torch.dtype) -> 
     times: dict[str, list[float]] = {}
     for _ in range(rounds):
         for mode, limit in (*MODES, ("as picked here", None)):
-            conv.LIMIT = limit
-            step()   # the first step after a switch warms that path's kernels
-            times.setdefault(mode, []).extend(timed(step) for _ in range(3))
+            with conv.forced_limit(limit):
+                step()   # the first step after a switch warms that path's kernels
+                times.setdefault(mode, []).extend(timed(step) for _ in range(3))
     return times
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from cnnlab.core.config import Config
 from cnnlab.core.hardware import autocast, available_cores, choose_precision
 from cnnlab.engine.distributed import training_batches
-from cnnlab.engine.prepare import load_data
+from cnnlab.engine.prepare import load_data, plan_run
 from cnnlab.models.classifier import build_classifier
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
@@ -54,7 +54,7 @@ def loader_rate(folder: Path, workers: int, batches: int) -> tuple[float, float,
     """(images/s after the first batch, seconds to the first batch, images) of training batches."""
     cfg = Config(data=str(folder), loader="stream", image_size=SIZE, crop="random_resized", flip="random",
                  workers=workers, batch_size=BATCH, val_split=0.0)
-    data = load_data(cfg)
+    data = load_data(plan_run(cfg))
     assert data.train.streamed
     stream = training_batches(cfg, data, torch.device("cpu"))
     start = time.perf_counter()

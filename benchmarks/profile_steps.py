@@ -35,7 +35,7 @@ from cnnlab.core.config import resolve
 from cnnlab.engine import loop
 from cnnlab.engine import trainer as trainer_module  # decay_weights is looked up there
 from cnnlab.engine.callbacks import Callback
-from cnnlab.engine.prepare import load_data
+from cnnlab.engine.prepare import load_data, plan_run
 from cnnlab.models.conv import Conv3x3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ def profile_recipe(recipe: str, data: str = str(DATA), steps: int = 12, warmup: 
     # A recipe name or a YAML file (a baseline under benchmarks/baselines, a candidate), as speedrun takes.
     source = {"config_file": recipe} if recipe.endswith(".yaml") else {"recipe": recipe}
     probe = resolve(**source, overrides={"data": data})
-    dataset = load_data(probe)
+    dataset = load_data(plan_run(probe))
     per_epoch = len(dataset.train) // probe.batch_size
     # The schedule's shape does not change what a step costs: no warm-up longer than the run.
     cfg = resolve(**source, overrides={"data": data, "epochs": (warmup + steps) / per_epoch, "warmup": 0.0})

@@ -413,16 +413,22 @@ def _output_and_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, weight
     return y.detach().float(), x.grad.float(), layer.weight.grad.float()
 
 
+@pytest.fixture
+def products_everywhere():
+    """Wide layers take the products on maps up to SMALL_MAP px, on any CPU, in float32 too."""
+    from cnnlab.models import conv
+    with conv.forced_limit(conv.SMALL_MAP):
+        yield
+
 def _plain_conv3x3(cin: int, cout: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, padding=1, bias=False)
 
 
 @pytest.mark.parametrize("size", [3, 4, 7, 15])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_conv3x3_products_match_the_plain_convolution(monkeypatch, size, channels_last):
+def test_conv3x3_products_match_the_plain_convolution(products_everywhere, monkeypatch, size, channels_last):
     from cnnlab.models import conv
     monkeypatch.setattr(conv, "WIDE", 1)   # let these narrow test layers take the products
-    monkeypatch.setattr(conv, "LIMIT", conv.SMALL_MAP)   # on any CPU, in float32 too
     torch.manual_seed(0)
     x = torch.randn(3, 6, size, size)
     if channels_last:
@@ -437,10 +443,9 @@ def test_conv3x3_products_match_the_plain_convolution(monkeypatch, size, channel
 
 
 @pytest.mark.parametrize("size", [3, 7])
-def test_conv3x3_products_under_bfloat16_autocast(monkeypatch, size):
+def test_conv3x3_products_under_bfloat16_autocast(products_everywhere, monkeypatch, size):
     from cnnlab.models import conv
     monkeypatch.setattr(conv, "WIDE", 1)
-    monkeypatch.setattr(conv, "LIMIT", conv.SMALL_MAP)
     torch.manual_seed(0)
     x = torch.randn(4, 32, size, size).contiguous(memory_format=torch.channels_last)
     g, w = torch.randn(4, 16, size, size), torch.randn(16, 32, 3, 3) * 0.1
@@ -451,9 +456,8 @@ def test_conv3x3_products_under_bfloat16_autocast(monkeypatch, size):
         assert (a - b).norm() / b.norm() < 1e-2, name   # bfloat16 rounding, nothing more
 
 
-def test_conv3x3_keeps_onednn_where_the_products_do_not_pay(monkeypatch):
+def test_conv3x3_keeps_onednn_where_the_products_do_not_pay(products_everywhere, monkeypatch):
     from cnnlab.models import conv
-    monkeypatch.setattr(conv, "LIMIT", conv.SMALL_MAP)
     taken = lambda layer, size: type(layer(torch.randn(2, layer.in_channels, size, size)).grad_fn).__name__
     wide, narrow = conv.Conv3x3(conv.WIDE, conv.WIDE), conv.Conv3x3(64, 64)
     assert "ConvolutionBackward" in taken(narrow, 3)                  # narrow: oneDNN throughout

@@ -18,7 +18,7 @@ def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str
                  device: str = "auto", bad_images: str | None = None) -> dict[str, Any]:
     """``bad_images``: "skip" leaves out unusable files of an image folder (default: the run's)."""
     from cnnlab.engine.evaluation import evaluate
-    from cnnlab.engine.prepare import load_data
+    from cnnlab.engine.prepare import load_data, plan_run
     run = load_run(run_path)
     cfg = run.config
     spec = data or cfg.data
@@ -36,7 +36,7 @@ def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str
                        image_size=(h if h == w else (h, w)) if folder else None)
     # Its own image folder splits as it did in training (a flat folder's split is saved with the run).
     saved = run.splits_file if not data and run.splits_file.is_file() else None
-    ds = load_data(cfg.replace(**changes), saved_split=saved)
+    ds = load_data(plan_run(cfg.replace(**changes), saved_split=saved))
     if ds.class_names != run.class_names:
         raise CnnlabError(f"{spec} has classes {ds.class_names[:5]}... but the run was trained on "
                           f"{run.class_names[:5]}...: evaluate on data with the same classes")

@@ -72,15 +72,16 @@ def _sync(device: torch.device) -> None:
 def probe(cfg: Config, *, batch: int = PROBE_BATCH, steps: int = PROBE_STEPS) -> Probe:
     """Time the recipe's training step and evaluation on synthetic CIFAR-sized batches."""
     from cnnlab.engine.evaluation import evaluate
+    from cnnlab.engine.prepare import plan_run
     from cnnlab.engine.trainer import Trainer  # the loop is heavy: imported when a probe runs
-    device = hardware.pick_device(cfg.device)
-    hardware.set_threads(cfg.threads)
     rng = np.random.default_rng(0)
     n = batch * (steps + 1)
     data = Dataset("probe", [f"c{i}" for i in range(CLASSES)], _synthetic(n, rng), _synthetic(n, rng))
     # A tiny rate: random images must not send the weights anywhere odd (denormals are slow).
-    cfg = cfg.replace(batch_size=batch, epochs=1, lr=1e-6, lr_per_1024=False, warmup=0.0,
-                      val_split=0.0, time_limit=None, nproc=1, checkpoint_every=0, tensorboard=False)
+    plan = plan_run(cfg.replace(batch_size=batch, epochs=1, lr=1e-6, lr_per_1024=False, warmup=0.0, val_split=0.0,
+                                time_limit=None, nproc=1, checkpoint_every=0, tensorboard=False), read_folder=False)
+    cfg, device = plan.cfg, plan.device
+    hardware.set_threads(cfg.threads)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, data, Path(tmp) / "probe", device, progress=False)
         batches = iter(trainer.batches.epoch(0))

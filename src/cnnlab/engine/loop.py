@@ -59,7 +59,7 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
         name: str | None = None, progress: bool = True, callbacks: Sequence[Callback] = (), test: bool = True, **overrides: Any) -> Run:
     """Train a model as ``config`` (plus keyword overrides) says and return the finished run.
 
-    - ``data``: what ``load_data(config)`` returns, for a caller that trains several times on
+    - ``data``: what ``load_data(plan_run(config))`` returns, for a caller that trains several times on
       the same images (the tuner).
     - ``callbacks`` run after the config's own (progress, checkpoints, keep-best, TensorBoard,
       time limit, early stop: ``cnnlab.engine.callbacks``); the tuner's pruning is one.
@@ -74,19 +74,20 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
     above, draws it (the command line after training, the tuner for its best trial only).
     """
     cfg = config_mod.merge(config or Config(), overrides, source="fit()") if overrides else (config or Config())
-    cfg = prepare.check_config(cfg)   # bad input leaves no folder behind
-    device = distributed.setup(pick_device(cfg.device))   # joins torchrun's process group, if any
-    weights = requested_weights(cfg)
-    if weights is not None:   # fetched (once) before any data loads: no network, no wait for data
+    plan = prepare.plan_run(cfg, read_folder=data is None)   # bad input leaves no folder behind
+    cfg = plan.cfg
+    device = distributed.setup(plan.device)   # joins torchrun's process group, if any
+    if plan.weights is not None:   # fetched (once) before any data loads: no network, no wait for data
         with distributed.main_first():
-            pretrained_folder(weights)
-    set_threads(cfg.threads or distributed.threads_per_process())
+            pretrained_folder(plan.weights)
+    set_threads(plan.threads)
     progress = progress and distributed.is_main()
     path = distributed.from_main(run_path(out=out, name=name, default_name=default_run_name(cfg)))
     check_new_run_folder(path)
-    data = prepare.load_data(cfg) if data is None else data
-    if cfg.image_size is None and data.split_record is not None:
-        h, w, _ = data.image_shape   # the size chosen for the folder, saved with the run
+    if data is None:
+        data = prepare.load_data(plan)
+    elif cfg.image_size is None and data.split_record is not None:
+        h, w, _ = data.image_shape   # the size the caller's folder was decoded at, saved with the run
         cfg = cfg.replace(image_size=h if h == w else (h, w))
     if data.skipped and progress:
         print(f"skipped {data.skipped} unreadable image(s) (--bad-images skip)", flush=True)
@@ -171,12 +172,13 @@ def _resume(path: Path, main: bool, *, progress: bool, changes: dict[str, Any],
         return load_run(path)
     if main:
         discard_temps(folder.checkpoints_dir, folder.last_checkpoint.name)   # from a process killed mid-write
-    device = distributed.setup(pick_device(cfg.device))
-    distributed.check_resume_world(meta.get("world_size", 1), path)
-    set_threads(cfg.threads or distributed.threads_per_process())
-    progress = progress and distributed.is_main()
     splits = RunFolder(path).splits_file
-    data = prepare.load_data(cfg, saved_split=splits if splits.is_file() else None)
+    plan = prepare.plan_run(cfg, saved_split=splits if splits.is_file() else None)
+    device = distributed.setup(plan.device)
+    distributed.check_resume_world(meta.get("world_size", 1), path)
+    set_threads(plan.threads)
+    progress = progress and distributed.is_main()
+    data = prepare.load_data(plan)
     trainer = Trainer(cfg, data, path, device, progress, initial_weights=False)
     trainer.restore(tensors, meta)
     if progress:
@@ -311,14 +313,14 @@ def score_test_split(run: str | Path, data: Dataset | None = None, *, device: st
     """Test a finished run's model once, on its test split, and write the figures into its
     folder (metrics.json, evaluation.npz) as a run trained with testing would have them: for
     a run trained with ``fit(test=False)``, the tuner's best trial. ``data``: the images the
-    run was trained on (``load_data(config)``), else they are loaded again. Returns metrics.json."""
+    run was trained on (``load_data(plan_run(config))``), else they are loaded again. Returns metrics.json."""
     path = Path(run)
     with writing_run(path):
         done = load_run(path)
         cfg = done.config
         if data is None:
             splits = done.splits_file
-            data = prepare.load_data(cfg, saved_split=splits if splits.is_file() else None)
+            data = prepare.load_data(prepare.plan_run(cfg, saved_split=splits if splits.is_file() else None))
         dev = pick_device(device or cfg.device)
         model = done.model(dev)
         result = evaluate(model, data.test, dev, dtype=choose_precision(cfg.precision, dev, strict=False).dtype,

@@ -1,23 +1,31 @@
-"""Before a run trains: its config checked against every rule, and its data loaded and sized.
+"""Before a run trains: its plan (every decision made before data loads), then its data.
 
-``check_config`` runs every rule before anything loads (the config's own values, then those
-that need the model and dataset registries); ``load_data`` reads the splits a config trains,
-validates and tests on, an image folder decoded at a size chosen for the model, a flat folder
-split as a run saved it. ``DATA_KEYS`` name the config keys that decide the data: runs that
+``plan_run`` is where every entry point starts (fit, resume, lr-find, the estimate probe, the
+tuner, evaluate): ``check_config`` runs every rule (the config's own values, then those that
+need the model, weights and dataset registries), an image folder is walked once and its image
+size chosen from a sample of headers, and device, threads and precision are decided.
+``load_data(plan)`` then reads the splits the run trains, validates and tests on, an image
+folder decoded at the planned size, a flat folder split as a run saved it. ``DATA_KEYS`` name the config keys that decide the data: runs that
 agree on them train on the same images (the tuner loads them once for all its trials).
 """
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from cnnlab.core.config import Config, ImageSize, validate
 from cnnlab.core.errors import CnnlabError
+from cnnlab.core.hardware import Precision, choose_precision, pick_device
 from cnnlab.data.check import FolderScan
 from cnnlab.data.dataset import Dataset, prepare_splits
 from cnnlab.data.sources import load_for_config
 from cnnlab.data.stream import open_streaming, sample_headers, scan_data_folder
 from cnnlab.engine import distributed
+from cnnlab.engine.runs import requested_weights
+from cnnlab.models.weights import WeightsInfo
 
 DATA_KEYS = ("data", "data_dir", "image_size", "bad_images", "loader", "workers", "crop", "center_crop",
              "val_split", "test_split", "train_size", "test_size", "seed", "nproc", "model")   # model: its size
@@ -30,7 +38,6 @@ def check_config(cfg: Config) -> Config:
     the weights ``--pretrained``/``--weights`` name exist for it, and ``--loader stream`` names
     an image folder, not a dataset read from its archives."""
     from cnnlab.data.registry import official
-    from cnnlab.engine.runs import requested_weights
     from cnnlab.models.registry import check_input_size, list_models, model_info
     cfg = validate(cfg)
     if cfg.time_limit is not None and distributed.launched_world() > 1:   # torchrun's processes, not --nproc's
@@ -66,7 +73,6 @@ def image_size_for(cfg: Config, scan: FolderScan | None) -> tuple[ImageSize | No
     pretrained weights were trained at, else the images' shorter side (of their most common size, from a sample of headers) capped at what the
     model's family trains at (``models.registry.default_image_size``). None for an official
     dataset, which comes at its own size."""
-    from cnnlab.engine.runs import requested_weights
     from cnnlab.models.registry import default_image_size
     if cfg.image_size is not None:
         return cfg.image_size, "--image-size"
@@ -83,18 +89,43 @@ def image_size_for(cfg: Config, scan: FolderScan | None) -> tuple[ImageSize | No
     return default_image_size(cfg.model, min(w, h))
 
 
-def load_data(cfg: Config, saved_split: Path | None = None) -> Dataset:
-    """The splits ``cfg`` trains, validates and tests on (``DATA_KEYS`` decide them).
-    ``saved_split``: a run's splits.json, so an image folder splits as it did for that run."""
-    with distributed.main_first():   # rank 0 fills the decoded-image cache, the others read it
-        scan = scan_data_folder(cfg, saved_split)   # one walk of an image folder, whichever loader reads it
-        size, why = image_size_for(cfg, scan)
+@dataclass(frozen=True)
+class Plan:
+    """Every decision about a run made before its data loads (``plan_run``)."""
+    cfg: Config                  # every rule checked; an image folder's image size decided
+    device: torch.device         # before data-parallel set-up picks this process's GPU
+    threads: int
+    precision: Precision
+    weights: WeightsInfo | None  # the published weights it starts from (--pretrained)
+    scan: FolderScan | None      # an image folder's one walk (and problems found); None otherwise
+    size_reason: str             # why an image folder is decoded at its size, for the header
+
+
+def plan_run(cfg: Config, *, saved_split: Path | None = None, read_folder: bool = True) -> Plan:
+    """Check ``cfg`` against every rule (``check_config``), walk an image folder once and choose
+    its image size from a sample of headers (``image_size_for``), and decide device, threads
+    and precision: what ``fit``, ``resume``, lr-find, the estimate probe, the tuner and
+    ``evaluate`` all start from. ``saved_split``: a run's splits.json, so an image folder
+    splits as it did for that run; ``read_folder=False``: the caller brings its own images."""
+    cfg = check_config(cfg)
+    scan = scan_data_folder(cfg, saved_split) if read_folder else None
+    size, why = image_size_for(cfg, scan)
+    if size != cfg.image_size:
         cfg = cfg.replace(image_size=size)
+    device = pick_device(cfg.device)
+    return Plan(cfg, device, cfg.threads or distributed.threads_per_process(),
+                choose_precision(cfg.precision, device), requested_weights(cfg), scan, why)
+
+
+def load_data(plan: Plan) -> Dataset:
+    """The splits ``plan`` trains, validates and tests on (``DATA_KEYS`` decide them)."""
+    cfg, scan = plan.cfg, plan.scan
+    with distributed.main_first():   # rank 0 fills the decoded-image cache, the others read it
         data: Dataset | None = open_streaming(cfg, distributed.local_world_size(), scan)
         if data is None:
             data = prepare_splits(load_for_config(cfg, scan=scan, progress=distributed.is_main()),
                                   val_split=cfg.val_split, train_size=cfg.train_size,
                                   test_size=cfg.test_size, seed=cfg.seed)
     data.split_record = scan[0].split_record() if scan is not None else None
-    data.size_reason = why
+    data.size_reason = plan.size_reason
     return data

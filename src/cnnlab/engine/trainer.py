@@ -92,6 +92,17 @@ class Trainer:
         # In memory or streamed from disk; this process's shard when data-parallel.
         self.batches = distributed.training_batches(cfg, data, device)
         self.steps_per_epoch = len(self.batches)
+        # The policies of this config and network, on every step (fit's callbacks come after
+        # them): freezing the body first, so the network's own have the last word on its
+        # parameters; then what the network asks (its switches are check_config's).
+        offered = getattr(self.model.net, "training_callbacks", None)
+        self.policies: list[Callback] = ([FreezeBody(round(cfg.freeze_epochs * self.steps_per_epoch))]
+                                         if cfg.freeze_epochs else [])
+        self.policies += offered(cfg, self.steps_per_epoch) if offered else []
+        self.callbacks: list[Callback] = list(self.policies)
+        # Set-up from the data (SpeedNet's whitening) before the optimizer and the weight average
+        # see the weights, and before a resumed run restores its own over them.
+        self._call("on_setup")
         self.total_steps = max(1, round(cfg.epochs * self.steps_per_epoch))
         self.opt_cfg = distributed.global_batch_config(cfg)   # lr/decay scaling see the global batch
         self.schedule = build_schedule(self.opt_cfg, self.steps_per_epoch)
@@ -106,19 +117,10 @@ class Trainer:
         self.lr, self.decay_mult = self.schedule.lr(0), 1.0
         self.last_loss = torch.zeros(())
         self.test = True   # evaluate the test split at the end (fit(test=False): never read it)
-        # The policies of this config and network, on every step (fit's callbacks come after
-        # them): freezing the body first, so the network's own have the last word on its
-        # parameters; then what the network asks (its switches are check_config's).
-        offered = getattr(self.model.net, "training_callbacks", None)
-        self.policies: list[Callback] = ([FreezeBody(round(cfg.freeze_epochs * self.steps_per_epoch))]
-                                         if cfg.freeze_epochs else [])
-        self.policies += offered(cfg, self.steps_per_epoch) if offered else []
-        self.callbacks: list[Callback] = list(self.policies)
         self.sums: EpochSums | None = None
         self._stop: tuple[bool, str | None] = (False, None)   # (stopping, reason to print)
         self._end_epoch = False
         self._epoch_start = time.perf_counter()
-        self._call("on_setup")   # before a resumed run restores its weights over what this sets
         replica = distributed.wrap_model(self.model, device, sync_bn=cfg.sync_bn,   # DDP when data-parallel
                                          unused_parameters=any(c.unused_parameters for c in self.policies))
         self.forward = torch.compile(replica) if cfg.compile else replica

@@ -17,6 +17,9 @@ measures both sides.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,9 +29,21 @@ from cnnlab.core import hardware
 SMALL_MAP = 8   # with AMX the tap products win up to 7x7 maps; at 15x15 oneDNN is faster
 TINY_MAP = 4    # up to here im2col pays for its copy in all three products
 WIDE = 384      # narrower layers run as fast or faster on oneDNN alone (256: even; 128: 17% slower)
-# The largest map side the products take: None picks it for this CPU and precision
-# (products_limit); a number forces it (tests, benchmarks/conv_grad.py; 0: never).
-LIMIT: int | None = None
+# The largest map side the products take, when ``forced_limit`` sets it (tests,
+# benchmarks/conv_grad.py; 0: never); None: ``products_limit`` picks it for this CPU.
+_forced: int | None = None
+
+
+@contextlib.contextmanager
+def forced_limit(limit: int | None) -> Iterator[None]:
+    """Inside, wide layers take the products on maps up to ``limit`` px (0: never; None: as
+    picked for this CPU), whatever the CPU; the choice before comes back on the way out."""
+    global _forced
+    before, _forced = _forced, limit
+    try:
+        yield
+    finally:
+        _forced = before
 
 
 def products_limit(dtype: torch.dtype) -> int:
@@ -41,8 +56,8 @@ def products_limit(dtype: torch.dtype) -> int:
       1.5-1.9x oneDNN's speed, while the taps on 7x7 run at 0.7x;
     - float32: never (the step with the products: 0.66x on AVX-512, 0.89x on AVX2).
     """
-    if LIMIT is not None:
-        return LIMIT
+    if _forced is not None:
+        return _forced
     if dtype != torch.bfloat16:
         return 0
     return SMALL_MAP if hardware.cpu_has_amx() else TINY_MAP

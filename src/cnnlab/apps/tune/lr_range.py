@@ -129,22 +129,22 @@ class RangeTest(Callback):
 def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int = 100,
             out: str | Path | None = None, progress: bool = True) -> LrFindResult:
     """Run the range test for ``cfg`` (its model, data, optimizer, batch size)."""
-    from cnnlab.core.hardware import pick_device, set_threads
-    from cnnlab.engine.prepare import check_config, load_data
+    from cnnlab.core.hardware import set_threads
+    from cnnlab.engine.prepare import load_data, plan_run
     from cnnlab.engine.trainer import NonFiniteLoss, Trainer
 
     if not (0 < start < end and math.isfinite(end)):
         raise CnnlabError(f"--start and --end must satisfy 0 < start < end; got start {start:g}, end {end:g}")
     if steps < MIN_STEPS:
         raise CnnlabError(f"--steps must be at least {MIN_STEPS} to draw a curve; got {steps}")
-    cfg = check_config(cfg)
+    plan = plan_run(cfg)
+    cfg = plan.cfg
     path = run_path(out=out, name=None, default_name=f"lr-find-{default_run_name(cfg)}")
-    device = pick_device(cfg.device)
-    set_threads(cfg.threads)
+    set_threads(plan.threads)
     # Training batches only (no validation at an epoch's end); enough epochs for every step.
-    data = dataclasses.replace(load_data(cfg), val=None)
+    data = dataclasses.replace(load_data(plan), val=None)
     ramp = RangeTest(start, end, steps, scale=cfg.batch_size / 1024 if cfg.lr_per_1024 else 1.0, progress=progress)
-    trainer = Trainer(cfg.replace(epochs=float(steps)), data, path, device, progress=False)
+    trainer = Trainer(cfg.replace(epochs=float(steps)), data, path, plan.device, progress=False)
     try:
         trainer.fit([ramp])
     except NonFiniteLoss:   # the loop's own check saw the loss leave the numbers: diverged

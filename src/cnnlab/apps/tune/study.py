@@ -236,12 +236,11 @@ def _claim_folder(out: Path, study_name: str, storage_label: str) -> None:
     write_json(path, meta)
 
 
-def _check_validation(cfg: Config) -> int:
-    """The number of validation images; none is an error (trials are never scored on test)."""
-    from cnnlab.engine.prepare import load_data
-    from cnnlab.models.registry import model_info
-    model_info(cfg.model)
-    data = load_data(cfg)
+def _check_validation(objective: "_Objective") -> int:
+    """The number of validation images (the base config's images, kept for the first trials);
+    none is an error (trials are never scored on test)."""
+    cfg = objective.base
+    data = objective.data_for(cfg)
     n = 0 if data.val is None else len(data.val)
     if n == 0:
         raise CnnlabError(f"tune scores trials on a validation split, and {cfg.data} has none with "
@@ -281,10 +280,10 @@ def tune(base: Config, *, trials: int | None = None, timeout: float | None = Non
         raise CnnlabError(f"nothing left to search: every key of the {space.source} is fixed "
                           f"({', '.join(space.describe() + [f'{k}={v}' for k, v in space.removed.items()])})")
     grid = space.grid() if sampler == "grid" else None   # refuses continuous ranges before any work
-    n_val = _check_validation(base)
-
     study_name = study_name or default_study_name(base)
     out = Path(out) if out is not None else RUNS_ROOT / f"tune-{study_name}"
+    objective = _Objective(base, space, out, grid is not None)
+    n_val = _check_validation(objective)   # loads the images the first trials train on
     out.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     label = hide_password(storage) if storage else "study.db"
@@ -322,7 +321,6 @@ def tune(base: Config, *, trials: int | None = None, timeout: float | None = Non
     bar = tqdm(total=trials if trials is not None else (math.prod(map(len, grid.values())) if grid else None),
                desc="tune", unit="trial", file=sys.stderr, dynamic_ncols=True, disable=not progress)
     ran = [0]
-    objective = _Objective(base, space, out, grid is not None)
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         ran[0] += 1
@@ -370,10 +368,10 @@ class _Objective:
     def data_for(self, cfg: Config) -> Dataset:
         """Trials that agree on the data keys share one load (in memory: streamed data is
         reopened per trial, its worker processes belong to one run)."""
-        from cnnlab.engine.prepare import data_key, load_data
+        from cnnlab.engine.prepare import data_key, load_data, plan_run
         if self._data is None or self._data[0] != data_key(cfg):
             self._data = None   # the old images go before the new ones load
-            data = load_data(cfg)
+            data = load_data(plan_run(cfg))
             if data.train.streamed:
                 return data
             self._data = (data_key(cfg), data)
