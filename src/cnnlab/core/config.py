@@ -370,7 +370,7 @@ def merge(cfg: Config, changes: dict[str, Any], *, source: str, check: bool = Tr
     ``resolve`` leaves those to the merged result of all its layers."""
     if not isinstance(changes, dict):
         raise CnnlabError(f"{source}: expected a mapping of config keys to values, got {type(changes).__name__}")
-    values = cfg.to_dict()
+    values = {key: getattr(cfg, key) for key in FIELDS}   # typed as they are (to_dict makes a size a list)
     for raw, value in changes.items():
         key = config_key(raw, source)
         values[key] = _check_value(key, value, source)

@@ -251,8 +251,11 @@ def import_file(path: str | Path) -> tuple[WeightsInfo, Path]:
             dest.parent.mkdir(parents=True, exist_ok=True)
             if not dest.exists():
                 tmp = dest.with_name(f".{dest.name}.importing")
-                shutil.copyfile(path, tmp)
-                os.replace(tmp, dest)
+                try:
+                    shutil.copyfile(path, tmp)
+                    os.replace(tmp, dest)
+                finally:
+                    tmp.unlink(missing_ok=True)   # a copy cut short (disk full) leaves nothing
             return info, dest
     raise CnnlabError(f"{path} (SHA-256 {digest}) matches no weights cnnlab knows: "
                       f"`cnnlab weights list` shows them with their sources; train from a file of your "
