@@ -1,17 +1,45 @@
-"""Shared fixtures: small real datasets cut from ../shared/data, and an isolated data cache."""
+"""Shared fixtures: small synthetic CIFAR-10-like image folders (made here, so the suite tests the
+same thing on every machine), the real data beside the repository for the tests marked
+``shared_data``, and an isolated data cache."""
 from __future__ import annotations
 
+import colorsys
 import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
+from PIL import Image
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-CIFAR_FOLDER = SHARED / "cifar10"
+# ../shared/data beside the repository: the real CIFAR-10 JPEGs and ImageNet photos (and the
+# benchmark peers in ../shared/peers beside it). Only tests marked shared_data read it; set
+# CNNLAB_SHARED_DATA to look elsewhere (a folder that does not exist runs the suite as a fresh
+# clone would).
+SHARED_DATA = Path(os.environ.get("CNNLAB_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+CIFAR_FOLDER = SHARED_DATA / "cifar10"
+IMAGENET_SAMPLE = SHARED_DATA / "imagenet-sample"
+PEERS = SHARED_DATA.parent / "peers"
+
+
+def pytest_runtest_setup(item):
+    """``@pytest.mark.shared_data(path, ...)``: skip, naming the path, where one is absent."""
+    for mark in item.iter_markers("shared_data"):
+        for path in mark.args or (SHARED_DATA,):
+            if not Path(path).exists():
+                pytest.skip(f"{path} is absent (real data from ../shared/data, or $CNNLAB_SHARED_DATA)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Never skip in silence: say how many tests the absent real data left out."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "shared_data" in getattr(r, "keywords", {})]
+    if skipped:
+        why = (f"{SHARED_DATA} (../shared/data) is absent" if not SHARED_DATA.is_dir() else
+               "a path they read under ../shared is absent (-rs names it)")
+        terminalreporter.write_line(f"{len(skipped)} test(s) marked shared_data skipped: {why}; they need real "
+                                    f"photographs", yellow=True)
 
 
 @pytest.fixture(autouse=True)
@@ -42,30 +70,96 @@ def lite0_weights(_lite0_cache, monkeypatch) -> Path:
     return _lite0_cache / "efficientnet_lite0.imagenet1k"
 
 
-def _copy_subset(dest: Path, per_class: dict[str, int], classes: list[str] | None = None) -> Path:
-    if not CIFAR_FOLDER.is_dir():
-        pytest.skip(f"{CIFAR_FOLDER} is not present")
+# ----------------------------------------------------------------------------- synthetic CIFAR-10
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
+_YX = np.mgrid[0:32, 0:32].astype(np.float32)
+
+
+def _class_shape(k: int, rng: np.random.Generator) -> np.ndarray:
+    """Class ``k``'s shape as a 32x32 mask of 0/1, at a random place, size and phase. Every shape
+    is left-right symmetric, so a random horizontal flip keeps the class."""
+    y, x = _YX
+    cy, cx = 15.5 + rng.uniform(-4, 4, 2)
+    scale = rng.uniform(0.75, 1.25)
+    dy, dx = (y - cy) / scale, (x - cx) / scale
+    r = np.hypot(dy, dx)
+    period = rng.uniform(5, 8)
+    phase = rng.uniform(0, period)
+    shape = [((y + phase) % period) < period / 2,                 # airplane: horizontal stripes
+             ((x + phase) % period) < period / 2,                 # automobile: vertical stripes
+             r < 8,                                               # bird: a disc
+             (r > 5) & (r < 9),                                   # cat: a ring
+             (abs(dy) < 7) & (abs(dx) < 7),                       # deer: a square
+             ((abs(dy) < 2.5) | (abs(dx) < 2.5)) & (r < 11),      # dog: a plus
+             (abs(abs(dy) - abs(dx)) < 2.5) & (r < 12),           # frog: an X
+             ((y + phase) // 4 + (x + phase) // 4) % 2 == 0,      # horse: a checkerboard
+             (abs(dy) < 7) & (abs(dx) < (dy + 7) / 1.6),          # ship: a triangle, apex up
+             abs(dy) < 3.5][k]                                    # truck: one horizontal band
+    return shape.astype(np.float32)
+
+
+def synthetic_image(split: str, k: int, i: int) -> np.ndarray:
+    """Image ``i`` of class ``k`` in ``split``: 32x32x3 uint8, the same on every machine. The class
+    shows twice, as a hue (the ten spread round the colour wheel, jittered so that neighbours
+    overlap) and as a shape drawn lighter or darker than the background; a lighting gradient
+    and pixel noise make every image differ, as photographs do."""
+    rng = np.random.default_rng([_SPLIT_SEEDS[split], k, i])
+    hue = (k / 10 + rng.normal(0, 0.035)) % 1.0
+    background = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.35, 0.75), rng.uniform(0.4, 0.75)), np.float32)
+    shape = np.clip(background + rng.choice([-1, 1]) * rng.uniform(0.2, 0.35) + rng.normal(0, 0.05, 3), 0, 1)
+    y, x = _YX
+    angle = rng.uniform(0, 2 * np.pi)
+    light = 1 + rng.uniform(0, 0.25) * (np.cos(angle) * (x - 16) + np.sin(angle) * (y - 16)) / 16
+    mask = _class_shape(k, rng)[..., None]
+    image = (background * (1 - mask) + shape * mask) * light[..., None] + rng.normal(0, 0.06, (32, 32, 3))
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def write_synthetic_cifar(dest: Path, per_class: dict[str, int], classes: list[str] | None = None) -> Path:
+    """CIFAR-10's image-folder layout, ``dest/<split>/<class>/NNNN.jpg``, with ``per_class[split]``
+    synthetic images a class: 32x32 RGB baseline JPEGs at quality 75 (4:2:0), as the real copy in
+    ../shared/data/cifar10 is encoded, so files are ~0.9 KB each there and here. Image ``i`` is the
+    same whichever subset it is written into, as the first ``n`` files of the real folder are."""
     for split, n in per_class.items():
-        for cls in classes or sorted(os.listdir(CIFAR_FOLDER / split)):
-            src = CIFAR_FOLDER / split / cls
-            (dest / split / cls).mkdir(parents=True, exist_ok=True)
-            for name in sorted(os.listdir(src))[:n]:
-                shutil.copy2(src / name, dest / split / cls / name)
+        for cls in classes or CIFAR_CLASSES:
+            folder = dest / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(synthetic_image(split, CIFAR_CLASSES.index(cls), i)).save(
+                    folder / f"{i:04d}.jpg", quality=75)
     return dest
 
 
 @pytest.fixture(scope="session")
 def tiny_cifar(tmp_path_factory) -> Path:
-    """A real CIFAR-10 image folder: 30 train and 10 test JPEGs per class."""
-    return _copy_subset(tmp_path_factory.mktemp("tiny-cifar"), {"train": 30, "test": 10})
+    """A synthetic CIFAR-10-like image folder: 30 train and 10 test JPEGs per class."""
+    return write_synthetic_cifar(tmp_path_factory.mktemp("tiny-cifar"), {"train": 30, "test": 10})
 
 
 @pytest.fixture
 def make_subset(tmp_path):
-    """Build a custom subset: ``make_subset({"train": 5, "test": 2}, classes=[...])``."""
+    """Build a custom synthetic folder: ``make_subset({"train": 5, "test": 2}, classes=[...])``."""
     def make(per_class: dict[str, int], classes: list[str] | None = None, name: str = "subset") -> Path:
-        return _copy_subset(tmp_path / name, per_class, classes)
+        return write_synthetic_cifar(tmp_path / name, per_class, classes)
     return make
+
+
+# ----------------------------------------------------------------------------- the fast tier
+# The zoo's biggest networks (ImageNet-size ResNets and VGGs, GoogLeNet, ConvNeXt-T): 10-25 s
+# each over the zoo-wide sweeps on 2 cores, where every other model takes under 10. Those sweeps
+# mark them slow, so `pytest -m "not slow"` still walks the rest of the zoo.
+LARGE_MODELS = frozenset({"convnext_tiny", "googlenet", "resnet18", "resnet34", "resnet50",
+                          "vgg11", "vgg13", "vgg16", "vgg19"})
+
+
+def zoo_params(cases: list) -> list:
+    """A zoo-wide ``parametrize``'s cases (model names, or tuples that start with one), those of
+    the LARGE_MODELS marked slow."""
+    def marked(case):
+        values = case if isinstance(case, tuple) else (case,)
+        return pytest.param(*values, marks=pytest.mark.slow) if values[0] in LARGE_MODELS else case
+    return [marked(case) for case in cases]
 
 
 def train_then_crash(fit, cfg, out: Path, epochs: int = 1) -> None:

@@ -73,6 +73,7 @@ def test_train_writes_the_command_lines_run_folder_and_report(run):
     assert isinstance(again, cnnlab.Run) and again.history == run.history
 
 
+@pytest.mark.slow
 def test_quiet_prints_nothing_and_progress_prints_epoch_lines_without_a_bar_off_a_terminal(tiny_cifar, tmp_path,
                                                                                             capsys):
     cnnlab.train(data=str(tiny_cifar), epochs=1, batch_size=100, threads=1, out=tmp_path / "quiet", quiet=True)

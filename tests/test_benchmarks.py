@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_benchmark
+from conftest import PEERS, load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-PEER = ROOT.parent / "shared" / "peers" / "airbench94_muon_cpu.py"
+PEER = PEERS / "airbench94_muon_cpu.py"
 
 
-@pytest.mark.skipif(not PEER.is_file(), reason="the benchmark peer is not beside the repository")
+@pytest.mark.shared_data(PEER)
 def test_the_peer_reads_the_data_speedrun_writes_and_its_result_is_parsed(tiny_cifar, tmp_path):
     bench = load_benchmark("speedrun")
     folder = bench.write_peer_data(str(tiny_cifar), tmp_path / "peer-data")
@@ -68,6 +68,7 @@ def test_the_profile_sorts_real_steps_into_kinds_of_work_and_puts_the_loop_back(
     assert result["evaluation_s"] > 0
 
 
+@pytest.mark.slow
 def test_speedrun_goes_on_from_a_later_seed_and_reports_the_seed_each_run_used(tiny_cifar, tmp_path):
     # A run too long for one sitting goes on later: --first-seed 3 runs seed 3, not seed 0 again.
     recipe = tmp_path / "small.yaml"

@@ -1,6 +1,6 @@
 """`cnnlab data check`: every kind of bad data named before training, and training follows the policy.
 
-The messy folder mixes real CIFAR-10 JPEGs with files crafted to be wrong in one way each;
+The messy folder mixes good CIFAR-10-like JPEGs with files crafted to be wrong in one way each;
 the pixel tests prove that the images the check calls "converted" are converted correctly.
 """
 from __future__ import annotations
@@ -276,6 +276,7 @@ def test_listing_never_follows_symlinks_out(messy, tmp_path):
 
 
 # ----------------------------------------------------------------------------- through the CLI
+@pytest.mark.slow
 def test_cli_exit_codes_and_json(messy, make_subset, tmp_path):
     r = cli("data", "check", str(messy))
     assert r.returncode == 1, r.stderr
@@ -311,6 +312,7 @@ def test_cli_official_dataset_counts_from_arrays(tmp_path):
     assert "did you mean 'cifar10'" in str(e.value)
 
 
+@pytest.mark.slow
 def test_train_stops_with_the_list_or_skips_and_counts(messy, tmp_path):
     shutil.rmtree(messy / "train/bird"), shutil.rmtree(messy / "test/bird")
     args = ("train", "--data", str(messy), "--epochs", "1", "--batch-size", "16", "--val-split", "0")

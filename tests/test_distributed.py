@@ -25,11 +25,12 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.data import stream
 from cnnlab.data.batches import BatchStream
 from cnnlab.data.stream import FileSplit, StreamingDataset, choose_loader, random_resized_box
+from cnnlab.engine.checkpoint import loop_state
 from cnnlab.engine.distributed import training_batches
 from cnnlab.engine.loop import fit
-from cnnlab.engine.prepare import check_config, load_data
+from cnnlab.engine.prepare import check_config, load_data, plan_run
+from conftest import IMAGENET_SAMPLE
 
-IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 CPU = torch.device("cpu")
 # The DDP comparison: 270 training images (tiny_cifar less a 10% hold-out) in global batches
 # of 54 = 2 processes x 27, 5 steps an epoch, 40 steps; SGD with the lr and decay stated per
@@ -99,7 +100,7 @@ def initial_weights(tiny_cifar, tmp_path_factory) -> dict[str, torch.Tensor]:
     """The weights both layouts start from (the seed's initialisation)."""
     from cnnlab.engine.trainer import Trainer
     cfg = Config(data=str(tiny_cifar), batch_size=2 * PER_PROCESS, **DDP)
-    trainer = Trainer(cfg, load_data(cfg), tmp_path_factory.mktemp("init") / "run", CPU, progress=False)
+    trainer = Trainer(cfg, load_data(plan_run(cfg)), tmp_path_factory.mktemp("init") / "run", CPU, progress=False)
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
@@ -107,7 +108,7 @@ def checkpoint_step(run: Path) -> int:
     path = run / "checkpoints" / "last.safetensors"
     try:
         with safe_open(str(path), framework="pt") as f:
-            return json.loads(f.metadata()["state"])["global_step"]
+            return loop_state(json.loads(f.metadata()["state"])).global_step
     except Exception:  # noqa: BLE001  (not written yet)
         return -1
 
@@ -127,7 +128,7 @@ def ddp_args(values: dict = DDP) -> list[str]:
 
 # ----------------------------------------------------------------------------- sharding
 def test_shards_of_a_global_batch_are_the_one_process_batch(tiny_cifar):
-    data = load_data(Config(data=str(tiny_cifar), image_size=32, loader="memory"))
+    data = load_data(plan_run(Config(data=str(tiny_cifar), image_size=32, loader="memory")))
     one = BatchStream(data.train, 54, CPU, seed=1)
     parts = [BatchStream(data.train, 27, CPU, seed=1, shard=(r, 2), drop_last=True) for r in (0, 1)]
     assert len(one) == len(parts[0]) == 5
@@ -144,8 +145,8 @@ def test_streaming_loader_yields_the_in_memory_batches(tiny_cifar, tmp_path):
     batch augmentation, same evaluation batches; a resumed epoch gives the same tail."""
     base = Config(data=str(tiny_cifar), image_size=32, batch_size=32, seed=3, flip="random", translate=2,
                   crop="center", center_crop=1.0)
-    mem = load_data(base.replace(loader="memory"))
-    streamed = load_data(base.replace(loader="stream", workers=1))
+    mem = load_data(plan_run(base.replace(loader="memory")))
+    streamed = load_data(plan_run(base.replace(loader="stream", workers=1)))
     assert isinstance(streamed, StreamingDataset) and streamed.image_shape == mem.image_shape == (32, 32, 3)
     assert streamed.class_names == mem.class_names
     for split in ("train", "val", "test"):
@@ -170,16 +171,19 @@ def test_streaming_loader_yields_the_in_memory_batches(tiny_cifar, tmp_path):
     assert a.metrics["test_accuracy"] == b.metrics["test_accuracy"]
 
 
-def test_random_resized_crops_are_in_bounds_and_seeded_per_image():
+def test_random_resized_crops_are_in_bounds():
     rng = np.random.default_rng(0)
     for w, h in [(500, 375), (64, 640), (33, 20), (1000, 10)]:
         for _ in range(50):
             l, t, r, b = random_resized_box(w, h, rng)
             assert 0 <= l < r <= w and 0 <= t < b <= h
+
+
+@pytest.mark.shared_data(IMAGENET_SAMPLE)
+def test_random_resized_crops_of_real_photos_are_seeded_per_image():
     split = FileSplit([str(p) for p in sorted(IMAGENET_SAMPLE.glob("*.JPEG"))[:4]], np.zeros(4),
                       stream.Decoding(48, 3, workers=0))
-    if len(split) < 4:
-        pytest.skip(f"{IMAGENET_SAMPLE} is not present")
+    assert len(split) == 4
     files = stream._Files(split.paths, split.decoding, crop_seed=7)
     assert torch.equal(files[(2, 5)], files[(2, 5)])                      # reproducible
     assert not torch.equal(files[(2, 5)], files[(2, 6)])                   # new epoch, new crop
@@ -202,8 +206,7 @@ def make_imagenet_style(root: Path, classes: int = 3, train: int = 6, test: int 
     """train/<class>/ and test/<class>/ from real ImageNet photos, made to vary: original
     JPEGs, wide and tall crops, small and large resizes, PNGs (RGBA, greyscale, palette)."""
     photos = sorted(IMAGENET_SAMPLE.glob("*.JPEG"))
-    if len(photos) < classes * (train + test):
-        pytest.skip(f"{IMAGENET_SAMPLE} is not present")
+    assert len(photos) >= classes * (train + test), f"{IMAGENET_SAMPLE} holds too few photos"
     k = 0
     for c in range(classes):
         for split, n in (("train", train), ("test", test)):
@@ -231,6 +234,7 @@ def make_imagenet_style(root: Path, classes: int = 3, train: int = 6, test: int 
     return root
 
 
+@pytest.mark.shared_data(IMAGENET_SAMPLE)
 def test_imagenet_style_folder_trains_through_the_streaming_path(tmp_path):
     data = make_imagenet_style(tmp_path / "imagenet")
     cfg = Config(data=str(data), image_size=64, crop="random_resized", flip="random", workers=1,
@@ -246,6 +250,7 @@ def test_imagenet_style_folder_trains_through_the_streaming_path(tmp_path):
 
 
 # ----------------------------------------------------------------------------- data-parallel
+@pytest.mark.slow
 def test_two_processes_train_as_one_with_the_global_batch(tiny_cifar, tmp_path, one_process_run, initial_weights):
     out = tmp_path / "ddp"
     r = cli("train", "--data", str(tiny_cifar), *ddp_args(), "--out", str(out))
@@ -263,6 +268,7 @@ def test_two_processes_train_as_one_with_the_global_batch(tiny_cifar, tmp_path, 
 
 
 
+@pytest.mark.slow
 def test_two_processes_train_muon_as_one_process(tiny_cifar, tmp_path, initial_weights):
     # Muon orthogonalises each weight's momentum of the gradient the all-reduce averaged: both
     # ranks take the one process's step (Newton-Schulz is smooth in its input, so the rounding
@@ -277,6 +283,7 @@ def test_two_processes_train_muon_as_one_process(tiny_cifar, tmp_path, initial_w
     assert_same_training(out, one, initial_weights)
 
 
+@pytest.mark.slow
 def test_two_processes_leave_a_frozen_whitening_bias_alone(tiny_cifar, tmp_path):
     # A parameter that stops taking gradients: DDP must not wait for it, nor hand it a zero
     # gradient that momentum would turn into a step.
@@ -318,6 +325,7 @@ def _start_and_wait_for_checkpoint(args: list[str], run: Path, after_step: int) 
     return proc
 
 
+@pytest.mark.slow
 def test_data_parallel_run_killed_then_resumed_matches_one_process(tiny_cifar, tmp_path, one_process_run,
                                                                    initial_weights):
     total = DDP["epochs"] * 5

@@ -17,7 +17,7 @@ from cnnlab.engine.callbacks import Callback
 from cnnlab.engine.trainer import Trainer
 from cnnlab.models.pretrained import head_name, init_from
 from cnnlab.models.registry import create_model, list_models
-from conftest import train_then_crash
+from conftest import train_then_crash, write_synthetic_cifar
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,7 @@ def source_run(tiny_cifar, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def three_classes(tmp_path_factory):
-    from conftest import _copy_subset
-    return _copy_subset(tmp_path_factory.mktemp("three"), {"train": 20, "test": 6}, ["cat", "dog", "ship"])
+    return write_synthetic_cifar(tmp_path_factory.mktemp("three"), {"train": 20, "test": 6}, ["cat", "dog", "ship"])
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -136,7 +135,7 @@ def test_freeze_epochs_train_only_the_head_then_everything_and_resume_exactly(so
     assert not torch.equal(seen[0]["11.weight"], seen[1]["11.weight"])         # the head trains throughout
     assert all(not torch.equal(seen[1][k], trained[k]) for k in body)        # thawed in epoch 2
     # The body's rate is a tenth of the head's, in every group that holds body parameters.
-    t = Trainer(cfg, prepare.load_data(cfg), tmp_path / "t", torch.device("cpu"), progress=False)
+    t = Trainer(cfg, prepare.load_data(prepare.plan_run(cfg)), tmp_path / "t", torch.device("cpu"), progress=False)
     rates = {(g["lr_scale"], any(p is t.model.net[11].weight for p in g["params"])) for g in t.optimizer.param_groups}
     assert (1.0, True) in rates and (0.1, False) in rates
     # Stopped after epoch 1 and resumed without the source: the same weights, bit for bit.

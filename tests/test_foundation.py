@@ -15,6 +15,7 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.data.dataset import Dataset, Split, prepare_splits, stratified_indices
 from cnnlab.data.folder import load_image_folder
 from cnnlab.engine.runs import HISTORY_KEYS, load_run
+from conftest import CIFAR_FOLDER
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -116,12 +117,11 @@ def test_folder_layout_errors(tmp_path, layout, message):
         load_image_folder(root)
 
 
+@pytest.mark.shared_data(CIFAR_FOLDER)
+@pytest.mark.slow
 def test_second_load_of_shared_cifar_comes_from_the_cache(tmp_path, monkeypatch):
-    from tests.conftest import CIFAR_FOLDER
-
+    """All 60,000 real JPEGs (the real folder's counts): decoded once, then read from the cache."""
     from cnnlab.data import folder
-    if not CIFAR_FOLDER.is_dir():
-        pytest.skip("../shared/data/cifar10 absent")
     cache = tmp_path / "cache"
     first = load_image_folder(CIFAR_FOLDER, cache_dir=cache)
     assert first.train.images.shape == (50000, 32, 32, 3) and first.test.images.shape == (10000, 32, 32, 3)
@@ -135,6 +135,7 @@ def test_second_load_of_shared_cifar_comes_from_the_cache(tmp_path, monkeypatch)
 
 
 # ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_train_cli_writes_the_run_folder_contract(tiny_cifar, tmp_path):
     out = tmp_path / "run"
     r = cli("train", "--data", str(tiny_cifar), "--model", "tutorial", "--epochs", "2", "--batch-size", "32",
@@ -196,6 +197,7 @@ def test_same_seed_gives_identical_weights(tiny_cifar, tmp_path):
     (["--batch-size", "-4"], "batch_size must be a positive integer"),
     (["--name", "../escape"], "not allowed"),
 ])
+@pytest.mark.slow
 def test_bad_input_gets_one_clear_line_and_exit_2(tiny_cifar, tmp_path, args, message):
     base = ["train", "--data", str(tiny_cifar), "--epochs", "1"]
     r = cli(*base, *args, cwd=tmp_path)

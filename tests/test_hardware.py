@@ -85,6 +85,7 @@ def test_fp16_on_cpu_is_refused_and_emulated_bf16_warns_once(monkeypatch, capsys
     assert "emulated" in err and "slower than float32" in err and "--precision auto" in err
 
 
+@pytest.mark.slow
 def test_cli_bad_device_and_precision_exit_2_with_one_line(tiny_cifar, tmp_path):
     if torch.cuda.is_available() or hardware.mps_available():
         pytest.skip("this machine has a GPU")
@@ -96,6 +97,7 @@ def test_cli_bad_device_and_precision_exit_2_with_one_line(tiny_cifar, tmp_path)
         assert not (tmp_path / "r").exists()                # refused before any folder is made
 
 
+@pytest.mark.slow
 def test_header_and_config_say_what_ran(tiny_cifar, tmp_path):
     r = cli("train", "--data", str(tiny_cifar), "--epochs", "1", "--precision", "auto", "--out", str(tmp_path / "r"))
     assert r.returncode == 0, r.stderr
@@ -183,6 +185,7 @@ def test_float16_overflow_is_skipped_not_divergence(fp16_on_cpu, tiny_cifar, tmp
     assert run.metrics["test_accuracy"] >= 0
 
 
+@pytest.mark.slow
 def test_float16_resume_restores_the_loss_scale_exactly(fp16_on_cpu, tiny_cifar, tmp_path):
     cfg = Config(data=str(tiny_cifar), model="tutorial", optimizer="nesterov", lr=0.05, weight_decay=5e-3,
                  epochs=2, seed=2, threads=1, train_size=160)

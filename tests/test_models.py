@@ -25,6 +25,7 @@ from cnnlab.models.registry import (
     smallest_side,
 )
 from cnnlab.models.summary import count_flops, count_parameters, format_summary, layer_table, zoo_table
+from conftest import zoo_params
 
 NUM_CLASSES = 7          # not 10, so a hard-coded class count would show
 BATCH = 2                # batch norm needs more than one value per channel in train mode
@@ -38,7 +39,7 @@ CASES = [(name, size, c) for name in list_models() for size in model_info(name).
          for c in (1, 3)]
 
 
-@pytest.mark.parametrize("name,size,in_channels", CASES,
+@pytest.mark.parametrize("name,size,in_channels", zoo_params(CASES),
                          ids=[f"{n}-{s}px-{c}ch" for n, s, c in CASES])
 def test_every_model_honours_the_interface(name, size, in_channels):
     torch.manual_seed(0)

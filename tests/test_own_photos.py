@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.engine import loop, prepare
-from conftest import train_then_crash
+from conftest import IMAGENET_SAMPLE, train_then_crash
 
-IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+pytestmark = pytest.mark.shared_data(IMAGENET_SAMPLE)     # real photos of real, varied sizes
 # Three superclasses by ImageNet class index, a few photos each (mostly 500x375, some other sizes).
 GROUPS = {"bird": range(7, 19), "dog": range(151, 163), "reptile": range(33, 45)}
 
@@ -26,8 +26,7 @@ GROUPS = {"bird": range(7, 19), "dog": range(151, 163), "reptile": range(33, 45)
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     files = sorted(IMAGENET_SAMPLE.glob("*.JPEG"))
-    if len(files) < 1000:
-        pytest.skip(f"{IMAGENET_SAMPLE} is not present")
+    assert len(files) == 1000, f"{IMAGENET_SAMPLE} should hold one photo for each ImageNet class"
     root = tmp_path_factory.mktemp("own") / "photos"
     for name, indices in GROUPS.items():
         (root / name).mkdir(parents=True)
@@ -40,6 +39,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_a_flat_photo_folder_trains_evaluates_and_keeps_its_split(photos, tmp_path):
     out = tmp_path / "run"
     p = cli("train", "--data", str(photos), "--epochs", "1", "--batch-size", "8", "--out", str(out))

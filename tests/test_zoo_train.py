@@ -1,4 +1,7 @@
-"""Every registered model trains end to end through the real `cnnlab train` command."""
+"""Every registered model trains end to end through the real `cnnlab train` command.
+
+A minute and a half over the zoo on 2 cores: the whole sweep is slow (test_models checks every
+model's forward and backward in the fast tier)."""
 from __future__ import annotations
 
 import json
@@ -7,12 +10,14 @@ import pytest
 
 from cnnlab.cli import main
 from cnnlab.models import list_models
+from conftest import write_synthetic_cifar
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def micro_cifar(tmp_path_factory):
-    from tests.conftest import _copy_subset
-    return _copy_subset(tmp_path_factory.mktemp("micro"), {"train": 4, "test": 2})
+    return write_synthetic_cifar(tmp_path_factory.mktemp("micro"), {"train": 4, "test": 2})
 
 
 @pytest.mark.parametrize("name", list_models())
