@@ -159,7 +159,5 @@ def to_array(img: Image.Image, size: tuple[int, int] | None, channels: int, *,
 
 
 def load_image(source: str | Path | bytes, size: tuple[int, int] | None = None,
-               channels: int = 3, *, max_pixels: int | None = None, center_crop: float | None = None,
-               resample: str = "bilinear") -> np.ndarray:
-    return to_array(open_image(source, max_pixels=max_pixels), size, channels, center_crop=center_crop,
-                    resample=resample)
+               channels: int = 3, *, max_pixels: int | None = None) -> np.ndarray:
+    return to_array(open_image(source, max_pixels=max_pixels), size, channels)

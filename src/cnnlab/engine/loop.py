@@ -41,7 +41,6 @@ from cnnlab.engine.runs import (
     load_run,
     model_card,
     pretrained_folder,
-    requested_weights,
     run_path,
     save_config,
     save_evaluation,
@@ -56,11 +55,12 @@ from cnnlab.models.classifier import Classifier
 
 @hardware.borrowed_process()   # threads and the global RNG: put back when fit returns or raises
 def fit(config: Config | None = None, data: Dataset | None = None, *, out: str | Path | None = None,
-        name: str | None = None, progress: bool = True, callbacks: Sequence[Callback] = (), test: bool = True, **overrides: Any) -> Run:
+        name: str | None = None, progress: bool = True, callbacks: Sequence[Callback] = (), test: bool = True,
+        **overrides: Any) -> Run:
     """Train a model as ``config`` (plus keyword overrides) says and return the finished run.
 
-    - ``data``: what ``load_data(plan_run(config))`` returns, for a caller that trains several times on
-      the same images (the tuner).
+    - ``data``: what ``load_data(plan_run(config))`` returns, for a caller that trains several
+      times on the same images (the tuner).
     - ``callbacks`` run after the config's own (progress, checkpoints, keep-best, TensorBoard,
       time limit, early stop: ``cnnlab.engine.callbacks``); the tuner's pruning is one.
     - ``test=False``: the test split is not read at all (a tuning trial, scored on validation);
@@ -207,7 +207,7 @@ def _print_header(cfg: Config, data: Dataset, trainer: Trainer, path: Path, devi
 
 def _fine_tuning_lines(trainer: Trainer) -> list[str]:
     cfg, lines = trainer.cfg, trainer.init_report.lines() if trainer.init_report else []
-    weights = requested_weights(cfg)
+    weights = trainer.weights
     if weights is not None:
         top1 = f", ImageNet-1k top-1 {weights.top1:g}%" if weights.top1 else ""
         lines.insert(0, f"  pretrained: {weights.name} ({weights.license}{top1}), normalised with its mean and std")

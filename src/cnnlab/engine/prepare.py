@@ -5,8 +5,9 @@ tuner, evaluate): ``check_config`` runs every rule (the config's own values, the
 need the model, weights and dataset registries), an image folder is walked once and its image
 size chosen from a sample of headers, and device, threads and precision are decided.
 ``load_data(plan)`` then reads the splits the run trains, validates and tests on, an image
-folder decoded at the planned size, a flat folder split as a run saved it. ``DATA_KEYS`` name the config keys that decide the data: runs that
-agree on them train on the same images (the tuner loads them once for all its trials).
+folder decoded at the planned size, a flat folder split as a run saved it. ``DATA_KEYS`` name
+the config keys that decide the data: runs that agree on them train on the same images (the
+tuner loads them once for all its trials).
 """
 from __future__ import annotations
 
@@ -68,17 +69,18 @@ def data_key(cfg: Config) -> tuple:
     return tuple(getattr(cfg, k) for k in DATA_KEYS)
 
 
-def image_size_for(cfg: Config, scan: FolderScan | None) -> tuple[ImageSize | None, str]:
-    """The square side an image folder trains at, and why: ``--image-size``, else the size
-    pretrained weights were trained at, else the images' shorter side (of their most common size, from a sample of headers) capped at what the
-    model's family trains at (``models.registry.default_image_size``). None for an official
-    dataset, which comes at its own size."""
+def image_size_for(cfg: Config, scan: FolderScan | None,
+                   weights: WeightsInfo | None) -> tuple[ImageSize | None, str]:
+    """The square side an image folder trains at, and why: ``--image-size``, else the size the
+    ``weights`` it starts from were trained at, else the images' shorter side (of their most
+    common size, from a sample of headers) capped at what the model's family trains at
+    (``models.registry.default_image_size``). None for an official dataset, which comes at its
+    own size."""
     from cnnlab.models.registry import default_image_size
     if cfg.image_size is not None:
         return cfg.image_size, "--image-size"
     if scan is None:
         return None, ""
-    weights = requested_weights(cfg)
     if weights is not None:
         return weights.preprocessing.size, f"the size {weights.name} was trained at"
     listing, _ = scan
@@ -108,13 +110,14 @@ def plan_run(cfg: Config, *, saved_split: Path | None = None, read_folder: bool 
     ``evaluate`` all start from. ``saved_split``: a run's splits.json, so an image folder
     splits as it did for that run; ``read_folder=False``: the caller brings its own images."""
     cfg = check_config(cfg)
+    weights = requested_weights(cfg)
     scan = scan_data_folder(cfg, saved_split) if read_folder else None
-    size, why = image_size_for(cfg, scan)
+    size, why = image_size_for(cfg, scan, weights)
     if size != cfg.image_size:
         cfg = cfg.replace(image_size=size)
     device = pick_device(cfg.device)
     return Plan(cfg, device, cfg.threads or distributed.threads_per_process(),
-                choose_precision(cfg.precision, device), requested_weights(cfg), scan, why)
+                choose_precision(cfg.precision, device), weights, scan, why)
 
 
 def load_data(plan: Plan) -> Dataset:

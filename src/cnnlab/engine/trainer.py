@@ -76,17 +76,20 @@ class Trainer:
         self.scaler = grad_scaler(device, self.precision)   # float16 only
         h, w, c = data.image_shape
         torch.manual_seed(derive_seed(cfg.seed, 0x1717))   # weight initialisation
-        weights = requested_weights(cfg)
+        self.weights = weights = requested_weights(cfg)   # published weights it starts from (--pretrained)
         if weights is not None:   # the normalisation the weights were trained with (3 channels)
             self.mean, self.std = list(weights.preprocessing.mean), list(weights.preprocessing.std)
         else:
             self.mean, self.std = channel_stats(data.train.stats_sample(), cfg.normalize)
         self.model: Classifier = build_classifier(cfg.model, data.num_classes, (h, w), self.mean, self.std).to(device)
         self.head = head_name(self.model.net)
-        # Fine-tuning: trained weights over the fresh ones (a resumed run's come from its checkpoint).
-        source = cfg.init_from or (pretrained_folder(weights) if weights is not None else None)
-        self.init_report = (init_from(self.model.net, source, cfg.model)
-                            if source is not None and initial_weights else None)
+        # Fine-tuning: trained weights over the fresh ones (a resumed run's come from its checkpoint,
+        # so it neither needs nor fetches the published ones again).
+        self.init_report = None
+        if initial_weights and cfg.init_from:
+            self.init_report = init_from(self.model.net, cfg.init_from, cfg.model)
+        elif initial_weights and weights is not None:
+            self.init_report = init_from(self.model.net, pretrained_folder(weights), cfg.model)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # In memory or streamed from disk; this process's shard when data-parallel.
