@@ -367,10 +367,9 @@ def test_requested_weights_follow_the_config():
 def test_a_pretrained_run_resumes_without_its_weights_cache(lite0_weights, tmp_path, monkeypatch):
     """A resumed run's weights come from its checkpoint: the published ones are neither read
     nor fetched again, so a cleared cache (or no network) does not stop it."""
-    from conftest import train_then_crash
-
     from cnnlab.core.config import Config
     from cnnlab.engine.loop import fit, resume
+    from conftest import train_then_crash
     cfg = Config(data=str(_grey_folder(tmp_path / "grey")), model="efficientnet_lite0", pretrained=True,
                  image_size=32, epochs=2, batch_size=4, threads=1)
     train_then_crash(fit, cfg, tmp_path / "run")
