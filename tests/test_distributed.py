@@ -98,10 +98,10 @@ def assert_same_history(run: Path, reference: Path, images: int) -> None:
 @pytest.fixture(scope="module")
 def initial_weights(tiny_cifar, tmp_path_factory) -> dict[str, torch.Tensor]:
     """The weights both layouts start from (the seed's initialisation)."""
-    from cnnlab.engine.trainer import Trainer
+    from cnnlab.engine.build import build_training
     cfg = Config(data=str(tiny_cifar), batch_size=2 * PER_PROCESS, **DDP)
-    trainer = Trainer(cfg, load_data(plan_run(cfg)), tmp_path_factory.mktemp("init") / "run", CPU, progress=False)
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    parts = build_training(cfg, load_data(plan_run(cfg)), CPU, start=None)
+    return {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
 
 
 def checkpoint_step(run: Path) -> int:

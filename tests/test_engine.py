@@ -256,6 +256,7 @@ def test_a_callback_sets_each_steps_rate_and_the_events_come_in_order(tiny_cifar
     """``on_step_begin`` may replace the schedule's rate (the range test's ramp); every event
     fires in the documented order, across epochs; a stop mid-epoch ends after that step."""
     from cnnlab.core.events import EVENTS, Callback
+    from cnnlab.engine.build import build_training
     from cnnlab.engine.prepare import load_data, plan_run
     from cnnlab.engine.trainer import Trainer
     cfg = Config(data=str(tiny_cifar), batch_size=64, threads=1, bias_lr_scale=2.0, epochs=3)
@@ -285,7 +286,8 @@ def test_a_callback_sets_each_steps_rate_and_the_events_come_in_order(tiny_cifar
         def on_epoch_end(self, trainer, logs):
             events.append("on_epoch_end")
 
-    trainer = Trainer(cfg, load_data(plan_run(cfg)), tmp_path / "r", torch.device("cpu"), progress=False)
+    trainer = Trainer(build_training(cfg, load_data(plan_run(cfg)), torch.device("cpu"), start=None), tmp_path / "r",
+                      progress=False)
     ramp = Ramp()
     trainer.fit([ramp])
     steps = trainer.steps_per_epoch

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.engine import loop, prepare
+from cnnlab.engine.build import build_training
 from cnnlab.engine.callbacks import Callback
-from cnnlab.engine.trainer import Trainer
 from cnnlab.models.pretrained import head_name, init_from
 from cnnlab.models.registry import create_model, list_models
 from conftest import train_then_crash, write_synthetic_cifar
@@ -135,7 +135,7 @@ def test_freeze_epochs_train_only_the_head_then_everything_and_resume_exactly(so
     assert not torch.equal(seen[0]["11.weight"], seen[1]["11.weight"])         # the head trains throughout
     assert all(not torch.equal(seen[1][k], trained[k]) for k in body)        # thawed in epoch 2
     # The body's rate is a tenth of the head's, in every group that holds body parameters.
-    t = Trainer(cfg, prepare.load_data(prepare.plan_run(cfg)), tmp_path / "t", torch.device("cpu"), progress=False)
+    t = build_training(cfg, prepare.load_data(prepare.plan_run(cfg)), torch.device("cpu"), start=cfg.init_from)
     rates = {(g["lr_scale"], any(p is t.model.net[11].weight for p in g["params"])) for g in t.optimizer.param_groups}
     assert (1.0, True) in rates and (0.1, False) in rates
     # Stopped after epoch 1 and resumed without the source: the same weights, bit for bit.

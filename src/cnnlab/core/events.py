@@ -1,11 +1,12 @@
 """The training loop's one event system: everything that varies between runs is a ``Callback``.
 
-The loop (``cnnlab.engine.trainer.Trainer``) builds a run's parts, steps them and calls every
-callback, in list order, at each event below, passing itself:
+A run's parts are built once (``cnnlab.engine.build``); the loop (``cnnlab.engine.trainer.Trainer``)
+steps them and calls every callback, in list order, at each event below, passing itself:
 
-    on_setup(trainer)                 once, when the parts are built: before a checkpoint is
-                                      restored and before the first step (SpeedNet's whitening
-                                      is set from the training images here)
+    on_setup(setup)                   once, while the parts are built, with the network (a
+                                      ``Setup``): before the optimizer and the weight average
+                                      see its weights and before a checkpoint is restored
+                                      (SpeedNet's whitening is set from the training images here)
     on_epoch_begin(trainer, steps)    before an epoch's first step (or a resumed epoch's next)
     on_step_begin(trainer)            before each step's forward pass; ``trainer.lr`` and
                                       ``trainer.decay_mult`` hold the schedule's values for the
@@ -24,10 +25,20 @@ the models knowing the engine; the engine's own are in ``cnnlab.engine.callbacks
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 EVENTS = ("on_setup", "on_epoch_begin", "on_step_begin", "on_backward_end", "on_log", "on_step_end",
           "on_epoch_end", "on_interrupt", "on_train_end")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What ``on_setup`` sees: the network, built and holding its starting weights."""
+    model: Any                           # the Classifier; its network is model.net
+    head: str                            # the network's classifier head (a module name)
+    sample: Callable[[int], Any]         # n training images, normalised as the network sees
+                                         # them: float (N, C, H, W) on the device
 
 
 class Callback:
@@ -36,7 +47,7 @@ class Callback:
     # must not wait for their gradients (DDP's find_unused_parameters).
     unused_parameters = False
 
-    def on_setup(self, trainer: Any) -> None: ...
+    def on_setup(self, setup: Setup) -> None: ...
     def on_epoch_begin(self, trainer: Any, steps: int) -> None: ...
     def on_step_begin(self, trainer: Any) -> None: ...
     def on_backward_end(self, trainer: Any) -> None: ...

@@ -24,7 +24,7 @@ from tqdm.std import tqdm as terminal_tqdm
 
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
-from cnnlab.core.events import Callback
+from cnnlab.core.events import Callback, Setup
 from cnnlab.core.run_folder import RunFolder
 from cnnlab.engine.distributed import is_main
 
@@ -153,9 +153,9 @@ class FreezeBody(Callback):
         self.steps = steps
         self._frozen: bool | None = None
 
-    def on_setup(self, trainer: Trainer) -> None:
-        self.body = [p for name, p in trainer.model.net.named_parameters()
-                     if p.requires_grad and not name.startswith(trainer.head + ".")]
+    def on_setup(self, setup: Setup) -> None:
+        self.body = [p for name, p in setup.model.net.named_parameters()
+                     if p.requires_grad and not name.startswith(setup.head + ".")]
 
     def on_step_begin(self, trainer: Trainer) -> None:
         frozen = trainer.state.global_step < self.steps

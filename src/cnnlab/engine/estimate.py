@@ -71,9 +71,10 @@ def _sync(device: torch.device) -> None:
 @hardware.borrowed_process()
 def probe(cfg: Config, *, batch: int = PROBE_BATCH, steps: int = PROBE_STEPS) -> Probe:
     """Time the recipe's training step and evaluation on synthetic CIFAR-sized batches."""
+    from cnnlab.engine.build import build_training  # the loop is heavy: imported when a probe runs
     from cnnlab.engine.evaluation import evaluate
     from cnnlab.engine.prepare import plan_run
-    from cnnlab.engine.trainer import Trainer  # the loop is heavy: imported when a probe runs
+    from cnnlab.engine.trainer import Trainer
     rng = np.random.default_rng(0)
     n = batch * (steps + 1)
     data = Dataset("probe", [f"c{i}" for i in range(CLASSES)], _synthetic(n, rng), _synthetic(n, rng))
@@ -83,7 +84,7 @@ def probe(cfg: Config, *, batch: int = PROBE_BATCH, steps: int = PROBE_STEPS) ->
     cfg, device = plan.cfg, plan.device
     hardware.set_threads(cfg.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, data, Path(tmp) / "probe", device, progress=False)
+        trainer = Trainer(build_training(cfg, data, device, start=None), Path(tmp) / "probe", progress=False)
         batches = iter(trainer.batches.epoch(0))
         trainer.train_step(*next(batches))
         step_seconds = []

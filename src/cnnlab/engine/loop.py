@@ -30,6 +30,7 @@ from cnnlab.data.dataset import Dataset
 from cnnlab.data.stream import describe as describe_streaming
 from cnnlab.engine import checkpoint as ckpt
 from cnnlab.engine import distributed, prepare
+from cnnlab.engine.build import build_training, starting_weights
 from cnnlab.engine.callbacks import Callback, default_callbacks
 from cnnlab.engine.evaluation import Evaluation, evaluate
 from cnnlab.engine.runs import (
@@ -40,7 +41,6 @@ from cnnlab.engine.runs import (
     is_empty_run_folder,
     load_run,
     model_card,
-    pretrained_folder,
     run_path,
     save_config,
     save_evaluation,
@@ -77,9 +77,8 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
     plan = prepare.plan_run(cfg, read_folder=data is None)   # bad input leaves no folder behind
     cfg = plan.cfg
     device = distributed.setup(plan.device)   # joins torchrun's process group, if any
-    if plan.weights is not None:   # fetched (once) before any data loads: no network, no wait for data
-        with distributed.main_first():
-            pretrained_folder(plan.weights)
+    with distributed.main_first():   # published weights fetched and checked once, before any data loads
+        start = starting_weights(cfg, plan.weights)
     set_threads(plan.threads)
     progress = progress and distributed.is_main()
     path = distributed.from_main(run_path(out=out, name=name, default_name=default_run_name(cfg)))
@@ -91,7 +90,7 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
         cfg = cfg.replace(image_size=h if h == w else (h, w))
     if data.skipped and progress:
         print(f"skipped {data.skipped} unreadable image(s) (--bad-images skip)", flush=True)
-    trainer = Trainer(cfg, data, path, device, progress)
+    trainer = Trainer(build_training(cfg, data, device, start=start), path, progress)
     main = distributed.is_main()   # data-parallel: rank 0 writes the folder, and locks it
     # What this run may clean up: a folder it makes, or the contents of an empty one it was given.
     fresh = main and is_empty_run_folder(path)
@@ -179,7 +178,7 @@ def _resume(path: Path, main: bool, *, progress: bool, changes: dict[str, Any],
     set_threads(plan.threads)
     progress = progress and distributed.is_main()
     data = prepare.load_data(plan)
-    trainer = Trainer(cfg, data, path, device, progress, initial_weights=False)
+    trainer = Trainer(build_training(cfg, data, device, start=None), path, progress)   # weights: the checkpoint's
     trainer.restore(tensors, meta)
     if progress:
         print(f"resuming {path} at epoch {trainer.state.epoch + 1}, step {trainer.state.step_in_epoch}",

@@ -1,8 +1,8 @@
 """The training loop itself: ``Trainer`` steps, evaluates each epoch and calls the callbacks.
 
-One trainer serves every model. It builds the model from the registry, the optimizer,
-schedule, precision and weight average the config names, and trains step by step and epoch
-by epoch; what varies between runs is a callback on its events (``cnnlab.core.events``:
+One trainer serves every model. It steps the parts ``cnnlab.engine.build`` made from the
+config (model, optimizer, schedule, precision, weight average) step by step and epoch by
+epoch; what varies between runs is a callback on its events (``cnnlab.core.events``:
 progress, checkpoints, keep-best, time limit, early stop, TensorBoard, a frozen body, and
 what the network offers, SpeedNet's whitening). Its state (``checkpoint.LoopState``) goes
 into every checkpoint, so a run resumes exactly. ``cnnlab.engine.loop`` wraps it into ``fit``
@@ -19,26 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError, TrainingInterrupted
-from cnnlab.core.hardware import autocast, choose_precision, grad_scaler
+from cnnlab.core.hardware import autocast
 from cnnlab.core.run_folder import RunFolder
-from cnnlab.data.batches import derive_seed, model_input
-from cnnlab.data.dataset import Dataset, channel_stats
+from cnnlab.data.batches import derive_seed
 from cnnlab.engine import checkpoint as ckpt
 from cnnlab.engine import distributed
-from cnnlab.engine.callbacks import Callback, FreezeBody
-from cnnlab.engine.ema import WeightAverage
+from cnnlab.engine.build import TrainingParts
+from cnnlab.engine.callbacks import Callback
 from cnnlab.engine.evaluation import evaluate
-from cnnlab.engine.optim import build_optimizer, build_schedule, decay_weights, set_lr
-from cnnlab.engine.runs import pretrained_folder, requested_weights
+from cnnlab.engine.optim import decay_weights, set_lr
 from cnnlab.engine.signals import catch_stop_signals
-from cnnlab.models.classifier import Classifier, build_classifier
-from cnnlab.models.pretrained import head_name, init_from
+from cnnlab.models.classifier import Classifier
 
 LOG_EVERY = 10           # steps between progress-bar refreshes (each one syncs the device)
 # float16: the loss scale halves on every overflowing step; this far down, gradients overflow
@@ -61,59 +56,25 @@ class EpochSums:
 
 
 class Trainer:
-    """The loop's moving parts, gathered so checkpointing and callbacks can see them all.
+    """Steps a run's parts (``cnnlab.engine.build.TrainingParts``), evaluates each epoch and
+    calls the callbacks; its state goes into every checkpoint, by name.
 
     Each step's learning rate and decoupled-decay multiplier come from the config's schedule
     (``lr``, ``decay_mult``); a callback may change them in ``on_step_begin`` (the time limit
     decays over seconds, lr-find ramps).
     """
 
-    def __init__(self, cfg: Config, data: Dataset, run: Path, device: torch.device,
-                 progress: bool = True, initial_weights: bool = True):
-        self.cfg, self.data, self.run, self.device, self.progress = cfg, data, run, device, progress
-        self.precision = choose_precision(cfg.precision, device)
-        self.dtype = self.precision.dtype
-        self.scaler = grad_scaler(device, self.precision)   # float16 only
-        h, w, c = data.image_shape
-        torch.manual_seed(derive_seed(cfg.seed, 0x1717))   # weight initialisation
-        self.weights = weights = requested_weights(cfg)   # published weights it starts from (--pretrained)
-        if weights is not None:   # the normalisation the weights were trained with (3 channels)
-            self.mean, self.std = list(weights.preprocessing.mean), list(weights.preprocessing.std)
-        else:
-            self.mean, self.std = channel_stats(data.train.stats_sample(), cfg.normalize)
-        self.model: Classifier = build_classifier(cfg.model, data.num_classes, (h, w), self.mean, self.std).to(device)
-        self.head = head_name(self.model.net)
-        # Fine-tuning: trained weights over the fresh ones (a resumed run's come from its checkpoint,
-        # so it neither needs nor fetches the published ones again).
-        self.init_report = None
-        if initial_weights and cfg.init_from:
-            self.init_report = init_from(self.model.net, cfg.init_from, cfg.model)
-        elif initial_weights and weights is not None:
-            self.init_report = init_from(self.model.net, pretrained_folder(weights), cfg.model)
-        if cfg.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        # In memory or streamed from disk; this process's shard when data-parallel.
-        self.batches = distributed.training_batches(cfg, data, device)
-        self.steps_per_epoch = len(self.batches)
-        # The policies of this config and network, on every step (fit's callbacks come after
-        # them): freezing the body first, so the network's own have the last word on its
-        # parameters; then what the network asks (its switches are check_config's).
-        offered = getattr(self.model.net, "training_callbacks", None)
-        self.policies: list[Callback] = ([FreezeBody(round(cfg.freeze_epochs * self.steps_per_epoch))]
-                                         if cfg.freeze_epochs else [])
-        self.policies += offered(cfg, self.steps_per_epoch) if offered else []
-        self.callbacks: list[Callback] = list(self.policies)
-        # Set-up from the data (SpeedNet's whitening) before the optimizer and the weight average
-        # see the weights, and before a resumed run restores its own over them.
-        self._call("on_setup")
-        self.total_steps = max(1, round(cfg.epochs * self.steps_per_epoch))
-        self.opt_cfg = distributed.global_batch_config(cfg)   # lr/decay scaling see the global batch
-        self.schedule = build_schedule(self.opt_cfg, self.steps_per_epoch)
-        self.optimizer = build_optimizer(self.model, self.opt_cfg, head=f"net.{self.head}")
-        self.ema = (WeightAverage(self.model, cfg.ema, cfg.ema_every, cfg.lookahead,
-                                  ramp_steps=self.total_steps if cfg.ema_ramp else 0)
-                    if cfg.ema > 0 else None)
-        self.ema_start_step = round(cfg.ema_start * self.total_steps)
+    def __init__(self, parts: TrainingParts, run: Path, progress: bool = True):
+        p = parts
+        self.cfg, self.data, self.device, self.run, self.progress = p.cfg, p.data, p.device, run, progress
+        self.precision, self.dtype, self.scaler = p.precision, p.precision.dtype, p.scaler
+        self.weights, self.mean, self.std, self.init_report = p.weights, p.mean, p.std, p.init_report
+        self.model, self.head, self.forward = p.model, p.head, p.forward
+        self.batches, self.steps_per_epoch, self.total_steps = p.batches, len(p.batches), p.total_steps
+        self.opt_cfg, self.schedule, self.optimizer = p.opt_cfg, p.schedule, p.optimizer
+        self.ema, self.ema_start_step = p.ema, p.ema_start_step
+        self.policies: list[Callback] = p.policies
+        self.callbacks: list[Callback] = list(p.policies)
         self._ema_model: Classifier | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.state = ckpt.LoopState()
@@ -124,17 +85,6 @@ class Trainer:
         self._stop: tuple[bool, str | None] = (False, None)   # (stopping, reason to print)
         self._end_epoch = False
         self._epoch_start = time.perf_counter()
-        replica = distributed.wrap_model(self.model, device, sync_bn=cfg.sync_bn,   # DDP when data-parallel
-                                         unused_parameters=any(c.unused_parameters for c in self.policies))
-        self.forward = torch.compile(replica) if cfg.compile else replica
-
-    def training_sample(self, n: int) -> torch.Tensor:
-        """Up to ``n`` training images, evenly spaced (image folders list the training set class
-        by class), normalised as the network sees them: float (N, C, H, W) on the device."""
-        train = self.data.train
-        spread = np.arange(0, len(train), max(1, len(train) // n))[:n]
-        sample = model_input(torch.as_tensor(train.take(spread)).permute(0, 3, 1, 2))
-        return ((sample - self.model.mean.cpu()) / self.model.std.cpu()).to(self.device)
 
     # -- checkpoint --------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -241,10 +191,12 @@ class Trainer:
     def _scaled_step(self, mult: float) -> None:
         """float16: the scaler unscales the gradients and skips the step when one overflowed,
         then lowers the scale; the decoupled decay follows only a step that was taken."""
-        scale = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.scaler.get_scale() >= scale:   # the scale drops on overflow only
+        scaler = self.scaler
+        assert scaler is not None
+        scale = scaler.get_scale()
+        scaler.step(self.optimizer)
+        scaler.update()
+        if scaler.get_scale() >= scale:   # the scale drops on overflow only
             decay_weights(self.optimizer, self.opt_cfg, mult)
 
     def run_epoch(self, stop: list[int], epoch_steps: int) -> tuple[float, float, float, int]:

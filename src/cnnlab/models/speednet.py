@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from cnnlab.core.config import Config
-from cnnlab.core.events import Callback
+from cnnlab.core.events import Callback, Setup
 from cnnlab.models.conv import Conv3x3
 from cnnlab.models.registry import InputSize, Window, register_model, smallest_side
 
@@ -133,8 +133,8 @@ WHITENING_SAMPLE = 2000  # images whose 2x2 patches set the whitening layer
 
 
 class PatchWhitening(Callback):
-    def on_setup(self, trainer) -> None:
-        cast(SpeedNet, trainer.model.net).init_whitening(trainer.training_sample(WHITENING_SAMPLE))
+    def on_setup(self, setup: Setup) -> None:
+        cast(SpeedNet, setup.model.net).init_whitening(setup.sample(WHITENING_SAMPLE))
 
 
 class FreezeWhiteningBias(Callback):

@@ -130,6 +130,7 @@ def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int =
             out: str | Path | None = None, progress: bool = True) -> LrFindResult:
     """Run the range test for ``cfg`` (its model, data, optimizer, batch size)."""
     from cnnlab.core.hardware import set_threads
+    from cnnlab.engine.build import build_training, starting_weights
     from cnnlab.engine.prepare import load_data, plan_run
     from cnnlab.engine.trainer import NonFiniteLoss, Trainer
 
@@ -144,7 +145,8 @@ def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int =
     # Training batches only (no validation at an epoch's end); enough epochs for every step.
     data = dataclasses.replace(load_data(plan), val=None)
     ramp = RangeTest(start, end, steps, scale=cfg.batch_size / 1024 if cfg.lr_per_1024 else 1.0, progress=progress)
-    trainer = Trainer(cfg.replace(epochs=float(steps)), data, path, plan.device, progress=False)
+    parts = build_training(cfg.replace(epochs=float(steps)), data, plan.device, start=starting_weights(cfg, plan.weights))
+    trainer = Trainer(parts, path, progress=False)
     try:
         trainer.fit([ramp])
     except NonFiniteLoss:   # the loop's own check saw the loss leave the numbers: diverged
