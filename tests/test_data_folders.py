@@ -271,6 +271,21 @@ def test_subset_decoded_is_exactly_what_prepare_splits_picks(big_split, monkeypa
         assert np.array_equal(new[split][0], old[split][0]) and np.array_equal(new[split][1], old[split][1]), split
 
 
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_a_test_only_load_decodes_no_training_image(big_split, monkeypatch, loader):
+    from cnnlab.engine.prepare import load_data, plan_run
+    plan = plan_run(Config(data=str(big_split), loader=loader, val_split=0.1, test_size=10, image_size=24))
+    full = load_data(plan)
+    opened = counting_decoder(monkeypatch)
+    only = load_data(plan, splits=("test",))
+    assert len(only.train) == 0 and only.val is None and only.image_shape == full.image_shape
+    assert np.array_equal(only.test.labels, full.test.labels)
+    if loader == "memory":   # streamed splits decode when read: nothing was opened for either
+        assert len(opened) == 10 and all("/test/" in p for p in opened)
+    with pytest.raises(ValueError, match="unknown splits"):
+        load_data(plan, splits=("tset",))
+
+
 def test_subset_cache_follows_the_subset(big_split, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     a = load_image_folder(big_split, train_size=12, test_size=6, seed=0, cache_dir=cache)

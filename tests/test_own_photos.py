@@ -87,11 +87,11 @@ def test_resume_reads_the_saved_split_even_after_the_folder_grew(photos, tmp_pat
 def test_the_training_size_follows_the_model_family(photos):
     from cnnlab.data.stream import scan_data_folder
     cfg = Config(data=str(photos))
-    scan = scan_data_folder(cfg)
-    size, why = prepare.image_size_for(cfg.replace(model="resnet18"), scan, None)
+    headers = prepare.training_headers(scan_data_folder(cfg))
+    size, why = prepare.image_size_for(cfg.replace(model="resnet18"), headers, None)
     assert size == 224 and why.startswith("resnet18 trains at up to 224 px; the images' shorter side is")
-    assert prepare.image_size_for(cfg.replace(model="alexnet"), scan, None)[0] == 64
-    assert prepare.image_size_for(cfg.replace(image_size=48), scan, None) == (48, "--image-size")
+    assert prepare.image_size_for(cfg.replace(model="alexnet"), headers, None)[0] == 64
+    assert prepare.image_size_for(cfg.replace(image_size=48), headers, None) == (48, "--image-size")
     with pytest.raises(CnnlabError, match="alexnet needs images of at least 15x15 pixels; got 12x12"):
         prepare.check_config(cfg.replace(model="alexnet", image_size=12))
 

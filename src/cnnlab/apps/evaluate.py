@@ -23,9 +23,7 @@ def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str
     cfg = run.config
     spec = data or cfg.data
     # The run's own data: its config, so the same loader and the same test subset it was scored on.
-    # train_size 1: an image folder decodes its test split and a single training image, unused.
-    changes: dict[str, Any] = {"val_split": 0.0, "train_size": 1, "data_dir": data_dir or cfg.data_dir,
-                               "bad_images": bad_images or cfg.bad_images}
+    changes: dict[str, Any] = {"data_dir": data_dir or cfg.data_dir, "bad_images": bad_images or cfg.bad_images}
     if data:
         # All of its test split. An image folder is decoded at the model's size, streamed when that
         # is too large for memory (load_data's one walk of the folder decides); an official dataset
@@ -36,7 +34,7 @@ def evaluate_run(run_path: str | Path, *, data: str | None = None, data_dir: str
                        image_size=(h if h == w else (h, w)) if folder else None)
     # Its own image folder splits as it did in training (a flat folder's split is saved with the run).
     saved = run.splits_file if not data and run.splits_file.is_file() else None
-    ds = load_data(plan_run(cfg.replace(**changes), saved_split=saved))
+    ds = load_data(plan_run(cfg.replace(**changes), saved_split=saved), splits=("test",))
     if ds.class_names != run.class_names:
         raise CnnlabError(f"{spec} has classes {ds.class_names[:5]}... but the run was trained on "
                           f"{run.class_names[:5]}...: evaluate on data with the same classes")

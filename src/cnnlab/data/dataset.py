@@ -169,7 +169,7 @@ def prepare_splits(ds: Dataset, *, val_split: float, train_size: int | None,
     test = ds.test
     if test_size is not None:
         test = test.subset(subset_index(test.labels, test_size, seed, TEST_SUBSET))
-    if len(train) == 0:
+    if len(train) == 0 and train_size != 0:   # 0: no training split asked for (evaluate)
         raise CnnlabError("no training images left after the validation split: lower --val-split "
                           "or raise --train-size")
     return dataclasses.replace(ds, train=train, test=test, val=val)

@@ -275,7 +275,10 @@ def _is_official(cfg: Config) -> bool:
     return official(cfg.data) is not None
 
 
-def sample_headers(paths: list[str]) -> list[tuple[tuple[int, int], str]]:
+Header = tuple[tuple[int, int], str]   # (width, height), Pillow's mode
+
+
+def sample_headers(paths: list[str]) -> list[Header]:
     """(size, mode) of up to ``HEADER_SAMPLE`` evenly spaced files (unreadable ones left out)."""
     step = max(1, len(paths) // HEADER_SAMPLE)
     out = []
@@ -297,9 +300,10 @@ def memory_budget(processes: int = 1) -> int:
     return min(MEMORY_BUDGET, ram // 4 // max(1, processes))
 
 
-def choose_loader(cfg: Config, listing=None, processes: int = 1) -> str:
-    """"memory" or "stream" for ``cfg`` (``listing``: the folder's, when already made); the
-    config is ``check_config``'s (--loader stream names an image folder)."""
+def choose_loader(cfg: Config, listing=None, processes: int = 1, headers: list[Header] | None = None) -> str:
+    """"memory" or "stream" for ``cfg`` (``listing``: the folder's, when already made;
+    ``headers``: a sample of its files' headers, when already read); the config is
+    ``check_config``'s (--loader stream names an image folder)."""
     official = _is_official(cfg)
     if cfg.loader != "auto":
         return cfg.loader
@@ -307,15 +311,15 @@ def choose_loader(cfg: Config, listing=None, processes: int = 1) -> str:
         return "memory"
     if cfg.crop == "random_resized":
         return "stream"
-    return "stream" if decoded_bytes(cfg, listing) > memory_budget(processes) else "memory"
+    return "stream" if decoded_bytes(cfg, listing, headers) > memory_budget(processes) else "memory"
 
 
-def decoded_bytes(cfg: Config, listing=None) -> int:
+def decoded_bytes(cfg: Config, listing=None, headers: list[Header] | None = None) -> int:
     """What the in-memory path would hold: every listed image at its decoded size."""
     from cnnlab.data.listing import list_folder
     listing = listing or list_folder(cfg.data, test_split=cfg.test_split, seed=cfg.seed)
     paths = [p for files in listing.files.values() for p, _ in files]
-    headers = sample_headers(paths)
+    headers = sample_headers(paths) if headers is None else headers
     if isinstance(cfg.image_size, int):
         w = h = cfg.image_size
     elif cfg.image_size is not None:
@@ -344,22 +348,24 @@ def scan_data_folder(cfg: Config, saved_split: Mapping[str, Any] | str | Path | 
                              saved_split=saved_split)
 
 
-def open_streaming(cfg: Config, processes: int = 1, scan: FolderScan | None = None) -> StreamingDataset | None:
+def open_streaming(cfg: Config, processes: int = 1, scan: FolderScan | None = None,
+                   headers: list[Header] | None = None) -> StreamingDataset | None:
     """The streamed dataset for ``cfg``, or None when the in-memory path should load it.
     ``scan`` is ``scan_data_folder(cfg)``: the same walk as the in-memory reader's, so a
-    messy folder gets the full list of problems either way."""
+    messy folder gets the full list of problems either way; ``headers``: a sample of its
+    training files' headers when the caller has read them (else read here)."""
     if scan is None or cfg.loader == "memory":
         return None                  # the in-memory reader (and its messages for bad --data)
     from cnnlab.data import check
     listing, report = scan
-    if choose_loader(cfg, listing, processes) == "memory":
+    train_paths = [p for p, _ in listing.files["train"]]
+    headers = sample_headers(train_paths) if headers is None else headers
+    if choose_loader(cfg, listing, processes, headers) == "memory":
         return None
     check.enforce(report, "skip")   # layout problems; unreadable files follow cfg.bad_images when decoded
     if cfg.bad_images != "skip":       # files of a saved split gone since: refused as the in-memory path does
         check.enforce(check.CheckReport(report.source, problems=[p for p in report.problems
                                                                    if p.kind == "vanished"]), cfg.bad_images)
-    train_paths = [p for p, _ in listing.files["train"]]
-    headers = sample_headers(train_paths)
     channels = 1 if headers and all(m in GREY_MODES for _, m in headers) else 3
     workers = cfg.workers if cfg.workers is not None else default_workers(processes)
     if isinstance(cfg.image_size, tuple):

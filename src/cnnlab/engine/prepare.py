@@ -3,7 +3,7 @@
 ``plan_run`` is where every entry point starts (fit, resume, lr-find, the estimate probe, the
 tuner, evaluate): ``check_config`` runs every rule (the config's own values, then those that
 need the model, weights and dataset registries), an image folder is walked once and its image
-size chosen from a sample of headers, and device, threads and precision are decided.
+size chosen from a sample of headers (read once, for the loaders too), and device, threads and precision are decided.
 ``load_data(plan)`` then reads the splits the run trains, validates and tests on, an image
 folder decoded at the planned size, a flat folder split as a run saved it. ``DATA_KEYS`` name
 the config keys that decide the data: runs that agree on them train on the same images (the
@@ -11,10 +11,13 @@ tuner loads them once for all its trials).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
+import numpy as np
 import torch
 
 from cnnlab.core.config import Config, ImageSize, validate
@@ -23,7 +26,7 @@ from cnnlab.core.hardware import Precision, choose_precision, pick_device
 from cnnlab.data.check import FolderScan
 from cnnlab.data.dataset import Dataset, prepare_splits
 from cnnlab.data.sources import load_for_config
-from cnnlab.data.stream import open_streaming, sample_headers, scan_data_folder
+from cnnlab.data.stream import Header, open_streaming, sample_headers, scan_data_folder
 from cnnlab.engine import distributed
 from cnnlab.engine.runs import requested_weights
 from cnnlab.models.weights import WeightsInfo
@@ -69,22 +72,27 @@ def data_key(cfg: Config) -> tuple:
     return tuple(getattr(cfg, k) for k in DATA_KEYS)
 
 
-def image_size_for(cfg: Config, scan: FolderScan | None,
+def training_headers(scan: FolderScan | None) -> list[Header] | None:
+    """(size, mode) of a sample of an image folder's training files: read once per run, for
+    its image size here and its channels and memory footprint in the loaders. None without one."""
+    return sample_headers([p for p, _ in scan[0].files.get("train", [])]) if scan is not None else None
+
+
+def image_size_for(cfg: Config, headers: list[Header] | None,
                    weights: WeightsInfo | None) -> tuple[ImageSize | None, str]:
     """The square side an image folder trains at, and why: ``--image-size``, else the size the
     ``weights`` it starts from were trained at, else the images' shorter side (of their most
-    common size, from a sample of headers) capped at what the model's family trains at
-    (``models.registry.default_image_size``). None for an official dataset, which comes at its
-    own size."""
+    common size, from ``headers``, ``training_headers``) capped at what the model's family
+    trains at (``models.registry.default_image_size``). None for an official dataset
+    (``headers`` None), which comes at its own size."""
     from cnnlab.models.registry import default_image_size
     if cfg.image_size is not None:
         return cfg.image_size, "--image-size"
-    if scan is None:
+    if headers is None:
         return None, ""
     if weights is not None:
         return weights.preprocessing.size, f"the size {weights.name} was trained at"
-    listing, _ = scan
-    sizes = Counter(size for size, _ in sample_headers([p for p, _ in listing.files.get("train", [])]))
+    sizes = Counter(size for size, _ in headers)
     if not sizes:
         return None, ""            # no readable header: the reader reports the files
     (w, h), _ = sizes.most_common(1)[0]
@@ -100,6 +108,7 @@ class Plan:
     precision: Precision
     weights: WeightsInfo | None  # the published weights it starts from (--pretrained)
     scan: FolderScan | None      # an image folder's one walk (and problems found); None otherwise
+    headers: list[Header] | None  # a sample of its training files' headers (``training_headers``)
     size_reason: str             # why an image folder is decoded at its size, for the header
 
 
@@ -112,23 +121,38 @@ def plan_run(cfg: Config, *, saved_split: Path | None = None, read_folder: bool 
     cfg = check_config(cfg)
     weights = requested_weights(cfg)
     scan = scan_data_folder(cfg, saved_split) if read_folder else None
-    size, why = image_size_for(cfg, scan, weights)
+    headers = training_headers(scan)
+    size, why = image_size_for(cfg, headers, weights)
     if size != cfg.image_size:
         cfg = cfg.replace(image_size=size)
     device = pick_device(cfg.device)
     return Plan(cfg, device, cfg.threads or distributed.threads_per_process(),
-                choose_precision(cfg.precision, device), weights, scan, why)
+                choose_precision(cfg.precision, device), weights, scan, headers, why)
 
 
-def load_data(plan: Plan) -> Dataset:
-    """The splits ``plan`` trains, validates and tests on (``DATA_KEYS`` decide them)."""
+SPLITS = ("train", "val", "test")
+
+
+def load_data(plan: Plan, splits: Collection[str] = SPLITS) -> Dataset:
+    """The splits ``plan`` trains, validates and tests on (``DATA_KEYS`` decide them), or only
+    those in ``splits``: without "train", no training image is decoded and none is held out
+    for validation (``evaluate`` reads the test split alone); a split left out is empty or None."""
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown splits {sorted(unknown)}: choose from {SPLITS}")
     cfg, scan = plan.cfg, plan.scan
+    if "train" not in splits:   # the readers' own reading of train_size 0 (no user may ask it): decode none
+        cfg = dataclasses.replace(cfg, train_size=0, val_split=0.0)
     with distributed.main_first():   # rank 0 fills the decoded-image cache, the others read it
-        data: Dataset | None = open_streaming(cfg, distributed.local_world_size(), scan)
+        data: Dataset | None = open_streaming(cfg, distributed.local_world_size(), scan, plan.headers)
         if data is None:
             data = prepare_splits(load_for_config(cfg, scan=scan, progress=distributed.is_main()),
                                   val_split=cfg.val_split, train_size=cfg.train_size,
                                   test_size=cfg.test_size, seed=cfg.seed)
+    empty = np.zeros(0, np.int64)
+    data = dataclasses.replace(data, train=data.train if "train" in splits else data.train.subset(empty),
+                               val=data.val if "val" in splits else None,
+                               test=data.test if "test" in splits else data.test.subset(empty))
     data.split_record = scan[0].split_record() if scan is not None else None
     data.size_reason = plan.size_reason
     return data
