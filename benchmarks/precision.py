@@ -25,7 +25,7 @@ from cnnlab.core import hardware
 from cnnlab.core.config import resolve
 from cnnlab.engine.estimate import probe
 
-RECIPE_OF = {"speednet_xs": "speed70", "speednet": "speed85", "speednet_l": "speed92", "tutorial": "tutorial"}
+RECIPE_OF = {"speednet_xs": "speed70", "speednet": "speed85", "speednet_l": "speed92", "tutorial": "lesson"}
 
 
 def main() -> None:

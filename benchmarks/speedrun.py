@@ -8,7 +8,7 @@ For each seed, then each recipe (interleaved), runs ``cnnlab train --recipe NAME
 in a fresh process (the decoded-data cache warmed first) and reports wall seconds (process
 start to exit, the whole job: start-up, data, training, evaluation, run folder and report),
 training seconds, test accuracy and peak memory (max RSS); then the median per recipe, its
-images/s and achieved GFLOP/s, and the same for the ``tutorial`` recipe (the lesson) in the
+images/s and achieved GFLOP/s, and the same for the ``lesson`` recipe (the lesson) in the
 same run, with the ratios. Each recipe is a fixed
 schedule: test accuracy is read once at the end and never used to stop early.
 
@@ -126,7 +126,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--first-seed", type=int, default=0, help="seeds run from here: a run too long for one "
                                                               "sitting goes on later with the next seeds")
-    p.add_argument("--baseline-seeds", type=int, default=1, help="seeds of the tutorial recipe (0: skip)")
+    p.add_argument("--baseline-seeds", type=int, default=1, help="seeds of the lesson recipe (0: skip)")
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--peer", action="store_true", help=f"also run the peer ({PEER.name})")
     p.add_argument("--peer-path", default=str(PEER))
@@ -156,7 +156,7 @@ def main() -> None:
             f"{d} {r['best']:.0f} (conv forward {r['forward']:.0f}, input grad {r['input grad']:.0f}, weight grad "
             f"{r['weight grad']:.0f}, matmul {r['matmul']:.0f})" for d, r in peak.items()), flush=True)
     load_dataset(args.data)   # warm the decoded-array cache: the first decode is not part of a recipe
-    recipes = [r for r in args.recipes.split(",") if r] + (["tutorial"] if args.baseline_seeds else [])
+    recipes = [r for r in args.recipes.split(",") if r] + (["lesson"] if args.baseline_seeds else [])
     pythons = {sys.executable: ""}
     if args.pythons:   # label each interpreter by its torch build
         pythons = {py: "@torch " + subprocess.run([py, "-c", "import torch; print(torch.__version__)"], text=True,
@@ -180,7 +180,7 @@ def main() -> None:
                 show("peer", runs["peer"][-1])
             for i, recipe in enumerate(recipes):
                 for j, (python, label) in enumerate(pythons.items()):
-                    if n < (args.baseline_seeds if recipe == "tutorial" else args.seeds):
+                    if n < (args.baseline_seeds if recipe == "lesson" else args.seeds):
                         out = Path(tmp) / f"{i}-{j}-{Path(recipe).stem}-{seed}"   # a baseline and its recipe share a stem
                         runs[recipe + label].append(run_once(recipe, seed, args.data, out, shlex.split(args.train_args),
                                                              python))
@@ -189,9 +189,9 @@ def main() -> None:
     print()
     print(f"{'recipe':<34} {'seeds':>5} {'median wall s':>13} {'median train s':>14} {'mean acc':>9} "
           f"{'range':>15} {'peak MiB':>9} {'img/s':>7} {'GFLOP/s':>8} {'wall vs lesson':>14} {'wall vs peer':>12}")
-    base, peer = results.get("tutorial"), results.get("peer")
+    base, peer = results.get("lesson"), results.get("peer")
     for name, s in results.items():
-        ratio = f"{base['wall_s'] / s['wall_s']:.1f}x faster" if base and name != "tutorial" else ""
+        ratio = f"{base['wall_s'] / s['wall_s']:.1f}x faster" if base and name != "lesson" else ""
         runs = s["runs"]
         img_s = statistics.median(r["images"] / r["train_s"] for r in runs)
         rate = statistics.median(training_gflop_s(r) for r in runs)

@@ -45,7 +45,7 @@ def test_summary_is_the_keras_style_table():
     ({"lr": "fast"}, "cnnlab.train(): lr must be a number; got 'fast'"),
     ({"recipe": "speed7"}, "unknown recipe 'speed7'"),
     ({"nproc": 2}, "nproc 2 needs the command line"),
-    ({"config": Config(), "recipe": "tutorial"}, "or a Config, not both"),
+    ({"config": Config(), "recipe": "lesson"}, "or a Config, not both"),
 ])
 def test_bad_keys_are_one_line_errors_before_any_folder(keys, message, tmp_path):
     with pytest.raises(CnnlabError) as e:

@@ -100,7 +100,8 @@ def initial_weights(tiny_cifar, tmp_path_factory) -> dict[str, torch.Tensor]:
     """The weights both layouts start from (the seed's initialisation)."""
     from cnnlab.engine.build import build_training
     cfg = Config(data=str(tiny_cifar), batch_size=2 * PER_PROCESS, **DDP)
-    parts = build_training(cfg, load_data(plan_run(cfg)), CPU, start=None)
+    plan = plan_run(cfg)
+    parts = build_training(plan.cfg, load_data(plan), CPU, start=None)
     return {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
 
 
@@ -143,8 +144,8 @@ def test_shards_of_a_global_batch_are_the_one_process_batch(tiny_cifar):
 def test_streaming_loader_yields_the_in_memory_batches(tiny_cifar, tmp_path):
     """Same order, same pixels (the same Pillow decode and resize), same labels, same
     batch augmentation, same evaluation batches; a resumed epoch gives the same tail."""
-    base = Config(data=str(tiny_cifar), image_size=32, batch_size=32, seed=3, flip="random", translate=2,
-                  crop="center", center_crop=1.0)
+    base = Config(data=str(tiny_cifar), image_size=32, batch_size=32, seed=3, augment="none", flip="random",
+                  translate=2, crop="center", center_crop=1.0)
     mem = load_data(plan_run(base.replace(loader="memory")))
     streamed = load_data(plan_run(base.replace(loader="stream", workers=1)))
     assert isinstance(streamed, StreamingDataset) and streamed.image_shape == mem.image_shape == (32, 32, 3)

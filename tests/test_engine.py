@@ -77,7 +77,7 @@ def test_alternating_flip_flips_each_image_on_alternate_epochs():
     seen = []
     for epoch in range(4):
         idx = torch.arange(6)   # fixed order so images line up across epochs
-        x = stream.augmented(idx, epoch, 0)
+        x, _ = stream.finish(stream.images[idx], stream.labels[idx], idx, epoch, 0)
         original = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
         seen.append([bool(torch.equal(x[i], original[i].flip(-1))) for i in range(6)])
     for i in range(6):
@@ -286,7 +286,8 @@ def test_a_callback_sets_each_steps_rate_and_the_events_come_in_order(tiny_cifar
         def on_epoch_end(self, trainer, logs):
             events.append("on_epoch_end")
 
-    trainer = Trainer(build_training(cfg, load_data(plan_run(cfg)), torch.device("cpu"), start=None), tmp_path / "r",
+    plan = plan_run(cfg)
+    trainer = Trainer(build_training(plan.cfg, load_data(plan), torch.device("cpu"), start=None), tmp_path / "r",
                       progress=False)
     ramp = Ramp()
     trainer.fit([ramp])

@@ -135,7 +135,8 @@ def test_freeze_epochs_train_only_the_head_then_everything_and_resume_exactly(so
     assert not torch.equal(seen[0]["11.weight"], seen[1]["11.weight"])         # the head trains throughout
     assert all(not torch.equal(seen[1][k], trained[k]) for k in body)        # thawed in epoch 2
     # The body's rate is a tenth of the head's, in every group that holds body parameters.
-    t = build_training(cfg, prepare.load_data(prepare.plan_run(cfg)), torch.device("cpu"), start=cfg.init_from)
+    plan = prepare.plan_run(cfg)
+    t = build_training(plan.cfg, prepare.load_data(plan), torch.device("cpu"), start=cfg.init_from)
     rates = {(g["lr_scale"], any(p is t.model.net[11].weight for p in g["params"])) for g in t.optimizer.param_groups}
     assert (1.0, True) in rates and (0.1, False) in rates
     # Stopped after epoch 1 and resumed without the source: the same weights, bit for bit.

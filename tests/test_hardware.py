@@ -16,7 +16,7 @@ from cnnlab.core import hardware
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.hardware import Precision, choose_precision, pick_device
-from cnnlab.engine import loop, trainer
+from cnnlab.engine import build, loop
 from conftest import train_then_crash
 
 CPU = torch.device("cpu")
@@ -168,7 +168,7 @@ def _scaler_state(run: Path) -> dict:
 def fp16_on_cpu(monkeypatch):
     """Training in float16 with a GradScaler, on the CPU, from a loss scale so large that the
     first steps overflow: the path a T4 takes, with its overflows made certain."""
-    monkeypatch.setattr(trainer, "choose_precision", lambda choice, device: FP16)
+    monkeypatch.setattr(build, "choose_precision", lambda choice, device: FP16)
     monkeypatch.setattr(hardware, "INIT_LOSS_SCALE", 2.0 ** 30)
 
 
@@ -242,7 +242,7 @@ def test_recipes_command_names_the_machine_of_each_measurement(monkeypatch, caps
     assert (f"measured: {100 * m['test_accuracy']:.2f}% test accuracy (mean) in {m['wall_seconds']:,.0f} s "
             f"(median), {m['seeds']} seeds, on {m['machine']}, {m['precision']}") in out
     assert "estimate:" not in out
-    for name in ("tutorial", "speed70", "speed85", "speed90", "speed92"):
+    for name in ("lesson", "speed70", "speed85", "speed90", "speed92"):
         for m in recipe_document(name)["measured"]:
             assert {"machine", "precision", "date", "test_accuracy", "wall_seconds", "seeds"} <= set(m)
 

@@ -140,7 +140,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_data_show(args: argparse.Namespace) -> int:
     from cnnlab.report.samples import write_sample_grid
     out = write_sample_grid(args.spec, args.out, data_dir=args.data_dir, per_class=args.per_class,
-                            seed=args.seed)
+                            seed=args.seed, augment=args.augment)
     print(f"wrote {out}")
     return 0
 
@@ -396,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--data-dir", default=None)
     ds.add_argument("--per-class", type=int, default=8)
     ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--augment", default=None, metavar="PRESET",
+                    help="show the samples as this augmentation preset gives them to training "
+                         "(none, light, standard, strong)")
     ds.set_defaults(func=cmd_data_show)
     dc = dsub.add_parser("check", help="list every problem in a dataset before training on it",
                          description="Check a dataset before training: layout, class counts and imbalance, "

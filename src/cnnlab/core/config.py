@@ -1,7 +1,8 @@
 """The typed training config: the single source of truth, saved with every run.
 
-Resolution order: dataclass defaults, then a recipe (``--recipe NAME``, a YAML file shipped in
-``cnnlab/recipes/``), then a config file (``--config FILE``), then command-line flags.
+Resolution order: dataclass defaults, then, for a run from published weights (``--pretrained``),
+``FINE_TUNING``'s, then a recipe (``--recipe NAME``, a YAML file shipped in ``cnnlab/recipes/``),
+then a config file (``--config FILE``), then command-line flags.
 Unknown keys and bad values are refused with a message naming the key, the value received
 and what is allowed.
 """
@@ -117,6 +118,11 @@ class Config:
     muon_decay_scale: float = option(1.0, "muon: the orthogonalised weights' decay as a fraction of --weight-decay "
                                           "(airbench94_muon: 0, its filters undecayed)", group=OPTIM)
     # --- augmentation (on whole batches, on the training device) --------------------
+    augment: Literal["auto", "none", "light", "standard", "strong"] = option(
+        "auto", "a preset: light mirrors and shifts; standard adds random resized "
+                "crops, TrivialAugmentWide and random erasing; strong RandAugment and MixUp/CutMix. auto: "
+                "standard with --pretrained/--init-from, light for an image folder, none for a dataset by name",
+        group=AUGMENT)
     flip: Literal["none", "random", "alternating"] = option(
         "none", "horizontal mirroring: random per image, or alternating (each image mirrored every other epoch)",
         group=AUGMENT)
@@ -405,11 +411,14 @@ def list_recipes() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("cnnlab.recipes").iterdir() if p.name.endswith(".yaml"))
 
 
+RENAMED_RECIPES = {"tutorial": "lesson"}
+
+
 def recipe_values(name: str) -> dict[str, Any]:
     """A recipe's keys, without its ``measured`` block (documentation, not config)."""
     known = list_recipes()
     if name not in known:
-        close = difflib.get_close_matches(name, known, n=2, cutoff=0.4)
+        close = [RENAMED_RECIPES[name]] if name in RENAMED_RECIPES else difflib.get_close_matches(name, known, n=2, cutoff=0.4)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise CnnlabError(f"unknown recipe {name!r}: {hint}known recipes: {', '.join(known)}")
     data = yaml.safe_load(resources.files("cnnlab.recipes").joinpath(f"{name}.yaml").read_text()) or {}
@@ -423,6 +432,16 @@ def recipe_document(name: str) -> dict[str, Any]:
     return yaml.safe_load(resources.files("cnnlab.recipes").joinpath(f"{name}.yaml").read_text()) or {}
 
 
+# What a run started from published ImageNet weights gets unless a recipe, file or flag says
+# otherwise: the fine-tuning fastai, timm and Keras's guides converge on (a new head trained
+# alone first, then everything with the body at a tenth of the rate; AdamW, warm-up and cosine
+# decay; label smoothing; photo augmentation, ``augment: auto``'s choice with weights).
+FINE_TUNING: dict[str, Any] = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine",
+                               "warmup": 0.5, "label_smoothing": 0.1, "freeze_epochs": 1.0, "body_lr_scale": 0.1,
+                               "precision": "auto"}
+FINE_TUNING_SOURCE = "fine-tuning defaults (--pretrained)"
+
+
 def resolve(*, recipe: str | None = None, config_file: str | Path | None = None,
             overrides: dict[str, Any] | None = None, overrides_source: str = "command line") -> Config:
     """Defaults, then recipe, then file, then flags (``overrides`` with None meaning unset).
@@ -433,9 +452,13 @@ def resolve(*, recipe: str | None = None, config_file: str | Path | None = None,
     cfg, origins = Config(), {}
     file_values = read_yaml(config_file) if config_file else {}
     recipe = (overrides or {}).get("recipe") or recipe or file_values.get("recipe")
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     layers = [(recipe_values(recipe) if recipe else {}, f"recipe {recipe}"),
               (file_values, f"config file {config_file}"),
-              ({k: v for k, v in (overrides or {}).items() if v is not None}, overrides_source)]
+              (flags, overrides_source)]
+    asked = {k: v for values, _ in layers for k, v in values.items()}
+    if asked.get("pretrained") or asked.get("weights"):   # under every layer: any of them overrides a value
+        layers.insert(0, (FINE_TUNING, FINE_TUNING_SOURCE))
     for values, source in layers:
         if values:
             cfg = merge(cfg, values, source=source, check=False)

@@ -6,12 +6,18 @@ All functions take and return ``(N, C, H, W)`` tensors.
 
 ``AUGMENTATIONS`` is the table a run's batches go through: a config field's name, and the
 function applied when that field is not at its default (off). Adding an augmentation is a
-field in ``cnnlab.core.config.Config`` and a row here.
+field in ``cnnlab.core.config.Config`` and a row here. ``--augment`` names a preset, a row of
+``PRESETS``: the photo policies practitioners use (torchvision's transforms v2 where it has
+them: RandomResizedCrop, TrivialAugmentWide, RandAugment, RandomErasing, MixUp, CutMix),
+applied before the single-field rows. Mirroring and shifting run on the whole batch at once;
+torchvision's per-image ops draw from torch's global generator, so they run under
+``torch.random.fork_rng`` seeded from the batch's generator: reproducible, and the caller's
+random state is left as it was.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,12 +76,97 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class Preset:
+    """One ``--augment`` policy: what it does to each training image, in this order."""
+    description: str
+    crop: tuple[float, float] | None = None   # RandomResizedCrop's area range, back to the same size
+    flip: bool = False                        # mirror with probability 1/2
+    shift: float = 0.0                        # random shift of up to this fraction of the side (reflect)
+    policy: Literal["trivial", "randaugment"] | None = None   # TrivialAugmentWide, RandAugment(2, 9)
+    erase: float = 0.0                        # RandomErasing's probability (noise-filled box)
+    mix: bool = False                         # each batch MixUp (alpha 0.2) or CutMix (alpha 1), half each
+    min_side: int = 0                         # smaller images are refused: the crops would be a few pixels
+
+    @property
+    def per_image(self) -> bool:
+        return self.crop is not None or self.policy is not None or self.erase > 0
+
+
+PRESETS: dict[str, Preset] = {
+    "none": Preset("no augmentation (the lesson)"),
+    "light": Preset("mirror, shift by up to 1/8 of the side", flip=True, shift=0.125, min_side=8),
+    "standard": Preset("random resized crop (35-100% of the area), mirror, TrivialAugmentWide, random erasing "
+                       "(p 0.25)", crop=(0.35, 1.0), flip=True, policy="trivial", erase=0.25, min_side=16),
+    "strong": Preset("random resized crop (8-100%), mirror, RandAugment (2 ops, magnitude 9), random erasing "
+                     "(p 0.25), MixUp or CutMix", crop=(0.08, 1.0), flip=True, policy="randaugment", erase=0.25,
+                     mix=True, min_side=32),
+}
+MIXUP_ALPHA, CUTMIX_ALPHA = 0.2, 1.0   # timm's and torchvision's reference recipes
+
+
+def check_preset(name: str, image_hw: tuple[int, int], num_classes: int) -> None:
+    """Refuse a preset these images or classes cannot take (before any data loads)."""
+    from cnnlab.core.errors import CnnlabError
+    preset = PRESETS[name]
+    if min(image_hw) < preset.min_side:
+        raise CnnlabError(f"--augment {name} crops and distorts images of at least {preset.min_side} px; these are "
+                          f"{image_hw[1]}x{image_hw[0]}: use --augment light (or none), or a larger --image-size")
+    if preset.mix and num_classes < 2:
+        raise CnnlabError(f"--augment {name} mixes images of two classes (MixUp, CutMix); this data has "
+                          f"{num_classes}: use --augment standard")
+
+
+def _torch_seed(gen: torch.Generator) -> int:
+    return int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=gen.device))
+
+
+def apply_preset(x: torch.Tensor, preset: Preset, draw: Draw, *, crop: bool = True) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> the same, as ``preset`` augments it; ``crop=False`` leaves the crop
+    to the streaming decoder, which cuts one from the whole photo."""
+    if preset.flip:
+        x = random_flip(x, draw.gen)
+    if preset.shift:
+        x = random_translate(x, max(1, round(preset.shift * min(x.shape[-2:]))), draw.gen)
+    if not preset.per_image:
+        return x
+    from torchvision.transforms import v2  # imported when a preset needs it: torchvision is slow to import
+    h, w = x.shape[-2:]
+    ops: list[Any] = []
+    if preset.crop is not None and crop:
+        ops.append(v2.RandomResizedCrop((h, w), scale=preset.crop, antialias=True))
+    if preset.policy == "trivial":
+        ops.append(v2.TrivialAugmentWide())
+    elif preset.policy == "randaugment":
+        ops.append(v2.RandAugment(num_ops=2, magnitude=9))
+    if preset.erase:
+        ops.append(v2.RandomErasing(p=preset.erase, value="random"))
+    if not ops:
+        return x
+    pipeline = v2.Compose(ops)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_torch_seed(draw.gen))
+        return torch.stack([pipeline(img) for img in x.cpu()]).to(x.device)
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float (N, C, H, W) and int labels -> the batch with MixUp or CutMix (one per batch, half
+    each) and soft labels (N, num_classes)."""
+    from torchvision.transforms import v2
+    pick = v2.MixUp(alpha=MIXUP_ALPHA, num_classes=num_classes) if torch.rand(
+        (), generator=gen, device=gen.device) < 0.5 else v2.CutMix(alpha=CUTMIX_ALPHA, num_classes=num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_torch_seed(gen))
+        return pick(x, y)
+
+
+@dataclass(frozen=True)
 class Draw:
     """What one batch's augmentations draw on."""
     gen: torch.Generator          # seeded from (seed, epoch, step[, rank])
     epoch: int
     base_flip: torch.Tensor       # the run's fixed bit per image (alternating flip)
     index: torch.Tensor           # this batch's items, indexing ``base_flip``
+    cropped: bool = False         # the streaming decoder cut a random crop already
 
 
 def _flip(x: torch.Tensor, mode: str, draw: Draw) -> torch.Tensor:
@@ -87,26 +178,32 @@ def _flip(x: torch.Tensor, mode: str, draw: Draw) -> torch.Tensor:
 # Applied in this order: the order fixes which random numbers each one draws, so it is part of
 # what makes a seeded run reproducible.
 AUGMENTATIONS: dict[str, Callable[[torch.Tensor, Any, Draw], torch.Tensor]] = {
+    "augment": lambda x, name, draw: apply_preset(x, PRESETS[name], draw, crop=not draw.cropped),
     "flip": _flip,
     "translate": lambda x, pad, draw: random_translate(x, pad, draw.gen),
     "cutout": lambda x, size, draw: cutout(x, size, draw.gen),
 }
-_OFF = Config()   # each field's default is its "off" value
+_OFF = {name: getattr(Config(), name) for name in AUGMENTATIONS} | {"augment": "none"}   # each row's "off"
 
 
 class Augmentation:
-    """The settings of ``AUGMENTATIONS`` a run uses (any left out are off)."""
+    """The settings of ``AUGMENTATIONS`` a run uses (any left out are off); ``num_classes``:
+    for a preset that mixes labels (MixUp, CutMix)."""
 
-    def __init__(self, **settings: Any):
+    def __init__(self, num_classes: int = 0, **settings: Any):
         unknown = sorted(set(settings) - set(AUGMENTATIONS))
         if unknown:
             raise ValueError(f"unknown augmentation {', '.join(unknown)}: known are {', '.join(AUGMENTATIONS)}")
-        self.settings = {name: settings.get(name, getattr(_OFF, name)) for name in AUGMENTATIONS}
-        self._on = [(AUGMENTATIONS[n], v) for n, v in self.settings.items() if v != getattr(_OFF, n)]
+        if settings.get("augment") == "auto":
+            raise ValueError("--augment auto is decided by cnnlab.engine.prepare.plan_run, before batches are made")
+        self.settings = {name: settings.get(name, _OFF[name]) for name in AUGMENTATIONS}
+        self._on = [(AUGMENTATIONS[n], v) for n, v in self.settings.items() if v != _OFF[n]]
+        self.num_classes = num_classes
+        self.mixes = PRESETS[self.settings["augment"]].mix
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "Augmentation":
-        return cls(**{name: getattr(cfg, name) for name in AUGMENTATIONS})
+    def from_config(cls, cfg: Config, num_classes: int = 0) -> "Augmentation":
+        return cls(num_classes, **{name: getattr(cfg, name) for name in AUGMENTATIONS})
 
     @property
     def active(self) -> bool:
@@ -116,6 +213,10 @@ class Augmentation:
         for fn, value in self._on:
             x = fn(x, value, draw)
         return x
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float images and int labels -> mixed images and soft labels, when the preset mixes."""
+        return mix_batch(x, y, self.num_classes, draw.gen) if self.mixes else (x, y)
 
     def __repr__(self) -> str:
         return f"Augmentation({', '.join(f'{k}={v!r}' for k, v in self.settings.items())})"

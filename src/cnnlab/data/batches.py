@@ -57,6 +57,7 @@ class BatchStream:
         """Everything but the images; ``self.labels`` must be set (its device holds the order)."""
         self.batch_size, self.device, self.seed = batch_size, device, seed
         self.aug = aug or Augmentation()
+        self.decoded_crop = False   # the streaming decoder's random crop stands in for a preset's
         self.drop_last, self.channels_last = drop_last, channels_last
         self.rank, self.world = shard
         self.global_batch = batch_size * self.world
@@ -78,26 +79,25 @@ class BatchStream:
         return order[step * self.global_batch:(step + 1) * self.global_batch][self.rank::self.world]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (images float (B, C, H, W) in [0, 1], labels) from batch ``start_step`` on."""
+        """Yield (images float (B, C, H, W) in [0, 1], labels) from batch ``start_step`` on:
+        int labels (B,), or soft ones (B, classes) when the augmentation mixes images."""
         order = self.order(epoch)
         for step in range(start_step, len(self)):
             idx = self.indices(order, step)
-            yield self.augmented(idx, epoch, step), self.labels[idx]
+            yield self.finish(self.images[idx], self.labels[idx], idx, epoch, step)
 
-    def augmented(self, idx: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
-        return self.finish(self.images[idx], idx, epoch, step)
-
-    def finish(self, images: torch.Tensor, idx: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+    def finish(self, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, epoch: int,
+               step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, C, H, W) on the device -> float in [0, 1], batch augmentation applied.
 
-        Flips, shifts and cutout only move or zero pixels, so they run on the uint8 batch (a
-        quarter of the bytes) and the float conversion comes last, in the model's layout."""
-        x = images
-        if self.aug.active:
-            # Each process draws its own augmentation (rank in the key) under data parallelism.
-            rank_key = (self.rank,) if self.world > 1 else ()
-            g = torch.Generator(device=self.device).manual_seed(
-                derive_seed(self.seed, epoch, step, 0xA6, *rank_key))
-            x = self.aug(x, Draw(g, epoch, self.base_flip, idx))
-        return model_input(x, self.channels_last)
+        Crops, flips, shifts and cutout only move or zero pixels, so they run on the uint8 batch
+        (a quarter of the bytes) and the float conversion comes last, in the model's layout;
+        mixing images (MixUp, CutMix) needs floats and comes after it."""
+        if not self.aug.active:
+            return model_input(images, self.channels_last), labels
+        # Each process draws its own augmentation (rank in the key) under data parallelism.
+        rank_key = (self.rank,) if self.world > 1 else ()
+        g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, epoch, step, 0xA6, *rank_key))
+        draw = Draw(g, epoch, self.base_flip, idx, cropped=self.decoded_crop)
+        return self.aug.mix(model_input(self.aug(images, draw), self.channels_last), labels, draw)
 

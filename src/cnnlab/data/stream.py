@@ -254,6 +254,7 @@ class StreamBatches(BatchStream):
         self._configure(batch_size, device, seed=seed, aug=aug, drop_last=drop_last,
                         channels_last=channels_last, shard=shard)
         self._keys = _KeyBatches()
+        self.decoded_crop = split.decoding.random_crop
         # Persistent workers: started once, fed a new key list each epoch.
         self.loader = split.loader(self._keys, crop_seed=seed if split.decoding.random_crop else None,
                                    pin=device.type == "cuda", persistent=True)
@@ -265,7 +266,7 @@ class StreamBatches(BatchStream):
         self._keys.batches = [[(int(i), epoch) for i in ix] for ix in idx]
         for step, ix, batch in zip(steps, idx, self.loader):
             x = _images_or_raise(batch).to(self.device, non_blocking=True)
-            yield self.finish(x, ix, epoch, step), self.labels[ix].to(self.device, non_blocking=True)
+            yield self.finish(x, self.labels[ix].to(self.device, non_blocking=True), ix, epoch, step)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -168,7 +168,8 @@ def resumed_config(meta: dict[str, Any], changes: dict[str, Any], run: Path) -> 
 
     A value equal to the saved one is not a change. See the module docstring for ``epochs``.
     """
-    saved = merge(Config(), meta["config"], source=f"{run} checkpoint")
+    # A run saved before --augment existed trained with none of its presets.
+    saved = merge(Config(), {"augment": "none", **meta["config"]}, source=f"{run} checkpoint")
     wanted = merge(saved, changes, source="--resume")
     diff = {k: (getattr(saved, k), getattr(wanted, k)) for k in FIELDS if getattr(saved, k) != getattr(wanted, k)}
     listed = "; ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in diff.items())

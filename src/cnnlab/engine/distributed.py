@@ -211,7 +211,8 @@ def training_batches(cfg: Config, data, device: torch.device):
     """This process's training batches: in memory or streamed, sharded when data-parallel."""
     from cnnlab.data.augment import Augmentation
     r, world = shard()
-    batches = data.train.train_batches(cfg.batch_size, device, seed=cfg.seed, aug=Augmentation.from_config(cfg),
+    batches = data.train.train_batches(cfg.batch_size, device, seed=cfg.seed,
+                                       aug=Augmentation.from_config(cfg, data.num_classes),
                                        channels_last=cfg.channels_last, drop_last=world > 1, shard=(r, world))
     if len(batches) == 0:
         raise CnnlabError(f"{len(data.train)} training images do not fill one global batch of "

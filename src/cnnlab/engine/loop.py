@@ -21,11 +21,12 @@ import torch
 
 from cnnlab.core import config as config_mod
 from cnnlab.core import hardware
-from cnnlab.core.config import Config
+from cnnlab.core.config import FINE_TUNING, FINE_TUNING_SOURCE, Config
 from cnnlab.core.files import discard_temps, write_json
 from cnnlab.core.hardware import choose_precision, pick_device, set_threads
 from cnnlab.core.metrics import per_class_accuracy
 from cnnlab.core.run_folder import RunFolder, finite
+from cnnlab.data.augment import PRESETS
 from cnnlab.data.dataset import Dataset
 from cnnlab.data.stream import describe as describe_streaming
 from cnnlab.engine import checkpoint as ckpt
@@ -106,7 +107,7 @@ def fit(config: Config | None = None, data: Dataset | None = None, *, out: str |
                 if data.split_record is not None:
                     write_json(RunFolder(path).splits_file, data.split_record)
             if progress:
-                _print_header(cfg, data, trainer, path, device)
+                _print_header(cfg, data, trainer, path, device, plan.augment_reason)
             trainer.test = test
             return _train_and_save(trainer, callbacks)
         except BaseException:
@@ -188,7 +189,8 @@ def _resume(path: Path, main: bool, *, progress: bool, changes: dict[str, Any],
     return _train_and_save(trainer, callbacks)
 
 
-def _print_header(cfg: Config, data: Dataset, trainer: Trainer, path: Path, device: torch.device) -> None:
+def _print_header(cfg: Config, data: Dataset, trainer: Trainer, path: Path, device: torch.device,
+                  augment_reason: str) -> None:
     params = sum(p.numel() for p in trainer.model.net.parameters())
     h, w, c = data.image_shape
     val = len(data.val) if data.val is not None else 0
@@ -199,6 +201,11 @@ def _print_header(cfg: Config, data: Dataset, trainer: Trainer, path: Path, devi
     print(f"  {cfg.epochs:g} epochs x {trainer.steps_per_epoch} batches of {cfg.batch_size}, "
           f"{cfg.optimizer} lr {cfg.lr:g} -> {path}", flush=True)
     print(f"  {hardware_line(device, trainer.precision)}", flush=True)
+    print(f"  augment {cfg.augment}: {PRESETS[cfg.augment].description} ({augment_reason})", flush=True)
+    if cfg.pretrained or cfg.weights:
+        print(f"  {FINE_TUNING_SOURCE} fill what no flag, file or recipe set: "
+              + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in FINE_TUNING.items()),
+              flush=True)
     for line in (distributed.describe(cfg), describe_streaming(data), *_fine_tuning_lines(trainer)):
         if line:
             print(line, flush=True)

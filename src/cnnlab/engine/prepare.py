@@ -99,6 +99,32 @@ def image_size_for(cfg: Config, headers: list[Header] | None,
     return default_image_size(cfg.model, min(w, h))
 
 
+def augment_for(cfg: Config, weights: WeightsInfo | None) -> tuple[str, str]:
+    """The ``--augment`` preset a run uses, and why: the one asked for, else (``auto``) standard
+    when it starts from trained weights, none for a dataset read from its archives (the
+    lesson's data as the lesson reads it), light for an image folder trained from scratch."""
+    from cnnlab.data.registry import official
+    if cfg.augment != "auto":
+        return cfg.augment, "as set"
+    if weights is not None or cfg.init_from:
+        return "standard", "auto: fine-tuning trained weights"
+    if official(cfg.data) is not None:
+        return "none", f"auto: {cfg.data} by name, as the lesson trains on it"
+    return "light", "auto: an image folder trained from scratch"
+
+
+def _check_augment(cfg: Config, scan: FolderScan | None) -> None:
+    """The preset against the planned image size and the folder's classes."""
+    from cnnlab.data.augment import check_preset
+    from cnnlab.data.registry import official
+    source = official(cfg.data)
+    if source is not None:
+        check_preset(cfg.augment, source.image_shape[:2], 10)   # every official dataset has 10 or more classes
+    elif isinstance(cfg.image_size, int | tuple) and scan is not None:
+        hw = (cfg.image_size, cfg.image_size) if isinstance(cfg.image_size, int) else cfg.image_size
+        check_preset(cfg.augment, hw, len(scan[0].class_names))
+
+
 @dataclass(frozen=True)
 class Plan:
     """Every decision about a run made before its data loads (``plan_run``)."""
@@ -110,12 +136,13 @@ class Plan:
     scan: FolderScan | None      # an image folder's one walk (and problems found); None otherwise
     headers: list[Header] | None  # a sample of its training files' headers (``training_headers``)
     size_reason: str             # why an image folder is decoded at its size, for the header
+    augment_reason: str          # why the run augments as it does (``augment_for``), for the header
 
 
 def plan_run(cfg: Config, *, saved_split: Path | None = None, read_folder: bool = True) -> Plan:
     """Check ``cfg`` against every rule (``check_config``), walk an image folder once and choose
-    its image size from a sample of headers (``image_size_for``), and decide device, threads
-    and precision: what ``fit``, ``resume``, lr-find, the estimate probe, the tuner and
+    its image size from a sample of headers (``image_size_for``), choose the augmentation
+    (``augment_for``) and check it against that size, and decide device, threads and precision: what ``fit``, ``resume``, lr-find, the estimate probe, the tuner and
     ``evaluate`` all start from. ``saved_split``: a run's splits.json, so an image folder
     splits as it did for that run; ``read_folder=False``: the caller brings its own images."""
     cfg = check_config(cfg)
@@ -123,11 +150,13 @@ def plan_run(cfg: Config, *, saved_split: Path | None = None, read_folder: bool 
     scan = scan_data_folder(cfg, saved_split) if read_folder else None
     headers = training_headers(scan)
     size, why = image_size_for(cfg, headers, weights)
-    if size != cfg.image_size:
-        cfg = cfg.replace(image_size=size)
+    augment, augment_why = augment_for(cfg, weights)
+    if (size, augment) != (cfg.image_size, cfg.augment):
+        cfg = cfg.replace(image_size=size, augment=augment)
+    _check_augment(cfg, scan)
     device = pick_device(cfg.device)
     return Plan(cfg, device, cfg.threads or distributed.threads_per_process(),
-                choose_precision(cfg.precision, device), weights, scan, headers, why)
+                choose_precision(cfg.precision, device), weights, scan, headers, why, augment_why)
 
 
 SPLITS = ("train", "val", "test")

@@ -184,7 +184,8 @@ class Trainer:
             self._scaled_step(self.decay_mult)
         if self.ema is not None and s.global_step >= self.ema_start_step:
             self.ema.update(s.global_step)
-        correct = (logits.detach().argmax(1) == y).sum()
+        truth = y.argmax(1) if y.ndim == 2 else y   # soft labels (MixUp, CutMix): the larger share
+        correct = (logits.detach().argmax(1) == truth).sum()
         self.last_loss = loss.detach()
         return self.last_loss, correct
 

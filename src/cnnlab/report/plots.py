@@ -155,7 +155,8 @@ def mosaic_figure(canvas: np.ndarray, tile_px: int, tile_in: float, *, left_in: 
     return fig, ax
 
 
-def samples_figure(images: np.ndarray, labels: np.ndarray, class_names: list[str], per_class: int = 8) -> Figure:
+def samples_figure(images: np.ndarray, labels: np.ndarray, class_names: list[str], per_class: int = 8,
+                   heading: str = "Training samples") -> Figure:
     """One row per class (first ``MAX_SAMPLE_CLASSES``), its name on the left; one imshow."""
     images, labels = np.asarray(images), np.asarray(labels)
     present = sorted(set(labels.tolist()))
@@ -173,7 +174,7 @@ def samples_figure(images: np.ndarray, labels: np.ndarray, class_names: list[str
     names = [plain(class_names[c] if 0 <= c < len(class_names) else str(c)) for c in shown]
     left = 0.15 + 0.075 * max(len(n) for n in names)    # ~0.075 in per character at 9 pt
     more = len(present) - len(shown)
-    title = "Training samples" + (f" (first {len(shown)} classes; {more} more not shown)" if more > 0 else "")
+    title = heading + (f" (first {len(shown)} classes; {more} more not shown)" if more > 0 else "")
     fig, ax = mosaic_figure(grid, w + PAD, 0.6 if h <= 64 else 1.0, left_in=left, title=title)
     for r, name in enumerate(names):
         ax.text(-3, r * (h + PAD) + h / 2, name, ha="right", va="center", fontsize=9, clip_on=False)
