@@ -1,11 +1,13 @@
 """Shared fixtures: small synthetic CIFAR-10-like image folders (made here, so the suite tests the
 same thing on every machine), the real data beside the repository for the tests marked
-``shared_data``, and an isolated data cache."""
+``shared_data``, and an isolated data cache; and what tests in several files share: real photos
+of one's own."""
 from __future__ import annotations
 
 import colorsys
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -184,3 +186,22 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[name] = module        # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+# ----------------------------------------------------------------------------- real photographs
+# Three superclasses by ImageNet class index, a few photos each (mostly 500x375, some other sizes).
+GROUPS = {"bird": range(7, 19), "dog": range(151, 163), "reptile": range(33, 45)}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """A flat ``<class>/<image>`` folder of real, non-square ImageNet photos, GROUPS' classes
+    (for tests marked ``shared_data(IMAGENET_SAMPLE)``)."""
+    files = sorted(IMAGENET_SAMPLE.glob("*.JPEG"))
+    assert len(files) == 1000, f"{IMAGENET_SAMPLE} should hold one photo for each ImageNet class"
+    root = tmp_path_factory.mktemp("own") / "photos"
+    for name, indices in GROUPS.items():
+        (root / name).mkdir(parents=True)
+        for i in indices:
+            shutil.copy2(files[i], root / name / files[i].name)
+    return root
