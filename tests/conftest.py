@@ -1,14 +1,19 @@
 """Shared fixtures: small synthetic CIFAR-10-like image folders (made here, so the suite tests the
 same thing on every machine), the real data beside the repository for the tests marked
-``shared_data``, and an isolated data cache; and what tests in several files share: real photos
-of one's own."""
+``shared_data``, and an isolated data cache; and what tests in several files share: real photos,
+small image folders and a local HTTP server."""
 from __future__ import annotations
 
 import colorsys
+import functools
+import http.server
 import importlib.util
 import os
 import shutil
+import socket
 import sys
+import tarfile
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -205,3 +210,102 @@ def photos(tmp_path_factory) -> Path:
         for i in indices:
             shutil.copy2(files[i], root / name / files[i].name)
     return root
+
+
+# ----------------------------------------------------------------------------- small image folders
+# Small PNGs, each with its own pixels, so comparing decoded arrays compares which files were read.
+SIDE = 8
+
+
+def write_images(folder: Path, names: list[str], seed: int) -> None:
+    """PNGs of distinct random pixels (no two files alike: no duplicate warnings)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)).save(folder / name)
+
+
+def flat_folder(root: Path, counts: dict[str, int]) -> Path:
+    for i, (cls, n) in enumerate(counts.items()):
+        write_images(root / cls, [f"{j:03d}.png" for j in range(n)], seed=i)
+    return root
+
+
+def split_folder(root: Path, counts: dict[str, dict[str, int]]) -> Path:
+    for s, (split, per_class) in enumerate(counts.items()):
+        for i, (cls, n) in enumerate(per_class.items()):
+            write_images(root / split / cls, [f"{j:03d}.png" for j in range(n)], seed=100 * s + i)
+    return root
+
+
+COUNTS = {"cat": 10, "dog": 7, "frog": 3, "owl": 2}
+
+
+@pytest.fixture
+def flat(tmp_path) -> Path:
+    """A flat folder, ``<class>/<image>`` with no train/ or test/: COUNTS' classes and sizes."""
+    return flat_folder(tmp_path / "photos", COUNTS)
+
+
+@pytest.fixture
+def big_split(tmp_path) -> Path:
+    """A train/test folder of 104 PNGs in three classes."""
+    return split_folder(tmp_path / "big", {"train": {"a": 40, "b": 25, "c": 15}, "test": {"a": 10, "b": 8, "c": 6}})
+
+
+def counting_decoder(monkeypatch) -> list[str]:
+    """The names of the images decoded from now on, as they are decoded."""
+    from cnnlab.data import images
+    opened: list[str] = []
+    real = images.open_image
+
+    def open_image(source, **kw):
+        opened.append(kw.get("name") or str(source))
+        return real(source, **kw)
+    monkeypatch.setattr(images, "open_image", open_image)   # the folder is small: decoded in-process
+    return opened
+
+
+# ----------------------------------------------------------------------------- official files and downloads
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    """(folder served, base URL) of an HTTP server on 127.0.0.1 in a thread."""
+    served = tmp_path / "served"
+    served.mkdir()
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served)))
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield served, f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def dead_url():
+    """A URL on a local port nothing listens on (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/nothing-here"
+
+
+def make_tar_gz(archive: Path, source: Path, arcname: str) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname=arcname)
+    return archive
+
+
+def tree(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every entry under ``folder``: (mode, mtime_ns, bytes of files): any write shows."""
+    return {str(p.relative_to(folder)): (p.stat().st_mode, p.stat().st_mtime_ns,
+                                         p.read_bytes() if p.is_file() else b"")
+            for p in sorted(folder.rglob("*"))}

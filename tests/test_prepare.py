@@ -3,13 +3,14 @@ which need the registries) fires before any data loads; the image size chosen fr
 the model; and loading only the splits asked for."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from cnnlab.cli import main
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.engine import prepare
-from conftest import IMAGENET_SAMPLE
+from conftest import IMAGENET_SAMPLE, counting_decoder
 
 MISSING = "/no/such/folder"
 
@@ -113,3 +114,18 @@ def test_the_training_size_follows_the_model_family(photos):
     assert prepare.image_size_for(cfg.replace(image_size=48), headers, None) == (48, "--image-size")
     with pytest.raises(CnnlabError, match="alexnet needs images of at least 15x15 pixels; got 12x12"):
         prepare.check_config(cfg.replace(model="alexnet", image_size=12))
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_a_test_only_load_decodes_no_training_image(big_split, monkeypatch, loader):
+    from cnnlab.engine.prepare import load_data, plan_run
+    plan = plan_run(Config(data=str(big_split), loader=loader, val_split=0.1, test_size=10, image_size=24))
+    full = load_data(plan)
+    opened = counting_decoder(monkeypatch)
+    only = load_data(plan, splits=("test",))
+    assert len(only.train) == 0 and only.val is None and only.image_shape == full.image_shape
+    assert np.array_equal(only.test.labels, full.test.labels)
+    if loader == "memory":   # streamed splits decode when read: nothing was opened for either
+        assert len(opened) == 10 and all("/test/" in p for p in opened)
+    with pytest.raises(ValueError, match="unknown splits"):
+        load_data(plan, splits=("tset",))
