@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from cnnlab.cli import main
 from cnnlab.core.config import Config, merge, resolve
 from cnnlab.core.errors import CnnlabError
 
@@ -36,6 +37,22 @@ def test_image_size_is_one_side_or_height_and_width():
             merge(Config(), {"image_size": bad}, source="t")
     with pytest.raises(CnnlabError, match="image_size must be at least 8 pixels a side"):
         resolve(overrides={"image_size": "64,4"})
+
+
+def test_whitening_bias_epochs_need_whitening():
+    with pytest.raises(CnnlabError, match="only applies with --whiten"):
+        Config().replace(whiten_bias_epochs=3)
+    with pytest.raises(CnnlabError, match="whiten_bias_epochs must be zero or more"):
+        Config(whiten=True).replace(whiten_bias_epochs=-1)
+
+
+@pytest.mark.usefixtures("restore_threads")
+@pytest.mark.parametrize("lr", ["nan", "inf", "-1"])
+def test_non_finite_learning_rate_is_refused_before_anything_is_written(tiny_cifar, tmp_path, capsys, lr):
+    code = main(["train", "--data", str(tiny_cifar), "--out", str(tmp_path / "r"), "--lr", lr])
+    assert code == 2
+    assert f"lr must be a positive number, e.g. --lr 1e-3; got {float(lr)}" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 # ----------------------------------------------------------------------------- a file completed by flags
