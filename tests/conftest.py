@@ -1,7 +1,8 @@
 """Shared fixtures: small synthetic CIFAR-10-like image folders (made here, so the suite tests the
 same thing on every machine), the real data beside the repository for the tests marked
 ``shared_data``, and an isolated data cache; and what tests in several files share: real photos,
-small image folders, a local HTTP server, and the harness that stops and resumes runs."""
+small image folders, a local HTTP server, one trained run, and the harness that stops and resumes
+runs."""
 from __future__ import annotations
 
 import colorsys
@@ -201,6 +202,12 @@ def load_benchmark(name: str) -> ModuleType:
 
 
 # ----------------------------------------------------------------------------- real photographs
+def imagenet_photos(n: int) -> list[Path]:
+    """``n`` real ImageNet photos spread over the classes (tests marked shared_data)."""
+    files = sorted(IMAGENET_SAMPLE.iterdir())
+    return [files[i] for i in np.linspace(0, len(files) - 1, n).astype(int)]
+
+
 # Three superclasses by ImageNet class index, a few photos each (mostly 500x375, some other sizes).
 GROUPS = {"bird": range(7, 19), "dog": range(151, 163), "reptile": range(33, 45)}
 
@@ -316,6 +323,31 @@ def tree(folder: Path) -> dict[str, tuple[int, int, bytes]]:
     return {str(p.relative_to(folder)): (p.stat().st_mode, p.stat().st_mtime_ns,
                                          p.read_bytes() if p.is_file() else b"")
             for p in sorted(folder.rglob("*"))}
+
+
+# ----------------------------------------------------------------------------- a trained run
+@pytest.fixture(scope="session")
+def trained_run(tiny_cifar, tmp_path_factory):
+    """One tiny tutorial model, trained once (2 epochs on 300 CIFAR-10-like images) and shared by
+    the export, predict and serve tests."""
+    from cnnlab.core.config import Config
+    from cnnlab.engine.loop import fit
+    from cnnlab.engine.runs import load_run
+    tmp = tmp_path_factory.mktemp("issue9")
+    with pytest.MonkeyPatch.context() as mp:       # keep the folder cache out of the user's
+        mp.setenv("CNNLAB_DATA", str(tmp / "cache"))
+        fit(Config(data=str(tiny_cifar), epochs=2, device="cpu", seed=0), out=tmp / "run", progress=False)
+    return load_run(tmp / "run")
+
+
+def cifar_test_images(data: Path, per_class: int) -> tuple[list[Path], list[str]]:
+    """The first ``per_class`` JPEGs of each class in ``data``'s test split, class by class."""
+    paths, labels = [], []
+    for cls in sorted(os.listdir(data / "test")):
+        for name in sorted(os.listdir(data / "test" / cls))[:per_class]:
+            paths.append(data / "test" / cls / name)
+            labels.append(cls)
+    return paths, labels
 
 
 # ----------------------------------------------------------------------------- runs stopped and resumed

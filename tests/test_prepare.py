@@ -9,7 +9,7 @@ import pytest
 from cnnlab.cli import main
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
-from cnnlab.engine import prepare
+from cnnlab.engine import loop, prepare
 from conftest import IMAGENET_SAMPLE, counting_decoder
 
 MISSING = "/no/such/folder"
@@ -100,6 +100,11 @@ def test_rules_that_need_a_registry_refuse_official_datasets_before_loading(tmp_
             check_config(Config(data="mnist", data_dir=str(tmp_path), **changes))
     assert check_config(Config(data="mnist", model="lenet5")).model == "lenet5"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_freeze_without_init_from_is_refused_before_loading():
+    with pytest.raises(CnnlabError, match="--freeze-epochs 2 freezes a body started from trained weights"):
+        loop.fit(Config(data="/no/such/folder", freeze_epochs=2), progress=False)
 
 
 # ----------------------------------------------------------------------------- the image size and the splits loaded

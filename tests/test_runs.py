@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from cnnlab.engine.runs import requested_weights
 from conftest import TUTORIAL, WAIT, flags, position
 from conftest import cnnlab_in as cli
 
@@ -60,3 +61,10 @@ def test_one_writer_per_run_a_killed_one_leaves_no_stale_lock_and_a_finished_run
     assert f"{run} is complete: it trained 2 epoch(s), 24 steps" in again.stdout
     assert "resuming" not in again.stdout
     assert {f: (run / f).stat().st_mtime_ns for f in files} == before
+
+
+def test_requested_weights_follow_the_config():
+    from cnnlab.core.config import Config
+    assert requested_weights(Config(model="resnet50")) is None
+    assert requested_weights(Config(model="resnet50", pretrained=True)).tag == "imagenet1k_v2"
+    assert requested_weights(Config(model="resnet50", weights="imagenet1k_v1")).tag == "imagenet1k_v1"
