@@ -13,5 +13,7 @@ PARALLEL=(-n 2 --dist loadfile)
 .venv/bin/python -m pytest -q "${PARALLEL[@]}" "$@"
 echo "tests again as an AVX2 laptop runs them (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2):"
 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python -m pytest -q "${PARALLEL[@]}" "$@" \
-    tests/test_distributed.py tests/test_engine.py tests/test_reliability.py tests/test_hardware.py \
-    tests/test_optim.py tests/test_predict_export_serve.py
+    tests/test_distributed.py tests/test_hardware.py tests/test_optim.py tests/test_speednet.py tests/test_ema.py \
+    tests/test_augment.py tests/test_callbacks.py tests/test_evaluation.py tests/test_evaluate.py tests/test_recipes.py \
+    tests/test_config.py tests/test_checkpoint.py tests/test_signals.py tests/test_runs.py tests/test_files.py \
+    tests/test_trainer.py tests/test_export.py tests/test_inference.py tests/test_serve.py

@@ -1,18 +1,33 @@
 """Shared fixtures: small synthetic CIFAR-10-like image folders (made here, so the suite tests the
 same thing on every machine), the real data beside the repository for the tests marked
-``shared_data``, and an isolated data cache."""
+``shared_data``, and an isolated data cache; and what tests in several files share: real photos,
+small image folders, a local HTTP server, one trained run, and the harness that stops and resumes
+runs."""
 from __future__ import annotations
 
 import colorsys
+import functools
+import http.server
 import importlib.util
+import json
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import tarfile
+import threading
+import time
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 # ../shared/data beside the repository: the real CIFAR-10 JPEGs and ImageNet photos (and the
 # benchmark peers in ../shared/peers beside it). Only tests marked shared_data read it; set
@@ -184,3 +199,258 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[name] = module        # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+# ----------------------------------------------------------------------------- real photographs
+def imagenet_photos(n: int) -> list[Path]:
+    """``n`` real ImageNet photos spread over the classes (tests marked shared_data)."""
+    files = sorted(IMAGENET_SAMPLE.iterdir())
+    return [files[i] for i in np.linspace(0, len(files) - 1, n).astype(int)]
+
+
+# Three superclasses by ImageNet class index, a few photos each (mostly 500x375, some other sizes).
+GROUPS = {"bird": range(7, 19), "dog": range(151, 163), "reptile": range(33, 45)}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """A flat ``<class>/<image>`` folder of real, non-square ImageNet photos, GROUPS' classes
+    (for tests marked ``shared_data(IMAGENET_SAMPLE)``)."""
+    files = sorted(IMAGENET_SAMPLE.glob("*.JPEG"))
+    assert len(files) == 1000, f"{IMAGENET_SAMPLE} should hold one photo for each ImageNet class"
+    root = tmp_path_factory.mktemp("own") / "photos"
+    for name, indices in GROUPS.items():
+        (root / name).mkdir(parents=True)
+        for i in indices:
+            shutil.copy2(files[i], root / name / files[i].name)
+    return root
+
+
+# ----------------------------------------------------------------------------- small image folders
+# Small PNGs, each with its own pixels, so comparing decoded arrays compares which files were read.
+SIDE = 8
+
+
+def write_images(folder: Path, names: list[str], seed: int) -> None:
+    """PNGs of distinct random pixels (no two files alike: no duplicate warnings)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)).save(folder / name)
+
+
+def flat_folder(root: Path, counts: dict[str, int]) -> Path:
+    for i, (cls, n) in enumerate(counts.items()):
+        write_images(root / cls, [f"{j:03d}.png" for j in range(n)], seed=i)
+    return root
+
+
+def split_folder(root: Path, counts: dict[str, dict[str, int]]) -> Path:
+    for s, (split, per_class) in enumerate(counts.items()):
+        for i, (cls, n) in enumerate(per_class.items()):
+            write_images(root / split / cls, [f"{j:03d}.png" for j in range(n)], seed=100 * s + i)
+    return root
+
+
+COUNTS = {"cat": 10, "dog": 7, "frog": 3, "owl": 2}
+
+
+@pytest.fixture
+def flat(tmp_path) -> Path:
+    """A flat folder, ``<class>/<image>`` with no train/ or test/: COUNTS' classes and sizes."""
+    return flat_folder(tmp_path / "photos", COUNTS)
+
+
+@pytest.fixture
+def big_split(tmp_path) -> Path:
+    """A train/test folder of 104 PNGs in three classes."""
+    return split_folder(tmp_path / "big", {"train": {"a": 40, "b": 25, "c": 15}, "test": {"a": 10, "b": 8, "c": 6}})
+
+
+def counting_decoder(monkeypatch) -> list[str]:
+    """The names of the images decoded from now on, as they are decoded."""
+    from cnnlab.data import images
+    opened: list[str] = []
+    real = images.open_image
+
+    def open_image(source, **kw):
+        opened.append(kw.get("name") or str(source))
+        return real(source, **kw)
+    monkeypatch.setattr(images, "open_image", open_image)   # the folder is small: decoded in-process
+    return opened
+
+
+# ----------------------------------------------------------------------------- official files and downloads
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    """(folder served, base URL) of an HTTP server on 127.0.0.1 in a thread."""
+    served = tmp_path / "served"
+    served.mkdir()
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served)))
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield served, f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def dead_url():
+    """A URL on a local port nothing listens on (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/nothing-here"
+
+
+def make_tar_gz(archive: Path, source: Path, arcname: str) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname=arcname)
+    return archive
+
+
+def tree(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every entry under ``folder``: (mode, mtime_ns, bytes of files): any write shows."""
+    return {str(p.relative_to(folder)): (p.stat().st_mode, p.stat().st_mtime_ns,
+                                         p.read_bytes() if p.is_file() else b"")
+            for p in sorted(folder.rglob("*"))}
+
+
+# ----------------------------------------------------------------------------- a trained run
+@pytest.fixture(scope="session")
+def trained_run(tiny_cifar, tmp_path_factory):
+    """One tiny tutorial model, trained once (2 epochs on 300 CIFAR-10-like images) and shared by
+    the export, predict and serve tests."""
+    from cnnlab.core.config import Config
+    from cnnlab.engine.loop import fit
+    from cnnlab.engine.runs import load_run
+    tmp = tmp_path_factory.mktemp("issue9")
+    with pytest.MonkeyPatch.context() as mp:       # keep the folder cache out of the user's
+        mp.setenv("CNNLAB_DATA", str(tmp / "cache"))
+        fit(Config(data=str(tiny_cifar), epochs=2, device="cpu", seed=0), out=tmp / "run", progress=False)
+    return load_run(tmp / "run")
+
+
+def cifar_test_images(data: Path, per_class: int) -> tuple[list[Path], list[str]]:
+    """The first ``per_class`` JPEGs of each class in ``data``'s test split, class by class."""
+    paths, labels = [], []
+    for cls in sorted(os.listdir(data / "test")):
+        for name in sorted(os.listdir(data / "test" / cls))[:per_class]:
+            paths.append(data / "test" / cls / name)
+            labels.append(cls)
+    return paths, labels
+
+
+# ----------------------------------------------------------------------------- runs stopped and resumed
+# Shared by every run: one thread (identical kernels in and out of process, and fast on
+# busy cores), shuffling and all three augmentations on, a fixed seed.
+BASE = dict(device="cpu", batch_size=16, threads=1, flip="random", translate=2, cutout=4, seed=5, test_size=20)
+# The tutorial net: 200 images -> 180 train -> 12 steps per epoch.
+TUTORIAL = dict(BASE, model="tutorial", train_size=200, epochs=2, label_smoothing=0.1, checkpoint_every=3)
+WAIT = 300  # seconds before a stuck subprocess fails the test
+
+
+@pytest.fixture
+def restore_threads():
+    """In-process runs set torch's thread count; give the other tests theirs back."""
+    import torch
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def flags(settings: dict) -> list[str]:
+    return [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def reference(data: Path, out: Path, **settings) -> dict[str, torch.Tensor]:
+    """An uninterrupted in-process run of the same config: its weights, history, metrics."""
+    from safetensors.torch import load_file
+
+    from cnnlab.core.config import Config
+    from cnnlab.engine import loop
+    run = loop.fit(Config(data=str(data), **settings), out=out, progress=False)
+    return load_file(run.path / "model.safetensors")
+
+
+def assert_same_weights(a: Path | dict, b: Path | dict) -> None:
+    import torch
+    from safetensors.torch import load_file
+    wa = a if isinstance(a, dict) else load_file(a)
+    wb = b if isinstance(b, dict) else load_file(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} of {len(wa)} tensors differ, e.g. {different[:3]}"
+
+
+def assert_same_history(run_a: Path, run_b: Path) -> None:
+    """Every per-epoch figure except wall-clock seconds, exactly."""
+    ha, hb = (json.loads((r / "history.json").read_text()) for r in (run_a, run_b))
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
+        assert ha[key] == hb[key], key
+    assert len(ha["seconds"]) == len(hb["seconds"]) and all(s > 0 for s in ha["seconds"])
+
+
+def assert_same_checkpoint(run_a: Path, run_b: Path) -> None:
+    """The final resume state too: live weights (under keep=best or EMA), optimizer moments,
+    EMA, best weights, counters. Random-number states differ by design: nothing draws from them."""
+    from cnnlab.engine import checkpoint as ckpt
+    from cnnlab.engine.checkpoint import loop_state
+    (ta, ma), (tb, mb) = (ckpt.read_checkpoint(r / "checkpoints" / "last.safetensors") for r in (run_a, run_b))
+    assert_same_weights({k: v for k, v in ta.items() if not k.startswith("rng.")},
+                        {k: v for k, v in tb.items() if not k.startswith("rng.")})
+    la, lb = loop_state(ma), loop_state(mb)
+    for key in ("epoch", "step_in_epoch", "global_step", "best_val", "best_epoch"):
+        assert getattr(la, key) == getattr(lb, key), key
+    assert ma["optimizer"] == mb["optimizer"]
+
+
+def position(run: Path) -> tuple[int, int] | None:
+    """(epochs done, steps into the next) of the run's checkpoint, reading only its header."""
+    from safetensors import SafetensorError, safe_open
+
+    from cnnlab.engine.checkpoint import loop_state
+    try:
+        with safe_open(str(run / "checkpoints" / "last.safetensors"), framework="pt") as f:
+            meta = json.loads(f.metadata()["state"])
+    except (FileNotFoundError, SafetensorError, OSError, RuntimeError):   # polled while it is replaced
+        return None
+    state = loop_state(meta)
+    return state.epoch, state.step_in_epoch
+
+
+def train_then_signal(tmp: Path, args: list[str], run: Path, sig: int, *, steps: int, from_epoch: int):
+    """Start ``cnnlab train``; once its checkpoint is mid-epoch (epoch >= ``from_epoch``),
+    send ``sig``. Returns (exit status, stderr, checkpoint position when signalled)."""
+    log = tmp / f"train-{sig}.log"
+    with open(log, "w") as err:  # a file, not a pipe: a full pipe would stall the child
+        p = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", *args], stdout=subprocess.DEVNULL,
+                             stderr=err, cwd=tmp)
+        deadline = time.monotonic() + WAIT
+        while True:
+            pos = position(run)
+            if pos is not None and pos[0] >= from_epoch and 0 < pos[1] < steps:
+                p.send_signal(sig)
+                break
+            if p.poll() is not None or time.monotonic() > deadline:
+                p.kill()
+                pytest.fail(f"training ended before a mid-epoch checkpoint was seen (last {pos}):\n"
+                            f"{log.read_text()[-2000:]}")
+            time.sleep(0.005)
+        code = p.wait(timeout=WAIT)
+    return code, log.read_text(), pos
+
+
+def cnnlab_in(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    """``cnnlab ARGS`` in a fresh process, run from ``tmp``."""
+    return subprocess.run([sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True, cwd=tmp,
+                          timeout=WAIT)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.data import folder, images, listing
-from cnnlab.data.check import check_folder
+from cnnlab.data.check import check_folder, scan_folder
 from cnnlab.data.folder import load_image_folder
 from cnnlab.data.images import ImageError, open_image
 from cnnlab.data.sources import check_dataset
@@ -300,7 +300,7 @@ def test_cli_exit_codes_and_json(messy, make_subset, tmp_path):
 
 
 def test_cli_official_dataset_counts_from_arrays(tmp_path):
-    from tests.test_data_official import write_cifar10
+    from tests.test_cifar import write_cifar10
     write_cifar10(tmp_path / "data")
     r = cli("data", "check", "cifar10", "--data-dir", str(tmp_path / "data"), "--json")
     assert r.returncode == 0, r.stderr
@@ -326,3 +326,8 @@ def test_train_stops_with_the_list_or_skips_and_counts(messy, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "skipped 6 unreadable image(s)" in r.stdout
     assert (tmp_path / "run2" / "model.safetensors").is_file()
+
+
+def test_scan_folder_passes_the_split_options(flat):
+    lst, report = scan_folder(flat, test_split=0.5, seed=7)
+    assert (lst.test_split, lst.seed, report.layout, report.seed) == (0.5, 7, "flat", 7)

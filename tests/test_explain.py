@@ -1,6 +1,7 @@
 """`cnnlab explain`: Grad-CAM on constructed cases with known answers and against its formula,
 the stage and layer rules on the zoo, shapes against the model summary, every zoo model
-drawing all three pictures, the reusable overlay, and the command end to end."""
+drawing all three pictures, the reusable overlay, and the command end to end, on a run or on a
+published model named instead."""
 from __future__ import annotations
 
 import io
@@ -34,7 +35,8 @@ from cnnlab.models.inspect import (
     layer_names,
 )
 from cnnlab.models.summary import layer_table
-from conftest import zoo_params
+from conftest import IMAGENET_SAMPLE, zoo_params
+from conftest import imagenet_photos as _photos
 
 SIDE = 16                 # constructed cases: 16x16 grey images
 SMALL = 28                # zoo models: the smallest size every family takes
@@ -285,3 +287,12 @@ def test_gradcam_on_cuda_matches_cpu():
     np.testing.assert_allclose(logits_gpu, logits_cpu, atol=1e-3)
     np.testing.assert_allclose(heat_gpu, heat_cpu, atol=1e-2)
     assert feature_stages(model, x)[-1].output_shape == (64, 8, 8)
+
+
+# ----------------------------------------------------------------------------- a published model by name
+@pytest.mark.shared_data(IMAGENET_SAMPLE)
+def test_explain_takes_a_model_name(lite0_weights, tmp_path, capsys):
+    photo = _photos(1)[0]
+    assert main(["explain", "efficientnet_lite0", str(photo), "--out", str(tmp_path / "x")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{photo}: tench") and "Grad-CAM at head 1280x7x7" in out

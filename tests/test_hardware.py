@@ -1,5 +1,6 @@
 """Every machine a user has: the device and precision chosen, said, and refused with the fix;
-float16 with loss scaling (run on the CPU, where torch supports fp16 autocast and GradScaler)."""
+float16 with loss scaling (run on the CPU, where torch supports fp16 autocast and GradScaler);
+bfloat16 autocast leaves BatchNorm in float32."""
 from __future__ import annotations
 
 import json
@@ -15,8 +16,9 @@ from safetensors.torch import load_file
 from cnnlab.core import hardware
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
-from cnnlab.core.hardware import Precision, choose_precision, pick_device
+from cnnlab.core.hardware import Precision, autocast, choose_precision, pick_device
 from cnnlab.engine import build, loop
+from cnnlab.models import create_model
 from conftest import train_then_crash
 
 CPU = torch.device("cpu")
@@ -257,3 +259,18 @@ def test_recipes_command_says_when_a_recipe_cannot_be_probed(monkeypatch, capsys
     monkeypatch.setattr(estimate, "estimate", refuse)
     assert main(["recipes"]) == 0
     assert "estimate: unavailable here: --precision fp16 needs a GPU" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- bfloat16
+def test_bfloat16_autocast_leaves_batchnorm_in_float32():
+    net = create_model("speednet_xs").train()
+    x = torch.rand(8, 3, 32, 32)
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        conv_out = net.blocks[0][0](net.whiten(x))     # speednet_xs whitens linearly
+        out = net(x)
+    bn = net.blocks[0][2]
+    assert conv_out.dtype == torch.bfloat16            # the convolutions do run in bfloat16
+    for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+        assert t.dtype == torch.float32
+    assert out.dtype in (torch.bfloat16, torch.float32)
+    assert torch.isfinite(bn.running_var).all() and (bn.running_var > 0).all()

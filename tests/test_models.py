@@ -1,5 +1,6 @@
 """The model zoo: every registered model honours the interface; parameter counts match the
-figures in the papers and docstrings; the registry and the summaries behave."""
+figures in the papers and docstrings; the registry and the summaries behave; every model trains
+through `cnnlab train`."""
 from __future__ import annotations
 
 import importlib
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from cnnlab.cli import main
 from cnnlab.core import hardware
 from cnnlab.core.errors import CnnlabError
 from cnnlab.models import create_model, list_models, model_info, register_model
@@ -25,7 +27,7 @@ from cnnlab.models.registry import (
     smallest_side,
 )
 from cnnlab.models.summary import count_flops, count_parameters, format_summary, layer_table, zoo_table
-from conftest import zoo_params
+from conftest import write_synthetic_cifar, zoo_params
 
 NUM_CLASSES = 7          # not 10, so a hard-coded class count would show
 BATCH = 2                # batch norm needs more than one value per channel in train mode
@@ -489,3 +491,26 @@ def test_weight_grad_by_taps_is_the_convolution_weight_gradient():
     expected = torch.nn.grad.conv2d_weight(x, (3, 4, 3, 3), g, padding=1)
     # 60-term float32 sums of randn products (values ~8) in another order: ~1e-6 apart.
     assert torch.allclose(weight_grad_by_taps(x, g), expected, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- every model through the command line
+@pytest.fixture(scope="module")
+def micro_cifar(tmp_path_factory):
+    return write_synthetic_cifar(tmp_path_factory.mktemp("micro"), {"train": 4, "test": 2})
+
+
+# Every registered model trains end to end through the real `cnnlab train` command: a minute
+# and a half over the zoo on 2 cores, so the whole sweep is slow (the tests above check every
+# model's forward and backward in the fast tier).
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_models())
+def test_model_trains_through_the_cli(name, micro_cifar, tmp_path):
+    out = tmp_path / name
+    code = main(["train", "--data", str(micro_cifar), "--model", name, "--epochs", "1", "--batch-size", "8",
+                 "--val-split", "0.25", "--optimizer", "sgd", "--lr", "0.01", "--out", str(out),
+                 "--threads", "1"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and 0.0 <= metrics["test_accuracy"] <= 1.0
+    history = json.loads((out / "history.json").read_text())
+    assert all(v == v for v in history["loss"])     # finite, not NaN

@@ -1,13 +1,11 @@
-"""A practitioner's own photos, end to end: a flat folder of real, non-square ImageNet photos
-trains at a size chosen from the data and the model, its split is saved and read again by
-evaluate and resume, and files that vanish later are named."""
+"""engine/loop.py: `fit` and `resume`: a seed gives the same weights, a run that fails early
+leaves no folder, and a flat folder of one's own photos trains, keeps its split and resumes."""
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,30 +13,54 @@ from safetensors.torch import load_file
 
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
-from cnnlab.engine import loop, prepare
-from conftest import IMAGENET_SAMPLE, train_then_crash
-
-pytestmark = pytest.mark.shared_data(IMAGENET_SAMPLE)     # real photos of real, varied sizes
-# Three superclasses by ImageNet class index, a few photos each (mostly 500x375, some other sizes).
-GROUPS = {"bird": range(7, 19), "dog": range(151, 163), "reptile": range(33, 45)}
+from cnnlab.engine import loop
+from conftest import GROUPS, IMAGENET_SAMPLE, train_then_crash
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    files = sorted(IMAGENET_SAMPLE.glob("*.JPEG"))
-    assert len(files) == 1000, f"{IMAGENET_SAMPLE} should hold one photo for each ImageNet class"
-    root = tmp_path_factory.mktemp("own") / "photos"
-    for name, indices in GROUPS.items():
-        (root / name).mkdir(parents=True)
-        for i in indices:
-            shutil.copy2(files[i], root / name / files[i].name)
-    return root
+def test_same_seed_gives_identical_weights(tiny_cifar, tmp_path):
+    from safetensors.torch import load_file
+
+    from cnnlab.engine.loop import fit
+    cfg = Config(data=str(tiny_cifar), epochs=1, batch_size=32, flip="random", translate=2, seed=7)
+    a = fit(cfg, out=tmp_path / "a", progress=False)
+    b = fit(cfg, out=tmp_path / "b", progress=False)
+    wa, wb = load_file(a.path / "model.safetensors"), load_file(b.path / "model.safetensors")
+    assert all((wa[k] == wb[k]).all() for k in wa)
 
 
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_cifar, tmp_path, monkeypatch):
+    from cnnlab.engine import loop
+    from cnnlab.engine.trainer import Trainer
+    cfg = Config(data=str(tiny_cifar), epochs=1, batch_size=50, threads=1)
+    real = Trainer.run_epoch
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(Trainer, "run_epoch", crash)
+    with pytest.raises(RuntimeError, match="mat1"):
+        loop.fit(cfg, out=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(Trainer, "run_epoch", real)
+    run = loop.fit(cfg, out=tmp_path / "run", progress=False)     # the same --out works at once
+    assert run.weights_file.is_file()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    monkeypatch.setattr(Trainer, "run_epoch", crash)
+    with pytest.raises(CnnlabError, match="already exists"):
+        loop.fit(cfg, out=tmp_path / "mine", progress=False)       # a folder cnnlab did not make is never removed
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError):
+        loop.fit(cfg, out=tmp_path / "empty", progress=False)
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())   # emptied, kept
+
+
+# ----------------------------------------------------------------------------- a folder of one's own photos
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True)
 
 
+@pytest.mark.shared_data(IMAGENET_SAMPLE)
 @pytest.mark.slow
 def test_a_flat_photo_folder_trains_evaluates_and_keeps_its_split(photos, tmp_path):
     out = tmp_path / "run"
@@ -70,6 +92,7 @@ def test_a_flat_photo_folder_trains_evaluates_and_keeps_its_split(photos, tmp_pa
         gone.write_bytes(kept)
 
 
+@pytest.mark.shared_data(IMAGENET_SAMPLE)
 def test_resume_reads_the_saved_split_even_after_the_folder_grew(photos, tmp_path):
     cfg = Config(data=str(photos), model="tutorial", epochs=2, batch_size=8, seed=4, threads=1)
     whole = loop.fit(cfg, out=tmp_path / "whole", progress=False)
@@ -84,18 +107,7 @@ def test_resume_reads_the_saved_split_even_after_the_folder_grew(photos, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_training_size_follows_the_model_family(photos):
-    from cnnlab.data.stream import scan_data_folder
-    cfg = Config(data=str(photos))
-    headers = prepare.training_headers(scan_data_folder(cfg))
-    size, why = prepare.image_size_for(cfg.replace(model="resnet18"), headers, None)
-    assert size == 224 and why.startswith("resnet18 trains at up to 224 px; the images' shorter side is")
-    assert prepare.image_size_for(cfg.replace(model="alexnet"), headers, None)[0] == 64
-    assert prepare.image_size_for(cfg.replace(image_size=48), headers, None) == (48, "--image-size")
-    with pytest.raises(CnnlabError, match="alexnet needs images of at least 15x15 pixels; got 12x12"):
-        prepare.check_config(cfg.replace(model="alexnet", image_size=12))
-
-
+@pytest.mark.shared_data(IMAGENET_SAMPLE)
 def test_a_height_and_width_train_in_memory_and_streaming_refuses_them(photos, tmp_path):
     cfg = Config(data=str(photos), model="tutorial", epochs=1, batch_size=8, threads=1, image_size=(24, 40))
     run = loop.fit(cfg, out=tmp_path / "wide", progress=False)

@@ -1,20 +1,26 @@
-"""Fine-tuning: --init-from a run or a .safetensors file (cnnlab's or torchvision's names),
-the head replaced for new classes, --freeze-epochs and --body-lr-scale, refusals."""
+"""models/pretrained.py: starting from trained weights (--init-from a run or a .safetensors file in
+cnnlab's or torchvision's names, or --pretrained): the head replaced for new classes,
+--freeze-epochs and --body-lr-scale, resume, refusals."""
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from cnnlab.cli import main
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.engine import loop, prepare
 from cnnlab.engine.build import build_training
 from cnnlab.engine.callbacks import Callback
+from cnnlab.engine.runs import load_run
 from cnnlab.models.pretrained import head_name, init_from
 from cnnlab.models.registry import create_model, list_models
 from conftest import train_then_crash, write_synthetic_cifar
@@ -151,6 +157,51 @@ def test_freeze_epochs_train_only_the_head_then_everything_and_resume_exactly(so
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_freeze_without_init_from_is_refused_before_loading():
-    with pytest.raises(CnnlabError, match="--freeze-epochs 2 freezes a body started from trained weights"):
-        loop.fit(Config(data="/no/such/folder", freeze_epochs=2), progress=False)
+# ----------------------------------------------------------------------------- from published weights
+def _grey_folder(root: Path, per_class: int = 6) -> Path:
+    """Two classes of 40x40 greyscale images: bright squares and dark ones."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", 2)):
+        for cls, level in (("bright", 200), ("dark", 40)):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(level, 20, (40, 40)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels, "L").save(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_fine_tune_from_pretrained_weights_on_greyscale_photos(lite0_weights, tmp_path, capsys):
+    data = _grey_folder(tmp_path / "grey")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--model", "efficientnet_lite0", "--pretrained",
+                 "--image-size", "64", "--epochs", "1", "--batch-size", "4", "--freeze-epochs", "1",
+                 "--out", str(out)]) == 0
+    header = capsys.readouterr().out
+    assert "pretrained: efficientnet_lite0.imagenet1k" in header
+    assert "greyscale images are repeated into the 3 channels" in header
+    assert "replaced the head" in header and "only the head" in header
+    run = load_run(out)
+    card = run.card
+    assert card["in_channels"] == 1 and card["num_classes"] == 2
+    assert card["mean"] == pytest.approx([127 / 255] * 3) and card["std"] == pytest.approx([128 / 255] * 3)
+    # The body is ImageNet's (frozen for the one epoch); the head is new.
+    start = load_run("efficientnet_lite0").model().net.state_dict()
+    tuned = run.model().net.state_dict()
+    torch.testing.assert_close(tuned["stages.3.0.depthwise.0.weight"], start["stages.3.0.depthwise.0.weight"])
+    assert tuned["fc.2.weight"].shape == (2, 1280)
+    result = run.predict([data / "test" / "bright" / "0.png"], top_k=2)
+    assert {t["class"] for t in result[0]["top"]} == {"bright", "dark"}
+
+
+def test_a_pretrained_run_resumes_without_its_weights_cache(lite0_weights, tmp_path, monkeypatch):
+    """A resumed run's weights come from its checkpoint: the published ones are neither read
+    nor fetched again, so a cleared cache (or no network) does not stop it."""
+    from cnnlab.core.config import Config
+    from cnnlab.engine.loop import fit, resume
+    from conftest import train_then_crash
+    cfg = Config(data=str(_grey_folder(tmp_path / "grey")), model="efficientnet_lite0", pretrained=True,
+                 image_size=32, epochs=2, batch_size=4, threads=1)
+    train_then_crash(fit, cfg, tmp_path / "run")
+    monkeypatch.setenv("CNNLAB_WEIGHTS", str(tmp_path / "empty-cache"))
+    run = resume(tmp_path / "run", progress=False)
+    assert run.metrics["epochs"] == 2 and not (tmp_path / "empty-cache").exists()

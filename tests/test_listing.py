@@ -1,9 +1,5 @@
-"""Image folders: flat ``<class>/<image>`` folders split by seed, their saved split, and decoding
-only the subset asked for.
-
-Every folder here is written by the tests: small PNGs, each with its own pixels, so comparing
-decoded arrays compares which files were read.
-"""
+"""data/listing.py: a flat ``<class>/<image>`` folder split by seed, the split saved and read
+again, every reader of such a folder, and the progress bar while a folder decodes."""
 from __future__ import annotations
 
 import io
@@ -20,44 +16,13 @@ from PIL import Image
 
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
-from cnnlab.data import images, listing
-from cnnlab.data.check import check_folder, scan_folder
-from cnnlab.data.dataset import prepare_splits
+from cnnlab.data import listing
+from cnnlab.data.check import check_folder
 from cnnlab.data.folder import load_image_folder
 from cnnlab.data.listing import list_folder
-from cnnlab.data.sources import load_dataset, load_for_config
+from cnnlab.data.sources import load_for_config
 from cnnlab.data.stream import open_streaming, scan_data_folder
-
-SIDE = 8
-
-
-def write_images(folder: Path, names: list[str], seed: int) -> None:
-    """PNGs of distinct random pixels (no two files alike: no duplicate warnings)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)).save(folder / name)
-
-
-def flat_folder(root: Path, counts: dict[str, int]) -> Path:
-    for i, (cls, n) in enumerate(counts.items()):
-        write_images(root / cls, [f"{j:03d}.png" for j in range(n)], seed=i)
-    return root
-
-
-def split_folder(root: Path, counts: dict[str, dict[str, int]]) -> Path:
-    for s, (split, per_class) in enumerate(counts.items()):
-        for i, (cls, n) in enumerate(per_class.items()):
-            write_images(root / split / cls, [f"{j:03d}.png" for j in range(n)], seed=100 * s + i)
-    return root
-
-
-COUNTS = {"cat": 10, "dog": 7, "frog": 3, "owl": 2}
-
-
-@pytest.fixture
-def flat(tmp_path) -> Path:
-    return flat_folder(tmp_path / "photos", COUNTS)
+from conftest import COUNTS, flat_folder, split_folder, write_images
 
 
 def rel_names(entries, root: Path) -> list[str]:
@@ -225,92 +190,7 @@ def test_flat_folder_in_memory_streamed_and_checked(flat, tmp_path):
         r.stdout + r.stderr
 
 
-def test_vanished_files_stop_the_streaming_loader_too(flat):
-    cfg = Config(data=str(flat), loader="stream", workers=0, val_split=0.0)
-    record = list_folder(flat).split_record()
-    gone = record["files"]["train"][2][0]
-    os.unlink(flat / gone)
-    with pytest.raises(CnnlabError, match=gone):
-        open_streaming(cfg, scan=scan_data_folder(cfg, saved_split=record))
-    skip = open_streaming(cfg.replace(bad_images="skip"), scan=scan_data_folder(cfg, saved_split=record))
-    assert skip is not None and len(skip.train) == len(record["files"]["train"]) - 1
-
-
-# ----------------------------------------------------------------------------- decoding only the subset
-@pytest.fixture
-def big_split(tmp_path) -> Path:
-    return split_folder(tmp_path / "big", {"train": {"a": 40, "b": 25, "c": 15}, "test": {"a": 10, "b": 8, "c": 6}})
-
-
-def counting_decoder(monkeypatch) -> list[str]:
-    opened: list[str] = []
-    real = images.open_image
-
-    def open_image(source, **kw):
-        opened.append(kw.get("name") or str(source))
-        return real(source, **kw)
-    monkeypatch.setattr(images, "open_image", open_image)   # the folder is small: decoded in-process
-    return opened
-
-
-@pytest.mark.parametrize("train_size, test_size, val_split, seed", [
-    (30, 9, 0.1, 0), (30, 9, 0.1, 1), (7, None, 0.2, 4), (None, 5, 0.0, 2), (200, 200, 0.1, 0)])
-def test_subset_decoded_is_exactly_what_prepare_splits_picks(big_split, monkeypatch, train_size, test_size,
-                                                             val_split, seed):
-    def splits(ds):
-        out = prepare_splits(ds, val_split=val_split, train_size=train_size, test_size=test_size, seed=seed)
-        return {s: (getattr(out, s).images, getattr(out, s).labels) for s in ("train", "val", "test")
-                if getattr(out, s) is not None}
-    old = splits(load_image_folder(big_split))                 # decode all, then subset (the old path)
-    opened = counting_decoder(monkeypatch)
-    new_ds = load_image_folder(big_split, train_size=train_size, test_size=test_size, seed=seed)
-    assert len(opened) == min(train_size or 80, 80) + min(test_size or 24, 24)
-    new = splits(new_ds)
-    assert new.keys() == old.keys()
-    for split in old:
-        assert np.array_equal(new[split][0], old[split][0]) and np.array_equal(new[split][1], old[split][1]), split
-
-
-@pytest.mark.parametrize("loader", ["memory", "stream"])
-def test_a_test_only_load_decodes_no_training_image(big_split, monkeypatch, loader):
-    from cnnlab.engine.prepare import load_data, plan_run
-    plan = plan_run(Config(data=str(big_split), loader=loader, val_split=0.1, test_size=10, image_size=24))
-    full = load_data(plan)
-    opened = counting_decoder(monkeypatch)
-    only = load_data(plan, splits=("test",))
-    assert len(only.train) == 0 and only.val is None and only.image_shape == full.image_shape
-    assert np.array_equal(only.test.labels, full.test.labels)
-    if loader == "memory":   # streamed splits decode when read: nothing was opened for either
-        assert len(opened) == 10 and all("/test/" in p for p in opened)
-    with pytest.raises(ValueError, match="unknown splits"):
-        load_data(plan, splits=("tset",))
-
-
-def test_subset_cache_follows_the_subset(big_split, tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    a = load_image_folder(big_split, train_size=12, test_size=6, seed=0, cache_dir=cache)
-    b = load_image_folder(big_split, train_size=12, test_size=6, seed=1, cache_dir=cache)
-    full = load_image_folder(big_split, cache_dir=cache)
-    assert len(a.train) == len(b.train) == 12 and len(full.train) == 80
-    assert not np.array_equal(a.train.images, b.train.images)   # a changed seed is a new subset, not a stale one
-    opened = counting_decoder(monkeypatch)
-    again = load_image_folder(big_split, train_size=12, test_size=6, seed=0, cache_dir=cache)
-    assert opened == [] and np.array_equal(again.train.images, a.train.images)
-    bigger = load_image_folder(big_split, train_size=20, test_size=6, seed=0, cache_dir=cache)
-    assert len(bigger.train) == 20 and len(opened) == 26
-    assert len(list(cache.iterdir())) == 4
-
-
-def test_flat_folder_subset_and_split(tmp_path, monkeypatch):
-    root = flat_folder(tmp_path / "flat", {"a": 30, "b": 20})
-    lst = list_folder(root, seed=1)
-    opened = counting_decoder(monkeypatch)
-    ds = load_dataset(str(root), data_dir=tmp_path / "d", train_size=10, test_size=4, seed=1)
-    assert len(opened) == 14 and len(ds.train) == 10 and len(ds.test) == 4
-    chosen = {os.path.relpath(p, root) for p in opened}
-    assert chosen <= set(lst.split_files()["train"]) | set(lst.split_files()["test"])
-
-
+# ----------------------------------------------------------------------------- progress
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -328,8 +208,3 @@ def test_progress_bar_only_on_a_terminal_and_when_asked(big_split, monkeypatch):
     monkeypatch.setattr(sys, "stderr", plain)
     load_image_folder(big_split)
     assert plain.getvalue() == ""
-
-
-def test_scan_folder_passes_the_split_options(flat):
-    lst, report = scan_folder(flat, test_split=0.5, seed=7)
-    assert (lst.test_split, lst.seed, report.layout, report.seed) == (0.5, 7, "flat", 7)

@@ -1,17 +1,11 @@
-"""Issue 9: predict on folders, ONNX export checked against PyTorch, the web app on a real server.
-
-One tiny tutorial model is trained once (2 epochs on 300 CIFAR-10-like images) and shared; the
-server tests start ``python -m cnnlab serve`` on a free loopback port, as a user would.
-"""
+"""apps/serve: the web app on a real server (`python -m cnnlab serve` on a free loopback port, as a
+user would start it): predictions, upload limits, a busy server, Grad-CAM and a real browser."""
 from __future__ import annotations
 
-import csv
 import http.client
 import io
 import json
-import os
 import select
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,25 +16,11 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from cnnlab.cli import main
-from cnnlab.core.config import Config
-from cnnlab.core.errors import CnnlabError
-from cnnlab.core.hardware import choose_precision
-from cnnlab.data.images import load_image
-from cnnlab.engine.inference import predict_files
-from cnnlab.engine.runs import environment, load_run, model_card, save_config, save_model
-from cnnlab.models import list_models
-from cnnlab.models.classifier import build_classifier
-from conftest import load_benchmark, zoo_params
-
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-export = pytest.importorskip("cnnlab.apps.export")
+from conftest import cifar_test_images as _cifar_test_images
+from conftest import load_benchmark
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -49,191 +29,6 @@ SERVER_START_S = 90          # importing torch + FastAPI on a busy 2-core machin
 UPLOAD_LIMIT_MB = 1
 
 
-# ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def trained_run(tiny_cifar, tmp_path_factory):
-    from cnnlab.engine.loop import fit
-    tmp = tmp_path_factory.mktemp("issue9")
-    with pytest.MonkeyPatch.context() as mp:       # keep the folder cache out of the user's
-        mp.setenv("CNNLAB_DATA", str(tmp / "cache"))
-        fit(Config(data=str(tiny_cifar), epochs=2, device="cpu", seed=0), out=tmp / "run", progress=False)
-    return load_run(tmp / "run")
-
-
-def _cifar_test_images(data: Path, per_class: int) -> tuple[list[Path], list[str]]:
-    """The first ``per_class`` JPEGs of each class in ``data``'s test split, class by class."""
-    paths, labels = [], []
-    for cls in sorted(os.listdir(data / "test")):
-        for name in sorted(os.listdir(data / "test" / cls))[:per_class]:
-            paths.append(data / "test" / cls / name)
-            labels.append(cls)
-    return paths, labels
-
-
-def _fake_run(folder: Path, arch: str, classes: int = 5, channels: int = 3, size: int = 32) -> Path:
-    """A run folder holding an untrained model: enough for export and predict."""
-    torch.manual_seed(0)
-    mean, std = [0.45] * channels, [0.25] * channels
-    cfg = Config(model=arch)
-    model = build_classifier(arch, classes, size, mean, std).eval()
-    save_config(folder, cfg, environment(torch.device("cpu"), choose_precision("fp32", torch.device("cpu"))))
-    save_model(folder, model, model_card(cfg, [f"class{i}" for i in range(classes)], (size, size, channels), mean, std))
-    return folder
-
-
-# ----------------------------------------------------------------------------- export
-def test_onnx_matches_pytorch_on_200_cifar_images(trained_run, make_subset, tmp_path):
-    out = tmp_path / "onnx" / "model.onnx"
-    result = export.export_onnx(trained_run, out)
-    assert result.real_images > 0                      # the export's own check used the run's data images
-    assert os.listdir(out.parent) == ["model.onnx"]    # one file: no external data, no temp left
-
-    proto = onnx.load(str(out), load_external_data=False)
-    assert [i.name for i in proto.graph.input] == ["image"]
-    assert [o.name for o in proto.graph.output] == ["logits"]
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 32, 32]
-    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
-    meta = export.read_metadata(out)
-    assert meta["class_names"] == trained_run.class_names and meta["input_size"] == [32, 32]
-
-    paths, _ = _cifar_test_images(make_subset({"test": 20}), per_class=20)
-    assert len(paths) == 200
-    x = np.stack([load_image(p, (32, 32), 3) for p in paths]).transpose(0, 3, 1, 2).astype(np.float32) / 255
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = session.run(["logits"], {"image": x})[0]
-    with torch.no_grad():
-        ref = trained_run.model("cpu")(torch.from_numpy(x)).numpy()
-    assert got.shape == (200, 10)
-    # Two libraries' float32 kernels (ONNX Runtime's and oneDNN's, whatever the ISA): each layer
-    # rounds its sums differently (~1e-6 relative), which five layers grow to ~1e-5 of logits ~10.
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-    assert (got.argmax(1) == ref.argmax(1)).all()
-
-
-def test_export_cli_writes_run_model_onnx(trained_run, capsys):
-    assert main(["export", str(trained_run.path), "--format", "onnx"]) == 0
-    assert "ONNX Runtime matches PyTorch" in capsys.readouterr().out
-    assert (trained_run.path / "model.onnx").is_file()
-    assert not [p for p in os.listdir(trained_run.path) if p.endswith(".tmp")]
-
-
-def test_export_fails_when_onnx_runtime_disagrees(trained_run, tmp_path, monkeypatch):
-    """A graph that does not compute what PyTorch computes is refused and nothing is written."""
-    real = export.onnx_graph
-
-    def wrong_graph(model, in_channels, input_size, exporter="auto"):
-        other = build_classifier("tutorial", 10, 32, [0.5] * 3, [0.25] * 3).eval()
-        return real(other, in_channels, input_size, exporter)
-
-    monkeypatch.setattr(export, "onnx_graph", wrong_graph)
-    out = tmp_path / "bad.onnx"
-    with pytest.raises(CnnlabError, match="disagree|different classes"):
-        export.export_onnx(trained_run, out)
-    assert not out.exists() and not list(tmp_path.iterdir())
-
-
-@pytest.fixture
-def one_thread():
-    """Tracing and tiny batches gain nothing from threads; on a busy machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.mark.parametrize("arch", zoo_params(list_models()))
-def test_every_zoo_model_exports(arch, tmp_path, one_thread):
-    run = _fake_run(tmp_path / "run", arch)
-    result = export.export_onnx(run)       # raises if ONNX Runtime disagrees with PyTorch
-    assert result.path == run / "model.onnx" and export.read_metadata(result.path)["arch"] == arch
-
-
-def test_grey_input_and_the_dynamo_exporter(tmp_path, one_thread):
-    run = _fake_run(tmp_path / "run", "tutorial", classes=3, channels=1, size=28)
-    result = export.export_onnx(run, exporter="dynamo")
-    assert result.exporter == "dynamo"
-    session = export.onnx_session(result.path)
-    shape = session.get_inputs()[0].shape
-    assert shape[1:] == [1, 28, 28] and session.run(None, {"image": np.zeros((7, 1, 28, 28), np.float32)})[0].shape == (7, 3)
-
-
-@pytest.mark.parametrize("in_hw,out_hw", [((3, 3), (2, 2)), ((7, 5), (3, 2)), ((6, 6), (4, 1))])
-def test_fixed_adaptive_pool_equals_pytorch(in_hw, out_hw):
-    x = torch.randn(2, 4, *in_hw)
-    fixed = export.FixedAdaptiveAvgPool2d(in_hw, out_hw)(x)
-    torch.testing.assert_close(fixed, torch.nn.AdaptiveAvgPool2d(out_hw)(x))
-
-
-def test_export_refuses_a_bad_out_path(trained_run, tmp_path):
-    with pytest.raises(CnnlabError, match="ending in .onnx"):
-        export.export_onnx(trained_run, tmp_path / "model.txt")
-
-
-# ----------------------------------------------------------------------------- predict
-@pytest.fixture
-def photo_folder(tiny_cifar, tmp_path):
-    """3 CIFAR JPEGs, a subfolder with a big RGBA PNG and a 16-bit grey PNG, and things to skip."""
-    paths, _ = _cifar_test_images(tiny_cifar, per_class=1)
-    root = tmp_path / "photos"
-    (root / "sub" / "deeper").mkdir(parents=True)
-    (root / ".hidden").mkdir()
-    for p in paths[:3]:
-        shutil.copy(p, root / f"{p.parent.name}.jpg")
-    rgba = np.zeros((300, 400, 4), np.uint8)
-    rgba[..., 0], rgba[..., 3] = 200, 128
-    Image.fromarray(rgba, "RGBA").save(root / "sub" / "big_rgba.png")
-    Image.fromarray(np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)).save(
-        root / "sub" / "deeper" / "grey16.png")
-    good = paths[0].read_bytes()
-    (root / "sub" / "truncated.jpg").write_bytes(good[: len(good) // 3])
-    (root / "text.jpg").write_text("not a picture")
-    (root / "notes.txt").write_text("ignored: not an image name")
-    shutil.copy(paths[0], root / ".hidden" / "skipped.jpg")
-    shutil.copy(paths[0], root / ".dotfile.jpg")
-    return root
-
-
-def test_predict_folder_recursive_skips_and_reports_bad_files(trained_run, photo_folder, capsys):
-    assert main(["predict", str(trained_run.path), str(photo_folder), "--json", "--top-k", "2",
-                 "--batch-size", "2"]) == 0
-    captured = capsys.readouterr()
-    results = json.loads(captured.out)
-    files = {Path(r["file"]).relative_to(photo_folder).as_posix(): r for r in results}
-    assert sorted(files) == ["airplane.jpg", "automobile.jpg", "bird.jpg", "sub/big_rgba.png",
-                             "sub/deeper/grey16.png", "sub/truncated.jpg", "text.jpg"]
-    errors = {f for f, r in files.items() if "error" in r}
-    assert errors == {"sub/truncated.jpg", "text.jpg"}
-    assert all(len(r["top"]) == 2 for f, r in files.items() if f not in errors)
-    assert "skipped" in captured.err and "truncated.jpg" in captured.err and "text.jpg" in captured.err
-
-    # Batching does not change the answers.
-    one_batch = {r["file"]: r for r in predict_files(trained_run, [photo_folder], top_k=2, batch_size=64)}
-    for name, r in one_batch.items():
-        if "top" in r:
-            got = next(x for x in results if x["file"] == name)["top"]
-            assert [t["class"] for t in got] == [t["class"] for t in r["top"]]
-            # Another batch size, another oneDNN blocking: float32 rounding of probabilities <= 1.
-            assert got[0]["probability"] == pytest.approx(r["top"][0]["probability"], abs=1e-5)
-
-
-def test_predict_csv_and_all_bad_inputs(trained_run, photo_folder, tmp_path, capsys):
-    out = tmp_path / "preds.csv"
-    assert main(["predict", str(trained_run.path), str(photo_folder / "airplane.jpg"),
-                 str(photo_folder / "text.jpg"), "--csv", str(out)]) == 0
-    rows = list(csv.DictReader(out.open()))
-    assert [Path(r["file"]).name for r in rows] == ["airplane.jpg", "text.jpg"]
-    assert rows[0]["class_1"] in trained_run.class_names and not rows[0]["error"]
-    assert rows[1]["error"] and not rows[1]["class_1"]
-    capsys.readouterr()
-    assert main(["predict", str(trained_run.path), str(photo_folder / "text.jpg"), str(tmp_path / "nope")]) == 2
-    assert "no image could be classified" in capsys.readouterr().err
-    (tmp_path / "empty").mkdir()
-    assert main(["predict", str(trained_run.path), str(tmp_path / "empty")]) == 2
-    assert "no image files found" in capsys.readouterr().err
-
-
-# ----------------------------------------------------------------------------- server
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,13 +1,16 @@
-"""Every rule a run's config must meet fires before any data loads, and rules apply to the
-merged config: a value in a file may be completed by a flag."""
+"""engine/prepare.py: every rule a run's config must meet (config.validate, then check_config's,
+which need the registries) fires before any data loads; the image size chosen from the data and
+the model; and loading only the splits asked for."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
-import yaml
 
 from cnnlab.cli import main
-from cnnlab.core.config import resolve
+from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
+from cnnlab.engine import loop, prepare
+from conftest import IMAGENET_SAMPLE, counting_decoder
 
 MISSING = "/no/such/folder"
 
@@ -72,31 +75,62 @@ def test_rules_that_need_a_dataset_fire_before_it_is_read(tmp_path, capsys):
     assert not (tmp_path / "empty").exists()
 
 
-@pytest.mark.parametrize("file_values,flags,expected", [
-    ({"freeze_epochs": 1}, {"init_from": "runs/base"}, {"freeze_epochs": 1.0, "init_from": "runs/base"}),
-    ({"whiten_bias_epochs": 2, "model": "speednet"}, {"whiten": True}, {"whiten_bias_epochs": 2.0, "whiten": True}),
-    ({"freeze_epochs": 1}, {"pretrained": True, "model": "resnet18"}, {"freeze_epochs": 1.0, "pretrained": True}),
+@pytest.mark.parametrize("changes, message", [
+    ({"val_split": 1.0}, "val_split must be in \\[0, 1\\)"),
+    ({"train_size": 0}, "train_size must be a positive number of images"),
+    ({"test_size": -3}, "test_size must be a positive number of images"),
+    ({"loader": "memory", "crop": "random_resized"}, "only the streaming loader keeps"),
+    ({"whiten": True}, "--whiten needs a model with a patch-whitening first layer; 'tutorial' has none"),
+    ({"model": "alexnet", "image_size": 12}, "alexnet needs images of at least 15x15 pixels; got 12x12"),
+    ({"model": "resnet7"}, "unknown model 'resnet7'"),
 ])
-def test_a_file_value_completed_by_a_flag_is_one_config(file_values, flags, expected, tmp_path):
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(file_values))
-    cfg = resolve(config_file=path, overrides=flags)
-    assert {k: getattr(cfg, k) for k in expected} == expected
+def test_config_rules_fire_before_any_data_loads(changes, message):
+    """The folder does not exist: a rule checked after loading would report that instead."""
+    from cnnlab.engine.loop import fit
+    with pytest.raises(CnnlabError, match=message):
+        fit(Config(data="/no/such/folder", **changes), progress=False)
 
 
-def test_a_bad_value_names_the_layer_it_came_from(tmp_path):
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({"lr": -1}))
-    with pytest.raises(CnnlabError, match=rf"lr must be a positive number.*\(from the config file {path}\)"):
-        resolve(config_file=path)
-    with pytest.raises(CnnlabError, match=r"momentum must be between 0 and 1; got 3.0 \(from the command line\)"):
-        resolve(config_file=path, overrides={"lr": 0.1, "momentum": 3})
+def test_rules_that_need_a_registry_refuse_official_datasets_before_loading(tmp_path):
+    """No archive exists under data_dir: each rule must fire before anything is looked for."""
+    from cnnlab.engine.prepare import check_config
+    for changes, message in [({"loader": "stream"}, "--loader stream reads image folders"),
+                             ({"image_size": 64}, "--image-size applies to image folders; mnist is always 28x28")]:
+        with pytest.raises(CnnlabError, match=message):
+            check_config(Config(data="mnist", data_dir=str(tmp_path), **changes))
+    assert check_config(Config(data="mnist", model="lenet5")).model == "lenet5"
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_the_library_takes_a_file_completed_by_keywords(tmp_path):
-    import cnnlab
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({"freeze_epochs": 1, "data": MISSING}))
-    with pytest.raises(CnnlabError) as e:   # the config is whole: what stops it is the missing folder
-        cnnlab.train(config=path, init_from=str(tmp_path / "base"), quiet=True)
-    assert MISSING in str(e.value) and "freeze" not in str(e.value)
+def test_freeze_without_init_from_is_refused_before_loading():
+    with pytest.raises(CnnlabError, match="--freeze-epochs 2 freezes a body started from trained weights"):
+        loop.fit(Config(data="/no/such/folder", freeze_epochs=2), progress=False)
+
+
+# ----------------------------------------------------------------------------- the image size and the splits loaded
+@pytest.mark.shared_data(IMAGENET_SAMPLE)
+def test_the_training_size_follows_the_model_family(photos):
+    from cnnlab.data.stream import scan_data_folder
+    cfg = Config(data=str(photos))
+    headers = prepare.training_headers(scan_data_folder(cfg))
+    size, why = prepare.image_size_for(cfg.replace(model="resnet18"), headers, None)
+    assert size == 224 and why.startswith("resnet18 trains at up to 224 px; the images' shorter side is")
+    assert prepare.image_size_for(cfg.replace(model="alexnet"), headers, None)[0] == 64
+    assert prepare.image_size_for(cfg.replace(image_size=48), headers, None) == (48, "--image-size")
+    with pytest.raises(CnnlabError, match="alexnet needs images of at least 15x15 pixels; got 12x12"):
+        prepare.check_config(cfg.replace(model="alexnet", image_size=12))
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_a_test_only_load_decodes_no_training_image(big_split, monkeypatch, loader):
+    from cnnlab.engine.prepare import load_data, plan_run
+    plan = plan_run(Config(data=str(big_split), loader=loader, val_split=0.1, test_size=10, image_size=24))
+    full = load_data(plan)
+    opened = counting_decoder(monkeypatch)
+    only = load_data(plan, splits=("test",))
+    assert len(only.train) == 0 and only.val is None and only.image_shape == full.image_shape
+    assert np.array_equal(only.test.labels, full.test.labels)
+    if loader == "memory":   # streamed splits decode when read: nothing was opened for either
+        assert len(opened) == 10 and all("/test/" in p for p in opened)
+    with pytest.raises(ValueError, match="unknown splits"):
+        load_data(plan, splits=("tset",))

@@ -1,0 +1,89 @@
+"""core/config.py: the typed config's layers, values and refusals, each naming where a bad value
+came from; a file completed by flags or keywords is one config."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from cnnlab.cli import main
+from cnnlab.core.config import Config, merge, resolve
+from cnnlab.core.errors import CnnlabError
+
+
+def test_config_layers_and_refusals(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 3\nlr: 0.01\nbatch_size: 64\n")
+    cfg = resolve(config_file=f, overrides={"epochs": "5", "optimizer": None})
+    assert (cfg.epochs, cfg.lr, cfg.batch_size) == (5, 0.01, 64)
+    with pytest.raises(CnnlabError, match="unknown config key 'ephocs'; did you mean 'epochs'"):
+        merge(Config(), {"ephocs": 3}, source="test")
+    with pytest.raises(CnnlabError, match="optimizer must be one of"):
+        merge(Config(), {"optimizer": "lbfgs"}, source="test")
+    with pytest.raises(CnnlabError, match="batch_size must be an integer"):
+        merge(Config(), {"batch_size": "many"}, source="test")
+    for key, value in (("epochs", 0), ("lr", -1), ("batch_size", 0), ("lr", float("nan"))):
+        with pytest.raises(CnnlabError, match=key):
+            merge(Config(), {key: value}, source="test")
+
+
+def test_image_size_is_one_side_or_height_and_width():
+    assert merge(Config(), {"image_size": "48"}, source="t").image_size == 48
+    assert merge(Config(), {"image_size": "96,128"}, source="t").image_size == (96, 128)
+    assert merge(Config(), {"image_size": [64, 64]}, source="t").image_size == 64        # a square is one side
+    cfg = merge(Config(), {"image_size": [96, 128]}, source="config.json")               # as a run saves it
+    assert cfg.image_size == (96, 128) and cfg.to_dict()["image_size"] == [96, 128]
+    for bad in ("96,", "a,b", "1,2,3", [1.5, 2], True):
+        with pytest.raises(CnnlabError, match="image_size must be N or H,W"):
+            merge(Config(), {"image_size": bad}, source="t")
+    with pytest.raises(CnnlabError, match="image_size must be at least 8 pixels a side"):
+        resolve(overrides={"image_size": "64,4"})
+
+
+def test_whitening_bias_epochs_need_whitening():
+    with pytest.raises(CnnlabError, match="only applies with --whiten"):
+        Config().replace(whiten_bias_epochs=3)
+    with pytest.raises(CnnlabError, match="whiten_bias_epochs must be zero or more"):
+        Config(whiten=True).replace(whiten_bias_epochs=-1)
+
+
+@pytest.mark.usefixtures("restore_threads")
+@pytest.mark.parametrize("lr", ["nan", "inf", "-1"])
+def test_non_finite_learning_rate_is_refused_before_anything_is_written(tiny_cifar, tmp_path, capsys, lr):
+    code = main(["train", "--data", str(tiny_cifar), "--out", str(tmp_path / "r"), "--lr", lr])
+    assert code == 2
+    assert f"lr must be a positive number, e.g. --lr 1e-3; got {float(lr)}" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------- a file completed by flags
+MISSING = "/no/such/folder"
+
+
+@pytest.mark.parametrize("file_values,flags,expected", [
+    ({"freeze_epochs": 1}, {"init_from": "runs/base"}, {"freeze_epochs": 1.0, "init_from": "runs/base"}),
+    ({"whiten_bias_epochs": 2, "model": "speednet"}, {"whiten": True}, {"whiten_bias_epochs": 2.0, "whiten": True}),
+    ({"freeze_epochs": 1}, {"pretrained": True, "model": "resnet18"}, {"freeze_epochs": 1.0, "pretrained": True}),
+])
+def test_a_file_value_completed_by_a_flag_is_one_config(file_values, flags, expected, tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(file_values))
+    cfg = resolve(config_file=path, overrides=flags)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+
+
+def test_a_bad_value_names_the_layer_it_came_from(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"lr": -1}))
+    with pytest.raises(CnnlabError, match=rf"lr must be a positive number.*\(from the config file {path}\)"):
+        resolve(config_file=path)
+    with pytest.raises(CnnlabError, match=r"momentum must be between 0 and 1; got 3.0 \(from the command line\)"):
+        resolve(config_file=path, overrides={"lr": 0.1, "momentum": 3})
+
+
+def test_the_library_takes_a_file_completed_by_keywords(tmp_path):
+    import cnnlab
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"freeze_epochs": 1, "data": MISSING}))
+    with pytest.raises(CnnlabError) as e:   # the config is whole: what stops it is the missing folder
+        cnnlab.train(config=path, init_from=str(tmp_path / "base"), quiet=True)
+    assert MISSING in str(e.value) and "freeze" not in str(e.value)
