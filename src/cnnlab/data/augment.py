@@ -77,7 +77,8 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Preset:
-    """One ``--augment`` policy: what it does to each training image, in this order."""
+    """One ``--augment`` policy: what it does to each training image (mirror and shift on the
+    whole batch, then per image crop, policy and erasing; mixing after the float conversion)."""
     description: str
     crop: tuple[float, float] | None = None   # RandomResizedCrop's area range, back to the same size
     flip: bool = False                        # mirror with probability 1/2
