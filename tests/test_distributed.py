@@ -286,6 +286,29 @@ def test_two_processes_train_muon_as_one_process(tiny_cifar, tmp_path, initial_w
 
 
 @pytest.mark.slow
+def test_two_processes_fit_a_head_on_cached_features_as_one_process(tiny_cifar, tmp_path, one_process_run):
+    # Head-only epochs run the head alone on gathered features, outside DDP: the policy averages
+    # its gradients itself. A linear head on fixed features has no kernel choices to flip, so
+    # the two layouts differ only in the order each step's gradient is summed (about 1e-7 of
+    # it): 1e-3 of the head's displacement is far above that, and far below what skipping the
+    # average gives (each process stepping on its own half batch: measured 7%).
+    tuned = {**DDP, "epochs": 3, "init_from": str(one_process_run), "freeze_epochs": 3}
+    one = tmp_path / "one"
+    fit(Config(data=str(tiny_cifar), batch_size=2 * PER_PROCESS, **tuned), out=one, progress=False)
+    out = tmp_path / "ddp"
+    r = cli("train", "--data", str(tiny_cifar), *ddp_args(tuned), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "only the head (11) trains for 3 epochs, on the frozen body's features" in r.stdout
+    got, ref, start = weights(out), weights(one), weights(one_process_run)
+    for k in got:
+        if not k.startswith("net.11."):
+            assert torch.equal(got[k], ref[k]) and torch.equal(got[k], start[k]), k   # the body never moved
+    for k in ("net.11.weight", "net.11.bias"):
+        drift = float((got[k] - ref[k]).norm()) / float((ref[k] - start[k]).norm())
+        assert drift <= 1e-3, f"{k}: the runs differ by {drift:.2%} of its training displacement"
+
+
+@pytest.mark.slow
 def test_two_processes_leave_a_frozen_whitening_bias_alone(tiny_cifar, tmp_path):
     # A parameter that stops taking gradients: DDP must not wait for it, nor hand it a zero
     # gradient that momentum would turn into a step.

@@ -21,7 +21,7 @@ from cnnlab.engine import loop, prepare
 from cnnlab.engine.build import build_training
 from cnnlab.engine.callbacks import Callback
 from cnnlab.engine.runs import load_run
-from cnnlab.models.pretrained import head_name, init_from
+from cnnlab.models.pretrained import body_blocks, head_name, init_from
 from cnnlab.models.registry import create_model, list_models
 from conftest import train_then_crash, write_synthetic_cifar
 
@@ -155,6 +155,43 @@ def test_freeze_epochs_train_only_the_head_then_everything_and_resume_exactly(so
         moved.rename(source_run.path)
     a, b = load_file(whole.weights_file), load_file(resumed.weights_file)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_head_epochs_on_cached_features_give_the_head_that_running_the_body_gives(source_run, three_classes, tmp_path):
+    cfg = Config(data=str(three_classes), model="tutorial", epochs=3, freeze_epochs=3, batch_size=20, seed=5,
+                 threads=1, init_from=str(source_run.path), augment="none", optimizer="adamw", lr=0.01)
+    plan = prepare.plan_run(cfg)
+    start = build_training(plan.cfg, prepare.load_data(plan), torch.device("cpu"), start=cfg.init_from).model
+    cached, ran = (load_file(loop.fit(cfg.replace(cache_features=on), out=tmp_path / str(on), progress=False).weights_file)
+                   for on in (True, False))
+    initial = {f"net.{k}": v for k, v in start.net.state_dict().items()}
+    assert all(torch.equal(cached[k], initial[k]) and torch.equal(ran[k], initial[k])   # the body never moved
+               for k in initial if not k.startswith("net.11."))
+    # The same features, from the same pixels through the same frozen weights: only the batch
+    # the body saw them in differs (500 images cached, 20 a step running it), which changes
+    # oneDNN's blocking and so the float32 rounding (about 1e-7 of a value); nine Adam steps
+    # normalise each gradient and carry that on without growing it much. 1e-5 is a hundred times
+    # that rounding and a thousandth of how far the head moved.
+    moved = (cached["net.11.weight"] - initial["net.11.weight"]).abs().max()
+    assert moved > 1e-2
+    torch.testing.assert_close(cached["net.11.weight"], ran["net.11.weight"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached["net.11.bias"], ran["net.11.bias"], rtol=0, atol=1e-5)
+
+
+def test_unfreeze_last_blocks_trains_only_those_blocks_and_the_head(source_run, three_classes, tmp_path):
+    cfg = Config(data=str(three_classes), model="tutorial", epochs=1, batch_size=20, seed=5, threads=1,
+                 init_from=str(source_run.path), unfreeze="last-1-blocks", optimizer="sgd", lr=0.05,
+                 weight_decay=0.01)
+    after = load_file(loop.fit(cfg, out=tmp_path / "run", progress=False).weights_file)
+    trained = load_file(source_run.weights_file)
+    net = create_model("tutorial", num_classes=3, in_channels=3, input_size=32)
+    blocks = body_blocks(net, head_name(net))
+    assert blocks == ["0", "3", "6", "9"] and head_name(net) == "11"
+    for block in blocks[:-1]:   # frozen all run: untouched, weight decay too
+        assert torch.equal(after[f"net.{block}.weight"], trained[f"net.{block}.weight"])
+    assert not torch.equal(after["net.9.weight"], trained["net.9.weight"])
+    with pytest.raises(CnnlabError, match=r"--unfreeze last-5-blocks is deeper than tutorial, whose body has 4 blocks"):
+        prepare.plan_run(cfg.replace(unfreeze="last-5-blocks"))
 
 
 # ----------------------------------------------------------------------------- from published weights

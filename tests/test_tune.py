@@ -285,6 +285,25 @@ def test_lr_find_writes_plot_and_suggestion(tiny_cifar, tmp_path, capsys):
     assert doc["steepest_lr"] in doc["lrs"] and doc["min_loss_lr"] in doc["lrs"]
 
 
+def test_lr_find_with_a_frozen_body_ramps_the_head_alone(tiny_cifar, tmp_path, capsys, monkeypatch):
+    from cnnlab.engine import callbacks
+    source = tmp_path / "source"
+    assert main(["train", "--data", str(tiny_cifar), *TINY, "--epochs", "1", "--out", str(source)]) == 0
+    frozen_for: list[int] = []
+    real_init = callbacks.FreezeBody.__init__
+
+    def spy(self, epochs, cached=True):
+        real_init(self, epochs, cached)
+        frozen_for.append(epochs)
+    monkeypatch.setattr(callbacks.FreezeBody, "__init__", spy)
+    out = tmp_path / "lrf"
+    assert main(["lr-find", "--data", str(tiny_cifar), *TINY, "--init-from", str(source), "--freeze-epochs", "1",
+                 "--steps", "40", "--out", str(out)]) == 0
+    # 40 steps are several epochs of these few images: every one of them stays head-only.
+    assert frozen_for == [40]
+    assert "the ramp trained the head alone" in capsys.readouterr().out
+
+
 def test_lr_find_refuses_a_backwards_range(tiny_cifar, tmp_path):
     assert main(["lr-find", "--data", str(tiny_cifar), "--start", "1", "--end", "1e-3",
                  "--out", str(tmp_path / "x")]) == 2

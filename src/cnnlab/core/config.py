@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -80,8 +81,15 @@ class Config:
                                      "classes starts afresh", group=MODEL)
     weights: str | None = option(None, "start from these of the model's published weights (a tag from `cnnlab "
                                        "weights list`, e.g. imagenet1k_v1; implies --pretrained)", group=MODEL)
-    freeze_epochs: float = option(0.0, "with --init-from or --pretrained: epochs in which only the head trains, "
-                                       "then everything", group=MODEL)
+    freeze_epochs: float = option(0.0, "with --init-from or --pretrained: the first epochs, in which only the head "
+                                       "trains (on the frozen body's features, computed once), then everything",
+                                  group=MODEL)
+    cache_features: bool = option(True, "head-only epochs train on the frozen body's features of each training "
+                                        "image, computed once without augmentation; off: the body runs on every "
+                                        "augmented batch", group=MODEL)
+    unfreeze: str = option("all", "with --init-from or --pretrained: what trains after the head-only epochs: "
+                                  "all, or last-N-blocks (the N blocks nearest the head; the rest stay frozen "
+                                  "and the backward pass stops at them)", group=MODEL)
     body_lr_scale: float = option(1.0, "everything but the head learns at this fraction of the rate "
                                        "(discriminative rates for fine-tuning, e.g. 0.1)", group=MODEL)
     # --- optimisation -----------------------------------------------------------------
@@ -260,6 +268,14 @@ def _check_value(key: str, value: Any, source: str) -> Any:
     raise CnnlabError(f"{source}: {key} must be {wanted}; got {value!r}")
 
 
+def unfreeze_blocks(value: str) -> int | None:
+    """N of ``last-N-blocks``; 0 for ``all``; None when ``value`` is neither."""
+    if value == "all":
+        return 0
+    match = re.fullmatch(r"last-([1-9][0-9]*)-blocks?", value)
+    return int(match.group(1)) if match else None
+
+
 def _image_size(value: Any) -> ImageSize:
     """``32``, ``"32"``, ``"96,128"`` or ``[96, 128]``: one side for a square, else (height, width)."""
     parts = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
@@ -319,11 +335,17 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
         bad("center_crop", "in (0, 1]: 0.875 is the ImageNet convention (256 -> 224), 1 keeps the whole shorter side")
     if cfg.image_size is not None and min(_sides(cfg.image_size)) < 8:
         bad("image_size", "at least 8 pixels a side")
-    if cfg.freeze_epochs < 0:
-        bad("freeze_epochs", "zero or more epochs")
+    if cfg.freeze_epochs < 0 or cfg.freeze_epochs != int(cfg.freeze_epochs):
+        bad("freeze_epochs", "a whole number of epochs, zero or more")
     if cfg.freeze_epochs > 0 and not (cfg.init_from or cfg.pretrained or cfg.weights):
         raise CnnlabError(f"--freeze-epochs {cfg.freeze_epochs:g} freezes a body started from trained "
                           f"weights: give --pretrained or --init-from RUN_OR_FILE, or drop --freeze-epochs")
+    if cfg.unfreeze != "all":
+        if unfreeze_blocks(cfg.unfreeze) is None:
+            bad("unfreeze", "all, or last-N-blocks with N a positive whole number, e.g. --unfreeze last-3-blocks")
+        if not (cfg.init_from or cfg.pretrained or cfg.weights):
+            raise CnnlabError(f"--unfreeze {cfg.unfreeze} keeps part of a body started from trained weights "
+                              f"frozen: give --pretrained or --init-from RUN_OR_FILE, or drop --unfreeze")
     if cfg.init_from and (cfg.pretrained or cfg.weights):
         raise CnnlabError(f"--init-from {cfg.init_from} and --{'weights' if cfg.weights else 'pretrained'} both "
                           f"name the starting weights: give one")

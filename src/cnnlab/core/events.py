@@ -39,6 +39,9 @@ class Setup:
     head: str                            # the network's classifier head (a module name)
     sample: Callable[[int], Any]         # n training images, normalised as the network sees
                                          # them: float (N, C, H, W) on the device
+    images: Callable[[], Any]            # every training image of this process's shard, in
+                                         # index order, unaugmented: (float (B, C, H, W) in
+                                         # [0, 1], labels) batches on the device
 
 
 class Callback:

@@ -101,3 +101,21 @@ class BatchStream:
         draw = Draw(g, epoch, self.base_flip, idx, cropped=self.decoded_crop)
         return self.aug.mix(model_input(self.aug(images, draw), self.channels_last), labels, draw)
 
+
+class FeatureBatches:
+    """Batches of precomputed rows (a frozen body's features) in the order, and of the size,
+    that ``batches`` gives its images: the same steps, so a run resumes at the same place."""
+
+    def __init__(self, batches: BatchStream, features: torch.Tensor):
+        if len(features) != len(batches.labels):
+            raise ValueError(f"{len(features)} feature rows for {len(batches.labels)} images")
+        self.batches, self.features = batches, features
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.batches.order(epoch)
+        for step in range(start_step, len(self)):
+            idx = self.batches.indices(order, step)
+            yield self.features[idx], self.batches.labels[idx]

@@ -16,14 +16,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cnnlab.core.config import Config
+from cnnlab.core.config import Config, unfreeze_blocks
 from cnnlab.core.events import Callback, Setup
 from cnnlab.core.hardware import Precision, choose_precision, grad_scaler
 from cnnlab.data.batches import derive_seed, model_input
 from cnnlab.data.dataset import Dataset, channel_stats
 from cnnlab.engine import distributed
-from cnnlab.engine.callbacks import FreezeBody
+from cnnlab.engine.callbacks import FreezeBody, PartialUnfreeze
 from cnnlab.engine.ema import WeightAverage
+from cnnlab.engine.evaluation import EVAL_BATCH
 from cnnlab.engine.optim import Schedule, build_optimizer, build_schedule
 from cnnlab.engine.runs import pretrained_folder, requested_weights
 from cnnlab.models.classifier import Classifier, build_classifier
@@ -86,9 +87,12 @@ def build_training(cfg: Config, data: Dataset, device: torch.device, *, start: s
     # Freezing the body first, so the network's own policies have the last word on its
     # parameters; then what the network asks (its switches are check_config's).
     offered = getattr(model.net, "training_callbacks", None)
-    policies: list[Callback] = [FreezeBody(round(cfg.freeze_epochs * steps_per_epoch))] if cfg.freeze_epochs else []
+    # The blocks frozen for the whole run first: a frozen body's thaw leaves them frozen.
+    policies: list[Callback] = [PartialUnfreeze(last)] if (last := unfreeze_blocks(cfg.unfreeze)) else []
+    policies += [FreezeBody(int(cfg.freeze_epochs), cfg.cache_features)] if cfg.freeze_epochs else []
     policies += offered(cfg, steps_per_epoch) if offered else []
-    setup = Setup(model, head, lambda n: _training_sample(data, model, device, n))
+    setup = Setup(model, head, lambda n: _training_sample(data, model, device, n),
+                  lambda: data.train.eval_batches(EVAL_BATCH, device, cfg.channels_last, shard=distributed.shard()))
     for policy in policies:
         policy.on_setup(setup)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))

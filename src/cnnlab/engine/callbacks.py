@@ -25,8 +25,11 @@ from tqdm.std import tqdm as terminal_tqdm
 from cnnlab.core.config import Config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.events import Callback, Setup
+from cnnlab.core.hardware import autocast
 from cnnlab.core.run_folder import RunFolder
-from cnnlab.engine.distributed import is_main
+from cnnlab.data.batches import FeatureBatches
+from cnnlab.engine import distributed
+from cnnlab.models.pretrained import body_blocks
 
 # tqdm.auto is tqdm.notebook's widget under a Jupyter kernel that has ipywidgets, else the text
 # bar (named by module: importing tqdm.notebook would import ipywidgets into the command line).
@@ -144,30 +147,82 @@ class Checkpointer(Callback):
 
 
 class FreezeBody(Callback):
-    """``--freeze-epochs``: for the first ``steps`` steps only the head trains, so a new head
-    fits the started-from body before the body moves (fastai's ``fine_tune``). Parameters
-    frozen for their own reasons stay frozen."""
+    """``--freeze-epochs N``: in the first N epochs only the head trains, so a new head fits
+    the started-from body before the body moves (fastai's ``fine_tune``, linear probing then
+    fine-tuning). The frozen body is a fixed function, run in evaluation mode (BatchNorm's
+    running statistics, no dropout; Keras's advice for a frozen base). With ``cached`` its
+    output for each training image is computed once, unaugmented, and the head-only epochs
+    train the head on those features: one forward pass of the body in all, however many
+    epochs. Parameters frozen for their own reasons stay frozen."""
     unused_parameters = True
 
-    def __init__(self, steps: int):
-        self.steps = steps
+    def __init__(self, epochs: int, cached: bool = True):
+        self.epochs, self.cached = epochs, cached
         self._frozen: bool | None = None
+        self._swapped: tuple[Any, Any] | None = None   # the trainer's (batches, forward) while on features
 
     def on_setup(self, setup: Setup) -> None:
+        self.head = setup.model.net.get_submodule(setup.head)
+        self.head_params = list(self.head.parameters())
         self.body = [p for name, p in setup.model.net.named_parameters()
                      if p.requires_grad and not name.startswith(setup.head + ".")]
+        self.images = setup.images
 
-    def on_step_begin(self, trainer: Trainer) -> None:
-        frozen = trainer.state.global_step < self.steps
+    def on_epoch_begin(self, trainer: Any, steps: int) -> None:
+        frozen = trainer.state.epoch < self.epochs
         if frozen != self._frozen:   # only at the start and at the thaw
             for p in self.body:
                 p.requires_grad_(not frozen)
             self._frozen = frozen
+        if frozen:
+            trainer.model.eval()
+            if self.cached and self._swapped is None:
+                self._swapped = (trainer.batches, trainer.forward)
+                features = self._features(trainer)
+                trainer.batches, trainer.forward = FeatureBatches(trainer.batches, features), self.head
+        elif self._swapped is not None:   # the thaw: images again, the features freed
+            trainer.batches, trainer.forward = self._swapped
+            self._swapped = None
 
-    def on_backward_end(self, trainer: Trainer) -> None:
-        if trainer.state.global_step < self.steps:   # DDP hands unused parameters a zero gradient; None skips them
-            for p in self.body:
+    def _features(self, trainer: Any) -> torch.Tensor:
+        """The head's input for every training image, in index order, on the device."""
+        rows: list[torch.Tensor] = []
+        hook = self.head.register_forward_pre_hook(lambda module, args: rows.append(args[0].float()))
+        try:
+            with torch.no_grad(), autocast(trainer.device, trainer.dtype):
+                for x, _ in self.images():
+                    trainer.model(x)
+        finally:
+            hook.remove()
+        local = torch.cat(rows).flatten(1)
+        return distributed.gather_shards(local, len(trainer.batches.labels)).to(trainer.device)
+
+    def on_backward_end(self, trainer: Any) -> None:
+        if trainer.state.epoch < self.epochs:
+            if self._swapped is not None:   # the head alone ran: DDP did not average its gradients
+                distributed.average_gradients(self.head_params)
+            for p in self.body:   # DDP hands unused parameters a zero gradient; None skips them
                 p.grad = None
+
+
+class PartialUnfreeze(Callback):
+    """``--unfreeze last-N-blocks``: only the N body blocks nearest the head (and the head)
+    ever train; the blocks before them stay frozen for the whole run, in evaluation mode, so
+    the backward pass stops at the first block that trains."""
+
+    def __init__(self, last: int):
+        self.last = last
+
+    def on_setup(self, setup: Setup) -> None:
+        net = setup.model.net
+        self.blocks = body_blocks(net, setup.head)
+        self.frozen = [net.get_submodule(name) for name in self.blocks[:len(self.blocks) - self.last]]
+        for module in self.frozen:
+            module.requires_grad_(False)
+
+    def on_epoch_begin(self, trainer: Any, steps: int) -> None:
+        for module in self.frozen:
+            module.eval()
 
 
 class TimeLimit(Callback):
@@ -281,7 +336,7 @@ def default_callbacks(cfg: Config, *, progress: bool) -> list[Callback]:
     if progress:
         callbacks.append(ProgressBar(math.ceil(cfg.epochs)))
     callbacks.append(Checkpointer(cfg.checkpoint_every))
-    if cfg.tensorboard and is_main():
+    if cfg.tensorboard and distributed.is_main():
         callbacks.append(TensorBoard())
     if cfg.time_limit:
         callbacks.append(TimeLimit(cfg.time_limit))

@@ -154,6 +154,16 @@ def sum_over_ranks(*values: float | torch.Tensor) -> list[float]:
     return t.tolist()
 
 
+def average_gradients(params: Sequence[torch.Tensor]) -> None:
+    """Each parameter's gradient averaged over all processes, for steps DDP does not see."""
+    if not is_distributed():
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size()
+
+
 def from_main(obj: Any) -> Any:
     """Rank 0's value of ``obj`` on every process (e.g. a run folder named after the clock)."""
     if not is_distributed():

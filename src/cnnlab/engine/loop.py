@@ -32,7 +32,7 @@ from cnnlab.data.stream import describe as describe_streaming
 from cnnlab.engine import checkpoint as ckpt
 from cnnlab.engine import distributed, prepare
 from cnnlab.engine.build import build_training, starting_weights
-from cnnlab.engine.callbacks import Callback, default_callbacks
+from cnnlab.engine.callbacks import Callback, PartialUnfreeze, default_callbacks
 from cnnlab.engine.evaluation import Evaluation, evaluate
 from cnnlab.engine.runs import (
     Run,
@@ -220,10 +220,17 @@ def _fine_tuning_lines(trainer: Trainer) -> list[str]:
         if trainer.data.image_shape[2] == 1:
             lines.append("  greyscale images are repeated into the 3 channels the weights were trained on")
     if cfg.freeze_epochs:
-        lines.append(f"  only the head ({trainer.head}) trains for {cfg.freeze_epochs:g} epochs, then everything"
-                     + (f", the body at {cfg.body_lr_scale:g} x lr" if cfg.body_lr_scale != 1 else ""))
+        on = ("on the frozen body's features of each image (computed once, unaugmented)" if cfg.cache_features
+              else "on augmented images through the frozen body")
+        lines.append(f"  only the head ({trainer.head}) trains for {cfg.freeze_epochs:g} epochs, {on}, then "
+                     f"everything" + (f", the body at {cfg.body_lr_scale:g} x lr" if cfg.body_lr_scale != 1 else ""))
     elif cfg.body_lr_scale != 1:
         lines.append(f"  the body learns at {cfg.body_lr_scale:g} x lr, the head ({trainer.head}) at lr")
+    partial = next((p for p in trainer.policies if isinstance(p, PartialUnfreeze)), None)
+    if partial is not None:
+        first = partial.blocks[-partial.last]
+        lines.append(f"  --unfreeze {cfg.unfreeze}: the body trains from {first} on; its first "
+                     f"{len(partial.frozen)} of {len(partial.blocks)} blocks stay frozen all run")
     return lines
 
 

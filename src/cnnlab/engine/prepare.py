@@ -20,7 +20,7 @@ from typing import Collection
 import numpy as np
 import torch
 
-from cnnlab.core.config import Config, ImageSize, validate
+from cnnlab.core.config import Config, ImageSize, unfreeze_blocks, validate
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.hardware import Precision, choose_precision, pick_device
 from cnnlab.data.check import FolderScan
@@ -29,6 +29,8 @@ from cnnlab.data.sources import load_for_config
 from cnnlab.data.stream import Header, open_streaming, sample_headers, scan_data_folder
 from cnnlab.engine import distributed
 from cnnlab.engine.runs import requested_weights
+from cnnlab.models.pretrained import body_blocks, head_name
+from cnnlab.models.registry import create_model, min_input_size
 from cnnlab.models.weights import WeightsInfo
 
 DATA_KEYS = ("data", "data_dir", "image_size", "bad_images", "loader", "workers", "crop", "center_crop",
@@ -125,6 +127,20 @@ def _check_augment(cfg: Config, scan: FolderScan | None) -> None:
         check_preset(cfg.augment, hw, len(scan[0].class_names))
 
 
+def _check_unfreeze(cfg: Config) -> None:
+    """``--unfreeze last-N-blocks`` against the network's blocks (built without memory)."""
+    last = unfreeze_blocks(cfg.unfreeze)
+    if not last:
+        return
+    side = min_input_size(cfg.model)
+    with torch.device("meta"):
+        net = create_model(cfg.model, num_classes=2, in_channels=3, input_size=(side, side))
+    blocks = body_blocks(net, head_name(net))
+    if last > len(blocks):
+        raise CnnlabError(f"--unfreeze {cfg.unfreeze} is deeper than {cfg.model}, whose body has {len(blocks)} "
+                          f"blocks ({blocks[0]} ... {blocks[-1]}): give at most last-{len(blocks)}-blocks, or all")
+
+
 @dataclass(frozen=True)
 class Plan:
     """Every decision about a run made before its data loads (``plan_run``)."""
@@ -154,6 +170,7 @@ def plan_run(cfg: Config, *, saved_split: Path | None = None, read_folder: bool 
     if (size, augment) != (cfg.image_size, cfg.augment):
         cfg = cfg.replace(image_size=size, augment=augment)
     _check_augment(cfg, scan)
+    _check_unfreeze(cfg)
     device = pick_device(cfg.device)
     return Plan(cfg, device, cfg.threads or distributed.threads_per_process(),
                 choose_precision(cfg.precision, device), weights, scan, headers, why, augment_why)

@@ -61,6 +61,26 @@ def head_name(net: nn.Module) -> str:
     return linears[-1]
 
 
+def body_blocks(net: nn.Module, head: str) -> list[str]:
+    """The body's blocks, input first: the network's modules that hold weights, in the order it
+    defines them, with plain containers (``nn.Sequential``, ``nn.ModuleList``) opened, the
+    head and what holds it left out (``--unfreeze last-N-blocks`` counts these)."""
+    blocks: list[str] = []
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            qualified = prefix + name
+            if qualified == head:
+                continue
+            opened = type(child) in (nn.Sequential, nn.ModuleList)
+            if head.startswith(qualified + ".") or (opened and any(True for _ in child.parameters())):
+                walk(qualified + ".", child)   # a container: its blocks (the head's: those before it)
+            elif any(True for _ in child.parameters()):
+                blocks.append(qualified)
+    walk("", net)
+    return blocks
+
+
 def read_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], str | None, Path]:
     """(tensors, the architecture when the source says it, the weights file) of a run folder or
     a ``.safetensors`` file."""

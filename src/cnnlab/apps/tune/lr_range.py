@@ -145,7 +145,10 @@ def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int =
     # Training batches only (no validation at an epoch's end); enough epochs for every step.
     data = dataclasses.replace(load_data(plan), val=None)
     ramp = RangeTest(start, end, steps, scale=cfg.batch_size / 1024 if cfg.lr_per_1024 else 1.0, progress=progress)
-    parts = build_training(cfg.replace(epochs=float(steps)), data, plan.device, start=starting_weights(cfg, plan.weights))
+    ramped = cfg.replace(epochs=float(steps))
+    if cfg.freeze_epochs:   # every step of the ramp in the head-only phase the run starts with
+        ramped = ramped.replace(freeze_epochs=float(steps))
+    parts = build_training(ramped, data, plan.device, start=starting_weights(cfg, plan.weights))
     trainer = Trainer(parts, path, progress=False)
     try:
         trainer.fit([ramp])
@@ -166,6 +169,10 @@ def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int =
         lo, hi = result.valley_lrs
         print(f"lr-find: {cfg.model} on {data.name}, {cfg.optimizer}, batch {cfg.batch_size}: {len(lrs)} steps "
               f"from {start:g} to {lrs[-1]:.3g}{' (loss diverged)' if diverged else ''}", flush=True)
+        if cfg.freeze_epochs:
+            print(f"the ramp trained the head alone, as the run's first {cfg.freeze_epochs:g} epoch(s) do "
+                  f"(--freeze-epochs); with --freeze-epochs 0 it ramps everything that trains, the body at "
+                  f"{cfg.body_lr_scale:g} x lr", flush=True)
         print(f"suggested lr {result.suggested_lr:.3g} (valley: 2/3 of the way down the longest descent of the "
               f"smoothed loss, {lo:.3g} to {hi:.3g}); steepest descent at {result.steepest_lr:.3g}; lowest loss "
               f"at {result.min_loss_lr:.3g}, a tenth of it {result.min_loss_lr_div_10:.3g}", flush=True)
