@@ -194,6 +194,22 @@ def test_unfreeze_last_blocks_trains_only_those_blocks_and_the_head(source_run, 
         prepare.plan_run(cfg.replace(unfreeze="last-5-blocks"))
 
 
+def test_frozen_bn_keeps_the_trained_running_statistics_while_the_rest_trains(tiny_cifar, three_classes, tmp_path):
+    source = loop.fit(Config(data=str(tiny_cifar), model="resnet20", epochs=1, batch_size=50, seed=3, threads=1),
+                      out=tmp_path / "source", progress=False)
+    cfg = Config(data=str(three_classes), model="resnet20", epochs=1, batch_size=20, seed=5, threads=1,
+                 init_from=str(source.path), frozen_bn=True, augment="none")
+    trained = load_file(source.weights_file)
+    frozen = load_file(loop.fit(cfg, out=tmp_path / "frozen", progress=False).weights_file)
+    free = load_file(loop.fit(cfg.replace(frozen_bn=False), out=tmp_path / "free", progress=False).weights_file)
+    stats = [k for k in trained if k.endswith(("running_mean", "running_var"))]
+    scales = [k for k in trained if k.replace("weight", "running_mean") in stats and k.endswith("weight")]
+    assert stats and scales
+    assert all(torch.equal(frozen[k], trained[k]) for k in stats)
+    assert all(not torch.equal(free[k], trained[k]) for k in stats)     # batch statistics move them
+    assert all(not torch.equal(frozen[k], trained[k]) for k in scales)  # scale and shift train
+
+
 # ----------------------------------------------------------------------------- from published weights
 def _grey_folder(root: Path, per_class: int = 6) -> Path:
     """Two classes of 40x40 greyscale images: bright squares and dark ones."""

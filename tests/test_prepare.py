@@ -40,6 +40,7 @@ RULES = [
     (["--freeze-epochs", "0.5", "--pretrained", "--model", "resnet18"], "freeze_epochs must be a whole number"),
     (["--freeze-epochs", "1"], "--freeze-epochs 1 freezes a body started from trained weights"),
     (["--unfreeze", "some"], "unfreeze must be all, or last-N-blocks"),
+    (["--frozen-bn"], "--frozen-bn keeps the running statistics of trained weights"),
     (["--unfreeze", "last-0-blocks"], "unfreeze must be all, or last-N-blocks"),
     (["--unfreeze", "last-2-blocks"], "--unfreeze last-2-blocks keeps part of a body started from trained weights"),
     (["--body-lr-scale", "0"], "body_lr_scale must be a positive fraction"),
@@ -138,3 +139,16 @@ def test_a_test_only_load_decodes_no_training_image(big_split, monkeypatch, load
         assert len(opened) == 10 and all("/test/" in p for p in opened)
     with pytest.raises(ValueError, match="unknown splits"):
         load_data(plan, splits=("tset",))
+
+
+def test_pretrained_weights_see_small_images_upscaled_at_most_four_times(tmp_path):
+    from cnnlab.engine.runs import requested_weights
+    cfg = Config(data=str(tmp_path), model="efficientnet_lite0", pretrained=True)
+    weights = requested_weights(cfg)
+    assert weights is not None and weights.preprocessing.size == 224
+    size, why = prepare.image_size_for(cfg, [((32, 32), "RGB")] * 3, weights)
+    assert size == 128 and "4x the images' 32 px" in why
+    assert prepare.image_size_for(cfg, [((500, 375), "RGB")], weights)[0] == 224     # photos: the weights' size
+    assert prepare.image_size_for(cfg.replace(data="cifar10"), None, weights)[0] == 128   # by name: 32 px
+    assert prepare.image_size_for(cfg.replace(image_size=96), [((32, 32), "RGB")], weights) == (96, "--image-size")
+    assert prepare.image_size_for(cfg.replace(data="cifar10", pretrained=False), None, None) == (None, "")

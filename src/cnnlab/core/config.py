@@ -90,6 +90,10 @@ class Config:
     unfreeze: str = option("all", "with --init-from or --pretrained: what trains after the head-only epochs: "
                                   "all, or last-N-blocks (the N blocks nearest the head; the rest stay frozen "
                                   "and the backward pass stops at them)", group=MODEL)
+    frozen_bn: bool = option(False, "with --init-from or --pretrained: the body's BatchNorm layers keep the "
+                                    "trained running statistics all run (inference mode; their scale and shift "
+                                    "still train), so a head fitted on the frozen body's features sees the same "
+                                    "features once it thaws; Keras's advice for fine-tuning", group=MODEL)
     body_lr_scale: float = option(1.0, "everything but the head learns at this fraction of the rate "
                                        "(discriminative rates for fine-tuning, e.g. 0.1)", group=MODEL)
     # --- optimisation -----------------------------------------------------------------
@@ -346,6 +350,9 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
         if not (cfg.init_from or cfg.pretrained or cfg.weights):
             raise CnnlabError(f"--unfreeze {cfg.unfreeze} keeps part of a body started from trained weights "
                               f"frozen: give --pretrained or --init-from RUN_OR_FILE, or drop --unfreeze")
+    if cfg.frozen_bn and not (cfg.init_from or cfg.pretrained or cfg.weights):
+        raise CnnlabError("--frozen-bn keeps the running statistics of trained weights: give --pretrained or "
+                          "--init-from RUN_OR_FILE, or drop --frozen-bn")
     if cfg.init_from and (cfg.pretrained or cfg.weights):
         raise CnnlabError(f"--init-from {cfg.init_from} and --{'weights' if cfg.weights else 'pretrained'} both "
                           f"name the starting weights: give one")
@@ -459,7 +466,7 @@ def recipe_document(name: str) -> dict[str, Any]:
 # alone first, then everything with the body at a tenth of the rate; AdamW, warm-up and cosine
 # decay; label smoothing; photo augmentation, ``augment: auto``'s choice with weights).
 FINE_TUNING: dict[str, Any] = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine",
-                               "warmup": 0.5, "label_smoothing": 0.1, "freeze_epochs": 1.0, "body_lr_scale": 0.1,
+                               "warmup": 0.5, "label_smoothing": 0.1, "freeze_epochs": 1.0, "frozen_bn": True, "body_lr_scale": 0.1,
                                "precision": "auto"}
 FINE_TUNING_SOURCE = "fine-tuning defaults (--pretrained)"
 

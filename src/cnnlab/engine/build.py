@@ -22,7 +22,7 @@ from cnnlab.core.hardware import Precision, choose_precision, grad_scaler
 from cnnlab.data.batches import derive_seed, model_input
 from cnnlab.data.dataset import Dataset, channel_stats
 from cnnlab.engine import distributed
-from cnnlab.engine.callbacks import FreezeBody, PartialUnfreeze
+from cnnlab.engine.callbacks import FreezeBody, FrozenBatchNorm, PartialUnfreeze
 from cnnlab.engine.ema import WeightAverage
 from cnnlab.engine.evaluation import EVAL_BATCH
 from cnnlab.engine.optim import Schedule, build_optimizer, build_schedule
@@ -90,6 +90,7 @@ def build_training(cfg: Config, data: Dataset, device: torch.device, *, start: s
     # The blocks frozen for the whole run first: a frozen body's thaw leaves them frozen.
     policies: list[Callback] = [PartialUnfreeze(last)] if (last := unfreeze_blocks(cfg.unfreeze)) else []
     policies += [FreezeBody(int(cfg.freeze_epochs), cfg.cache_features)] if cfg.freeze_epochs else []
+    policies += [FrozenBatchNorm()] if cfg.frozen_bn else []
     policies += offered(cfg, steps_per_epoch) if offered else []
     setup = Setup(model, head, lambda n: _training_sample(data, model, device, n),
                   lambda: data.train.eval_batches(EVAL_BATCH, device, cfg.channels_last, shard=distributed.shard()))

@@ -225,6 +225,19 @@ class PartialUnfreeze(Callback):
             module.eval()
 
 
+class FrozenBatchNorm(Callback):
+    """``--frozen-bn``: the body's BatchNorm layers normalise with the trained running
+    statistics all run, never a batch's own (their scale and shift still train)."""
+
+    def on_setup(self, setup: Setup) -> None:
+        self.norms = [m for name, m in setup.model.net.named_modules()
+                      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not name.startswith(setup.head)]
+
+    def on_epoch_begin(self, trainer: Any, steps: int) -> None:
+        for m in self.norms:
+            m.eval()
+
+
 class TimeLimit(Callback):
     """``--time-limit S``: the schedule decays over the S seconds instead of the steps, and
     training stops after the step that passes them."""

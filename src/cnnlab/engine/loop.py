@@ -226,6 +226,8 @@ def _fine_tuning_lines(trainer: Trainer) -> list[str]:
                      f"everything" + (f", the body at {cfg.body_lr_scale:g} x lr" if cfg.body_lr_scale != 1 else ""))
     elif cfg.body_lr_scale != 1:
         lines.append(f"  the body learns at {cfg.body_lr_scale:g} x lr, the head ({trainer.head}) at lr")
+    if cfg.frozen_bn:
+        lines.append("  BatchNorm keeps the trained running statistics all run (--frozen-bn)")
     partial = next((p for p in trainer.policies if isinstance(p, PartialUnfreeze)), None)
     if partial is not None:
         first = partial.blocks[-partial.last]

@@ -80,25 +80,37 @@ def training_headers(scan: FolderScan | None) -> list[Header] | None:
     return sample_headers([p for p, _ in scan[0].files.get("train", [])]) if scan is not None else None
 
 
+# Pretrained weights see small images upscaled, but no further than this: past 4x, upscaling
+# adds compute and no detail (EfficientNet-Lite0's frozen features on 32-px CIFAR-10: 69.9% at
+# 128 px, 72.0% at 224 px for three times the cost; benchmarks/finetune.py's data).
+MAX_UPSCALE = 4
+
+
 def image_size_for(cfg: Config, headers: list[Header] | None,
                    weights: WeightsInfo | None) -> tuple[ImageSize | None, str]:
-    """The square side an image folder trains at, and why: ``--image-size``, else the size the
-    ``weights`` it starts from were trained at, else the images' shorter side (of their most
-    common size, from ``headers``, ``training_headers``) capped at what the model's family
-    trains at (``models.registry.default_image_size``). None for an official dataset
-    (``headers`` None), which comes at its own size."""
+    """The square side a run trains at, and why: ``--image-size``; else, from ``weights``, the
+    size they were trained at, or ``MAX_UPSCALE`` times the images' shorter side when that is
+    smaller; else an image folder's shorter side (of its most common size, from ``headers``,
+    ``training_headers``) capped at what the model's family trains at
+    (``models.registry.default_image_size``). None for an official dataset trained from
+    scratch (``headers`` None): it comes at its own size."""
+    from cnnlab.data.registry import official
     from cnnlab.models.registry import default_image_size
     if cfg.image_size is not None:
         return cfg.image_size, "--image-size"
-    if headers is None:
-        return None, ""
+    source = official(cfg.data)
+    sizes = Counter(size for size, _ in headers or [])
+    side = (min(source.image_shape[:2]) if source is not None
+            else min(sizes.most_common(1)[0][0]) if sizes else None)
     if weights is not None:
-        return weights.preprocessing.size, f"the size {weights.name} was trained at"
-    sizes = Counter(size for size, _ in headers)
-    if not sizes:
-        return None, ""            # no readable header: the reader reports the files
-    (w, h), _ = sizes.most_common(1)[0]
-    return default_image_size(cfg.model, min(w, h))
+        trained = weights.preprocessing.size
+        if side is not None and MAX_UPSCALE * side < trained:
+            return MAX_UPSCALE * side, (f"{MAX_UPSCALE}x the images' {side} px ({weights.name} was trained at "
+                                        f"{trained}; more upscaling costs time and adds no detail)")
+        return trained, f"the size {weights.name} was trained at"
+    if side is None or source is not None:
+        return None, ""            # an official dataset's own size; no readable header: the reader reports the files
+    return default_image_size(cfg.model, side)
 
 
 def augment_for(cfg: Config, weights: WeightsInfo | None) -> tuple[str, str]:
