@@ -454,3 +454,30 @@ def cnnlab_in(tmp: Path, *args: str) -> subprocess.CompletedProcess:
     """``cnnlab ARGS`` in a fresh process, run from ``tmp``."""
     return subprocess.run([sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True, cwd=tmp,
                           timeout=WAIT)
+
+
+# ----------------------------------------------------------------------------- killed runs
+def checkpoint_step(run: Path) -> int:
+    """The global step of ``run``'s last checkpoint; -1 before one is written."""
+    from safetensors import safe_open
+
+    from cnnlab.engine.checkpoint import loop_state
+    path = run / "checkpoints" / "last.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return loop_state(json.loads(f.metadata()["state"])).global_step
+    except Exception:  # noqa: BLE001  (not written yet)
+        return -1
+
+
+def start_and_wait_for_checkpoint(args: list[str], run: Path, after_step: int) -> subprocess.Popen:
+    """``cnnlab ARGS`` in a process of its own, returned once ``run`` holds a checkpoint past
+    ``after_step`` (written with ``--checkpoint-every``)."""
+    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while checkpoint_step(run) <= after_step:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.02)
+    return proc

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from cnnlab.core.config import Config, recipe_values, resolve, validate
@@ -25,11 +24,10 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.data import stream
 from cnnlab.data.batches import BatchStream
 from cnnlab.data.stream import FileSplit, StreamingDataset, choose_loader, random_resized_box
-from cnnlab.engine.checkpoint import loop_state
 from cnnlab.engine.distributed import training_batches
 from cnnlab.engine.loop import fit
 from cnnlab.engine.prepare import check_config, load_data, plan_run
-from conftest import IMAGENET_SAMPLE
+from conftest import IMAGENET_SAMPLE, checkpoint_step, start_and_wait_for_checkpoint
 
 CPU = torch.device("cpu")
 # The DDP comparison: 270 training images (tiny_cifar less a 10% hold-out) in global batches
@@ -104,15 +102,6 @@ def initial_weights(tiny_cifar, tmp_path_factory) -> dict[str, torch.Tensor]:
     plan = plan_run(cfg)
     parts = build_training(plan.cfg, load_data(plan), CPU, start=None)
     return {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
-
-
-def checkpoint_step(run: Path) -> int:
-    path = run / "checkpoints" / "last.safetensors"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return loop_state(json.loads(f.metadata()["state"])).global_step
-    except Exception:  # noqa: BLE001  (not written yet)
-        return -1
 
 
 @pytest.fixture(scope="module")
@@ -339,24 +328,13 @@ def _children(pid: int) -> dict[int, int]:
     return out
 
 
-def _start_and_wait_for_checkpoint(args: list[str], run: Path, after_step: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while checkpoint_step(run) <= after_step:
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, "no checkpoint written"
-        time.sleep(0.02)
-    return proc
-
-
 @pytest.mark.slow
 def test_data_parallel_run_killed_then_resumed_matches_one_process(tiny_cifar, tmp_path, one_process_run,
                                                                    initial_weights):
     total = DDP["epochs"] * 5
     out = tmp_path / "ddp"
     # 1. SIGTERM to the launcher: forwarded, agreed, checkpointed by rank 0, exit 128 + 15.
-    proc = _start_and_wait_for_checkpoint(["train", "--data", str(tiny_cifar), *ddp_args(), "--out", str(out),
+    proc = start_and_wait_for_checkpoint(["train", "--data", str(tiny_cifar), *ddp_args(), "--out", str(out),
                                            "--checkpoint-every", "1"], out, after_step=0)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -364,7 +342,7 @@ def test_data_parallel_run_killed_then_resumed_matches_one_process(tiny_cifar, t
     stopped = checkpoint_step(out)
     assert 0 < stopped < total, "the run finished before the signal arrived"
     # 2. Resume (the launcher starts 2 processes again), then kill -9 rank 0 mid-way.
-    proc = _start_and_wait_for_checkpoint(["train", "--resume", str(out)], out, after_step=stopped)
+    proc = start_and_wait_for_checkpoint(["train", "--resume", str(out)], out, after_step=stopped)
     ranks = _children(proc.pid)
     assert set(ranks) == {0, 1}
     os.kill(ranks[0], signal.SIGKILL)

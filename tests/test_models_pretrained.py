@@ -23,7 +23,7 @@ from cnnlab.engine.callbacks import Callback
 from cnnlab.engine.runs import load_run
 from cnnlab.models.pretrained import body_blocks, head_name, init_from
 from cnnlab.models.registry import create_model, list_models
-from conftest import train_then_crash, write_synthetic_cifar
+from conftest import checkpoint_step, start_and_wait_for_checkpoint, train_then_crash, write_synthetic_cifar
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +208,31 @@ def test_frozen_bn_keeps_the_trained_running_statistics_while_the_rest_trains(ti
     assert all(torch.equal(frozen[k], trained[k]) for k in stats)
     assert all(not torch.equal(free[k], trained[k]) for k in stats)     # batch statistics move them
     assert all(not torch.equal(frozen[k], trained[k]) for k in scales)  # scale and shift train
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_run_killed_twice_resumes_bit_for_bit(source_run, three_classes, tmp_path):
+    # Killed (SIGKILL: no chance to save) once in the head-only epochs, whose cached features the
+    # resumed process computes again, and once after the thaw; augmented, BatchNorm frozen.
+    args = ["--data", str(three_classes), "--model", "tutorial", "--init-from", str(source_run.path),
+            "--freeze-epochs", "2", "--epochs", "6", "--augment", "standard", "--batch-size", "10",
+            "--seed", "5", "--threads", "1"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    done = subprocess.run([sys.executable, "-m", "cnnlab", "train", *args, "--out", str(whole)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    steps_per_epoch = 6   # 54 training images (60 less a 10% hold-out) in batches of 10
+    start = ["train", *args, "--out", str(cut), "--checkpoint-every", "1"]
+    for after_step in (2, 3 * steps_per_epoch):   # mid head-only epoch 1; in thawed epoch 4 of 6
+        proc = start_and_wait_for_checkpoint(start, cut, after_step)
+        proc.kill()
+        proc.communicate()
+        assert 0 < checkpoint_step(cut) < 6 * steps_per_epoch, "the run ended before the kill"
+        start = ["train", "--resume", str(cut), "--checkpoint-every", "1"]
+    done = subprocess.run([sys.executable, "-m", "cnnlab", *start], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    a, b = load_file(whole / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------- from published weights

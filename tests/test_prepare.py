@@ -117,11 +117,11 @@ def test_freeze_without_init_from_is_refused_before_loading():
 def test_the_training_size_follows_the_model_family(photos):
     from cnnlab.data.stream import scan_data_folder
     cfg = Config(data=str(photos))
-    headers = prepare.training_headers(scan_data_folder(cfg))
-    size, why = prepare.image_size_for(cfg.replace(model="resnet18"), headers, None)
+    side = prepare.image_side(cfg, prepare.training_headers(scan_data_folder(cfg)))
+    size, why = prepare.image_size_for(cfg.replace(model="resnet18"), side, None)
     assert size == 224 and why.startswith("resnet18 trains at up to 224 px; the images' shorter side is")
-    assert prepare.image_size_for(cfg.replace(model="alexnet"), headers, None)[0] == 64
-    assert prepare.image_size_for(cfg.replace(image_size=48), headers, None) == (48, "--image-size")
+    assert prepare.image_size_for(cfg.replace(model="alexnet"), side, None)[0] == 64
+    assert prepare.image_size_for(cfg.replace(image_size=48), side, None) == (48, "--image-size")
     with pytest.raises(CnnlabError, match="alexnet needs images of at least 15x15 pixels; got 12x12"):
         prepare.check_config(cfg.replace(model="alexnet", image_size=12))
 
@@ -146,9 +146,25 @@ def test_pretrained_weights_see_small_images_upscaled_at_most_four_times(tmp_pat
     cfg = Config(data=str(tmp_path), model="efficientnet_lite0", pretrained=True)
     weights = requested_weights(cfg)
     assert weights is not None and weights.preprocessing.size == 224
-    size, why = prepare.image_size_for(cfg, [((32, 32), "RGB")] * 3, weights)
+    assert prepare.image_side(cfg, [((32, 32), "RGB")] * 3 + [((500, 375), "RGB")]) == 32   # the most common size
+    assert prepare.image_side(cfg.replace(data="cifar10"), None) == 32                     # by name
+    assert prepare.image_side(cfg, None) is None
+    size, why = prepare.image_size_for(cfg, 32, weights)
     assert size == 128 and "4x the images' 32 px" in why
-    assert prepare.image_size_for(cfg, [((500, 375), "RGB")], weights)[0] == 224     # photos: the weights' size
-    assert prepare.image_size_for(cfg.replace(data="cifar10"), None, weights)[0] == 128   # by name: 32 px
-    assert prepare.image_size_for(cfg.replace(image_size=96), [((32, 32), "RGB")], weights) == (96, "--image-size")
-    assert prepare.image_size_for(cfg.replace(data="cifar10", pretrained=False), None, None) == (None, "")
+    assert prepare.image_size_for(cfg, 375, weights)[0] == 224     # photos: the weights' size
+    assert prepare.image_size_for(cfg, None, weights)[0] == 224
+    assert prepare.image_size_for(cfg.replace(image_size=96), 32, weights) == (96, "--image-size")
+    assert prepare.image_size_for(cfg.replace(data="cifar10", pretrained=False), 32, None) == (None, "")
+
+
+def test_fine_tuning_augments_photos_with_crops_and_upscaled_small_images_lightly(tmp_path):
+    from cnnlab.engine.runs import requested_weights
+    cfg = Config(data=str(tmp_path), model="efficientnet_lite0", pretrained=True)
+    weights = requested_weights(cfg)
+    assert prepare.augment_for(cfg.replace(image_size=128), weights, 32) == (
+        "light", "auto: fine-tuning on 32-px images upscaled to 128")
+    assert prepare.augment_for(cfg.replace(image_size=224), weights, 375)[0] == "standard"
+    assert prepare.augment_for(cfg.replace(image_size=224), weights, None)[0] == "standard"
+    assert prepare.augment_for(cfg.replace(image_size=128, augment="strong"), weights, 32) == ("strong", "as set")
+    assert prepare.augment_for(Config(data=str(tmp_path)), None, 32)[0] == "light"      # a folder from scratch
+    assert prepare.augment_for(Config(data="cifar10"), None, 32)[0] == "none"           # the lesson's data
