@@ -267,6 +267,9 @@ def big_split(tmp_path) -> Path:
     return split_folder(tmp_path / "big", {"train": {"a": 40, "b": 25, "c": 15}, "test": {"a": 10, "b": 8, "c": 6}})
 
 
+# A PostScript drawing: Pillow's EPS plugin opens it and hands it to Ghostscript to draw.
+POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+
 def counting_decoder(monkeypatch) -> list[str]:
     """The names of the images decoded from now on, as they are decoded."""
     from cnnlab.data import images
