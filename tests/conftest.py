@@ -395,6 +395,19 @@ def assert_same_weights(a: Path | dict, b: Path | dict) -> None:
     assert not different, f"{len(different)} of {len(wa)} tensors differ, e.g. {different[:3]}"
 
 
+
+def poison(path: Path, prefix: str, value: float = float("nan")) -> str:
+    """Set every value of the first floating-point tensor named ``prefix``... in the safetensors
+    file ``path`` to ``value`` (its metadata kept, as a damaged file would); that tensor's name."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k, t in tensors.items() if k.startswith(prefix) and t.is_floating_point())
+    tensors[name].fill_(value)
+    save_file(tensors, path, metadata=metadata)
+    return name
+
 def assert_same_history(run_a: Path, run_b: Path) -> None:
     """Every per-epoch figure except wall-clock seconds, exactly."""
     ha, hb = (json.loads((r / "history.json").read_text()) for r in (run_a, run_b))

@@ -6,6 +6,7 @@ import http.client
 import io
 import json
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from typing import Iterator
 import pytest
 from PIL import Image
 
-from conftest import POSTSCRIPT, load_benchmark
+from conftest import POSTSCRIPT, load_benchmark, poison
 from conftest import cifar_test_images as _cifar_test_images
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -320,6 +321,19 @@ def test_decoder_exceptions_and_other_formats_are_a_4xx_not_a_500(trained_run, m
             assert status == 422 and "\n" not in reply["detail"], reply
             assert reply["detail"].startswith(f"mutated.png could not be decoded (not a readable image: the "
                                               f"decoder failed ({error.__name__}: crafted)")
+
+
+def test_nan_outputs_are_an_error_not_nan_percentages(trained_run, tiny_cifar, tmp_path):
+    """Issue 38 finding 2: a model whose outputs are nan (its std buffer zeroed: the weights
+    themselves are finite, so it loads) answers with the reason, never "cat nan%"."""
+    from cnnlab.apps.serve import create_app
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.path, run)
+    poison(run / "model.safetensors", "std", 0.0)
+    image = _cifar_test_images(tiny_cifar, per_class=1)[0][0].read_bytes()
+    with _in_process(create_app(run)) as base:
+        status, reply = _post_file(base + "/predict", image)
+    assert status == 500 and reply["detail"].startswith("run: the model's outputs are nan or inf for 1 of 1 image")
 
 def test_server_gradcam_returns_a_png(server, trained_run, tiny_cifar):
     path = _cifar_test_images(tiny_cifar, per_class=1)[0][3]

@@ -43,6 +43,7 @@ from cnnlab.core.files import read_json, write_bytes, write_json, write_text
 from cnnlab.core.hardware import Precision
 from cnnlab.core.hardware import describe as describe_hardware
 from cnnlab.core.run_folder import RunFolder
+from cnnlab.core.tensors import require_finite
 from cnnlab.core.version import __version__
 from cnnlab.data.dataset import Dataset, ImageSplit
 from cnnlab.data.download import sha256sum
@@ -184,6 +185,8 @@ def model_card(cfg: Config, class_names: list[str], image_shape: tuple[int, int,
 def save_model(run: Path, model: Classifier, card: dict[str, Any]) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     folder = RunFolder(run)
+    require_finite(state, f"the model for {folder.weights_file}", "it was not written, so the file keeps "
+                                                                  "what it held")
     write_bytes(folder.weights_file, save(state, metadata={"arch": card["arch"]}))
     write_json(folder.card_file, card)
 
@@ -260,6 +263,8 @@ def load_model(run: str | Path | RunFolder, card: dict[str, Any]) -> Classifier:
     except (SafetensorError, OSError, ValueError) as e:
         raise CnnlabError(f"{weights} is not a valid safetensors file ({e}); cnnlab only loads "
                           f"safetensors weights, never pickles") from None
+    require_finite(state, str(weights), "cnnlab never writes such a model, so the file is damaged; train "
+                                        "the run again, or restore the file from a copy")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -248,7 +248,11 @@ class Predictor:
     def classify(self, data: bytes, k: int, filename: str | None) -> dict[str, Any]:
         t0 = time.perf_counter()
         img, x = self._decode(data, filename)
-        top = top_classes(self.run.class_names, logits_for(self.run, x[None]), k)[0]
+        try:
+            logits = logits_for(self.run, x[None])
+        except CnnlabError as e:   # nan or inf out of the model: the model's fault, not the upload's
+            raise HTTPException(500, str(e)) from None
+        top = top_classes(self.run.class_names, logits, k)[0]
         return {"file": filename, "width": img.width, "height": img.height, "top": top,
                 "seconds": round(time.perf_counter() - t0, 4)}
 
