@@ -92,7 +92,8 @@ def read_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], str | Non
         if not folder.weights_file.is_file():
             raise CnnlabError(f"--init-from {path}: not a finished cnnlab run folder (no "
                               f"{folder.weights_file.name}); give a run folder or a .safetensors file")
-        arch = read_json(folder.card_file).get("arch") if folder.card_file.is_file() else None
+        card = read_json(folder.card_file) if folder.card_file.is_file() else {}
+        arch = card.get("arch") if isinstance(card, dict) else None
         path = folder.weights_file
     elif path.suffix.lower() in PICKLE_SUFFIXES:
         raise CnnlabError(f"--init-from {path}: a {path.suffix} file is a pickle, and loading a pickle "
