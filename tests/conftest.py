@@ -267,6 +267,9 @@ def big_split(tmp_path) -> Path:
     return split_folder(tmp_path / "big", {"train": {"a": 40, "b": 25, "c": 15}, "test": {"a": 10, "b": 8, "c": 6}})
 
 
+# A PostScript drawing: Pillow's EPS plugin opens it and hands it to Ghostscript to draw.
+POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+
 def counting_decoder(monkeypatch) -> list[str]:
     """The names of the images decoded from now on, as they are decoded."""
     from cnnlab.data import images
@@ -391,6 +394,19 @@ def assert_same_weights(a: Path | dict, b: Path | dict) -> None:
     different = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not different, f"{len(different)} of {len(wa)} tensors differ, e.g. {different[:3]}"
 
+
+
+def poison(path: Path, prefix: str, value: float = float("nan")) -> str:
+    """Set every value of the first floating-point tensor named ``prefix``... in the safetensors
+    file ``path`` to ``value`` (its metadata kept, as a damaged file would); that tensor's name."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k, t in tensors.items() if k.startswith(prefix) and t.is_floating_point())
+    tensors[name].fill_(value)
+    save_file(tensors, path, metadata=metadata)
+    return name
 
 def assert_same_history(run_a: Path, run_b: Path) -> None:
     """Every per-epoch figure except wall-clock seconds, exactly."""

@@ -23,6 +23,7 @@ from conftest import (
     assert_same_history,
     assert_same_weights,
     flags,
+    poison,
     position,
     reference,
     train_then_signal,
@@ -160,6 +161,40 @@ def test_pickle_offered_as_weights_is_refused_and_never_run(finished_run, tiny_c
     assert len(err.strip().splitlines()) == 1
     assert not marker.exists()
 
+
+
+def test_nan_in_the_model_is_refused_by_every_reader(finished_run, tiny_cifar, tmp_path, capsys):
+    """Issue 38 finding 2: a model.safetensors holding a NaN is refused by predict (exit 2, one
+    line, not "cat nan%"), by resume (not reported complete), evaluate, and --init-from."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    name = poison(run / "model.safetensors", "net.")
+    image = str(next((tiny_cifar / "test" / "cat").iterdir()))
+    refused = cli(tmp_path, "predict", str(run), image)
+    assert refused.returncode == 2 and not refused.stdout
+    assert refused.stderr.strip().splitlines() == [
+        f"cnnlab: error: {run}/model.safetensors holds nan or inf values in {name}: cnnlab never writes such a "
+        f"model, so the file is damaged; train the run again, or restore the file from a copy"]
+    for args in (["train", "--resume", str(run)], ["evaluate", str(run)],
+                 ["train", "--data", str(tiny_cifar), "--init-from", str(run), "--out", str(tmp_path / "tuned"),
+                  *flags(dict(BASE, train_size=30, epochs=1))]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"model.safetensors holds nan or inf values in {name}" in err
+
+
+def test_nan_in_the_checkpoint_is_refused_at_resume_and_the_model_kept(finished_run, tmp_path, capsys):
+    """A checkpoint is never resumed from (nor restored after a NaN) when it holds one: before,
+    the NaN trained on and then replaced the good model.safetensors."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    model = (run / "model.safetensors").read_bytes()
+    name = poison(run / "checkpoints" / "last.safetensors", "model.net.", float("inf"))
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert f"checkpoints/last.safetensors holds nan or inf values in {name}: " in err and "cannot be resumed" in err
+    assert (run / "model.safetensors").read_bytes() == model
 
 def test_a_checkpoint_from_before_named_state_still_reads():
     """Checkpoints written before the loop's state was saved by name (top-level keys and an

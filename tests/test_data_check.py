@@ -24,6 +24,7 @@ from cnnlab.data.check import check_folder, scan_folder
 from cnnlab.data.folder import load_image_folder
 from cnnlab.data.images import ImageError, open_image
 from cnnlab.data.sources import check_dataset
+from conftest import POSTSCRIPT
 
 ORIENTATION = 0x0112
 GREY16 = np.array([[0, 1000, 30000, 65535]], dtype=np.uint16)   # 16-bit values, one row
@@ -233,6 +234,74 @@ def test_open_image_names_the_kind_of_failure(tmp_path):
         assert e.value.kind == kind
     with pytest.raises(ImageError, match="no such file"):
         open_image(tmp_path / "missing.png")
+
+
+def test_postscript_named_jpg_never_reaches_ghostscript(make_subset, tmp_path, monkeypatch):
+    """Issue 38 finding 1: only the decoders of the documented formats run; the file is one
+    skippable unreadable image, and a stand-in ``gs`` on PATH is never started."""
+    from PIL import EpsImagePlugin
+    marker = tmp_path / "gs-ran"
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)   # look for gs again, on this PATH
+    root = make_subset({"train": 2, "test": 1}, classes=["cat", "dog"])
+    photo = root / "train/cat/photo.jpg"
+    photo.write_bytes(POSTSCRIPT)
+    with pytest.raises(ImageError) as e:
+        open_image(photo)
+    assert e.value.kind == "not-image" and str(e.value).count("\n") == 0
+    assert "its bytes are EPS" in str(e.value) and "JPEG, PNG" in str(e.value)
+    with pytest.raises(ImageError):
+        open_image(POSTSCRIPT)
+    assert [p.kind for p in check_folder(root).errors] == ["not-image"]
+    assert load_image_folder(root, bad_images="skip").skipped == 1
+    assert not marker.exists()
+
+
+def test_every_supported_suffix_decodes():
+    """Each suffix cnnlab lists is one of the allowed decoders, and each decoder still reads
+    its format (MPO, a phone's multi-picture JPEG, through the JPEG decoder)."""
+    assert {Image.registered_extensions()[s] for s in images.IMAGE_SUFFIXES} <= set(images.FORMATS)
+    picture = Image.new("RGB", (4, 3), (200, 30, 60))
+    for fmt in (*images.FORMATS, "MPO"):
+        buf = io.BytesIO()
+        picture.save(buf, fmt, **({"save_all": True, "append_images": [picture]} if fmt == "MPO" else {}))
+        decoded = open_image(buf.getvalue())
+        assert decoded.size == (4, 3) and decoded.mode == "RGB", fmt
+        assert np.abs(np.asarray(decoded, dtype=int)[1, 1] - [200, 30, 60]).max() <= 12, fmt
+
+
+@pytest.mark.parametrize("error", [NotImplementedError, AttributeError, IndexError, KeyError, RuntimeError])
+@pytest.mark.parametrize("stage", ["_open", "load"])
+def test_any_decoder_exception_is_one_skippable_damaged_file(make_subset, monkeypatch, error, stage):
+    """Issue 38 finding 4: whatever a decoder raises on a crafted file (a mutated DDS gave
+    NotImplementedError, SPIDER AttributeError) is the one-line damaged-file error."""
+    from PIL import PngImagePlugin
+
+    def broken(self, *args):
+        raise error("crafted")
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, stage, broken)
+    with pytest.raises(ImageError) as e:
+        open_image(png_bytes(Image.new("RGB", (2, 2))))
+    # Pillow itself turns some of these, raised while opening, into "cannot identify".
+    assert e.value.kind == "damaged" and "\n" not in str(e.value)
+    assert f"the decoder failed ({error.__name__}: " in str(e.value) or "damaged PNG header" in str(e.value)
+    root = make_subset({"train": 2, "test": 1}, classes=["cat", "dog"])
+    Image.new("RGB", (32, 32)).save(root / "train/dog/broken.png")
+    assert load_image_folder(root, bad_images="skip").skipped == 1
+
+
+def test_memory_error_is_not_called_a_damaged_file(monkeypatch):
+    from PIL import PngImagePlugin
+
+    def out_of_memory(self):
+        raise MemoryError
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", out_of_memory)
+    with pytest.raises(MemoryError):
+        open_image(png_bytes(Image.new("RGB", (2, 2))))
 
 
 # ----------------------------------------------------------------------------- the loader's policy

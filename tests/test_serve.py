@@ -6,6 +6,7 @@ import http.client
 import io
 import json
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,13 +15,15 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from PIL import Image
 
+from conftest import POSTSCRIPT, load_benchmark, poison
 from conftest import cifar_test_images as _cifar_test_images
-from conftest import load_benchmark
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -83,6 +86,25 @@ def _raw_status(port: int, request: bytes, body_chunks=()) -> tuple[int, bytes]:
             pass                        # closed with our unread upload in its buffer
     assert reply.startswith(b"HTTP/1.1 "), reply[:200]
     return int(reply.split(b" ", 2)[1]), reply
+
+
+@contextmanager
+def _in_process(app) -> Iterator[str]:
+    """``app`` served by uvicorn in a thread of this process (so tests can patch it); its base URL."""
+    import uvicorn
+    port = _free_port()
+    userver = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=userver.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not userver.started:
+            assert time.monotonic() < deadline, "the in-process server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        userver.should_exit = True
+        thread.join(30)
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +230,6 @@ def test_server_under_concurrent_load(server_process, trained_run, tiny_cifar, t
 def test_busy_server_runs_at_most_its_workers_and_answers_503_beyond_the_queue(trained_run, tiny_cifar):
     """One worker and one waiting place: a third request at once gets 503 and Retry-After,
     the first two finish; the model never runs twice at a time."""
-    import uvicorn
-
     from cnnlab.apps.serve import create_app
     app = create_app(trained_run.path, UPLOAD_LIMIT_MB * 1_000_000, workers=1, max_waiting=1)
     gate, predictor = app.state.gate, app.state.predictor
@@ -226,43 +246,33 @@ def test_busy_server_runs_at_most_its_workers_and_answers_503_beyond_the_queue(t
             running[0] -= 1
 
     predictor.classify = slow_classify
-    port = _free_port()
-    userver = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=userver.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
     image = _cifar_test_images(tiny_cifar, per_class=1)[0][0].read_bytes()
-    try:
-        deadline = time.monotonic() + 30
-        while not userver.started:
-            assert time.monotonic() < deadline, "the in-process server did not start"
-            time.sleep(0.05)
-        answers: list = [None, None]
+    with _in_process(app) as base:
+        try:
+            answers: list = [None, None]
 
-        def post(i: int) -> None:
-            answers[i] = _post_file(base + "/predict", image)
+            def post(i: int) -> None:
+                answers[i] = _post_file(base + "/predict", image)
 
-        first = threading.Thread(target=post, args=(0,))
-        second = threading.Thread(target=post, args=(1,))
-        first.start()
-        _wait_for(lambda: gate.running == 1)
-        second.start()
-        _wait_for(lambda: gate.waiting == 1)
-        status, body, headers = _post_raw(base + "/predict", image)
-        assert status == 503 and headers["retry-after"] == "1"
-        assert json.loads(body)["detail"].startswith("server busy: 1 request(s) running the model and 1 waiting")
-        release.set()
-        first.join(30)
-        second.join(30)
-        assert [a[0] for a in answers] == [200, 200]
-        assert seen[0] == 1 and gate.peak_running == 1 and gate.refused == 1
-        assert json.loads(_get(base + "/health")[1])["inference"] == {
-            "workers": 1, "max_waiting": 1, "running": 0, "waiting": 0, "peak_running": 1, "refused": 1}
-    finally:
-        release.set()
-        userver.should_exit = True
-        thread.join(30)
+            first = threading.Thread(target=post, args=(0,))
+            second = threading.Thread(target=post, args=(1,))
+            first.start()
+            _wait_for(lambda: gate.running == 1)
+            second.start()
+            _wait_for(lambda: gate.waiting == 1)
+            status, body, headers = _post_raw(base + "/predict", image)
+            assert status == 503 and headers["retry-after"] == "1"
+            assert json.loads(body)["detail"].startswith("server busy: 1 request(s) running the model and 1 waiting")
+            release.set()
+            first.join(30)
+            second.join(30)
+            assert [a[0] for a in answers] == [200, 200]
+            assert seen[0] == 1 and gate.peak_running == 1 and gate.refused == 1
+            assert json.loads(_get(base + "/health")[1])["inference"] == {
+                "workers": 1, "max_waiting": 1, "running": 0, "waiting": 0, "peak_running": 1, "refused": 1}
 
+        finally:
+            release.set()   # a failed assertion must not leave the two requests waiting
 
 def _wait_for(condition, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
@@ -289,6 +299,41 @@ def test_server_wrong_type_corrupt_bomb_and_missing_field(server, tiny_cifar, tm
     status, _ = _post_file(server + "/predict", good, field="image")
     assert status == 422
 
+
+
+def test_decoder_exceptions_and_other_formats_are_a_4xx_not_a_500(trained_run, monkeypatch):
+    """Issue 38 findings 1 and 4 through the server: PostScript is refused unread (415), and
+    whatever a decoder raises on a crafted file is a one-line 422, never a 500."""
+    from PIL import PngImagePlugin
+
+    from cnnlab.apps.serve import create_app
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    with _in_process(create_app(trained_run.path)) as base:
+        status, reply = _post_file(base + "/predict", POSTSCRIPT, "photo.jpg")
+        assert status == 415 and "photo.jpg is not an image cnnlab reads" in reply["detail"]
+        assert "its bytes are EPS" in reply["detail"]
+        for error in (NotImplementedError, AttributeError):
+            def broken(self, error=error):
+                raise error("crafted")
+            monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", broken)
+            status, reply = _post_file(base + "/predict", png.getvalue(), "mutated.png", "image/png")
+            assert status == 422 and "\n" not in reply["detail"], reply
+            assert reply["detail"].startswith(f"mutated.png could not be decoded (not a readable image: the "
+                                              f"decoder failed ({error.__name__}: crafted)")
+
+
+def test_nan_outputs_are_an_error_not_nan_percentages(trained_run, tiny_cifar, tmp_path):
+    """Issue 38 finding 2: a model whose outputs are nan (its std buffer zeroed: the weights
+    themselves are finite, so it loads) answers with the reason, never "cat nan%"."""
+    from cnnlab.apps.serve import create_app
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.path, run)
+    poison(run / "model.safetensors", "std", 0.0)
+    image = _cifar_test_images(tiny_cifar, per_class=1)[0][0].read_bytes()
+    with _in_process(create_app(run)) as base:
+        status, reply = _post_file(base + "/predict", image)
+    assert status == 500 and reply["detail"].startswith("run: the model's outputs are nan or inf for 1 of 1 image")
 
 def test_server_gradcam_returns_a_png(server, trained_run, tiny_cifar):
     path = _cifar_test_images(tiny_cifar, per_class=1)[0][3]

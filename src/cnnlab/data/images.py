@@ -19,6 +19,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from cnnlab.core.errors import CnnlabError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+# The Pillow decoders for those suffixes, the only ones ever tried: left to itself Pillow picks
+# any of its ~40 from the bytes, and some hand the file to another program (EPS runs
+# Ghostscript, whatever the file is named). Phone photos (MPO) come through the JPEG decoder.
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 # Refuse images above this many pixels (decompression bombs). Pillow only warns below ~179M.
 MAX_PIXELS = 40_000_000
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -26,8 +30,8 @@ EXIF_ORIENTATION = 0x0112  # TIFF/EXIF tag 274: 1 = upright, 2-8 = mirrored and/
 
 
 class ImageError(CnnlabError):
-    """An image that cannot be used. ``kind``: missing-file, empty-file, not-image, damaged
-    or too-large; ``reason`` is the message without the file name (the data checker's)."""
+    """An image that cannot be used. ``kind``: missing-file, empty-file, not-image (no format
+    in ``FORMATS``), damaged or too-large; ``reason`` is the message without the file name (the data checker's)."""
 
     def __init__(self, name: str, kind: str, reason: str):
         super().__init__(f"{name}: {reason}")
@@ -96,6 +100,34 @@ def _too_large(name: str, w: int, h: int, limit: int) -> ImageError:
                                          f"(a possible decompression bomb); resize it first")
 
 
+def _detected_format(head: bytes) -> str | None:
+    """The Pillow format whose signature starts ``head``, found without opening the file."""
+    Image.init()
+    for fmt, (_, accept) in Image.OPEN.items():
+        try:
+            if accept is not None and accept(head) is True:
+                return fmt
+        except struct.error:   # a signature check given fewer bytes than it reads
+            continue
+    return None
+
+
+def _unidentified(name: str, source: str | Path | bytes) -> ImageError:
+    """Why no allowed decoder opened ``source``: another format, none, or a damaged header."""
+    if isinstance(source, bytes):
+        head = source[:16]
+    else:
+        with open(source, "rb") as f:
+            head = f.read(16)
+    fmt = _detected_format(head)
+    if fmt in FORMATS:   # its decoder gave up on what follows the signature
+        return ImageError(name, "damaged", f"not a readable image: damaged {fmt} header")
+    found = (f"its bytes are {fmt}, not a format cnnlab reads" if fmt else
+             "no image format recognised in its bytes (a text or HTML file named like an image?)")
+    return ImageError(name, "not-image", f"not a readable image: {found}; convert it to one of "
+                                         f"{', '.join(FORMATS)}")
+
+
 def open_image(source: str | Path | bytes, *, max_pixels: int | None = None,
                notes: list[str] | None = None, name: str | None = None) -> Image.Image:
     """Open, fully decode and mode-normalise an image; raise ``ImageError`` if it cannot be.
@@ -108,7 +140,7 @@ def open_image(source: str | Path | bytes, *, max_pixels: int | None = None,
     try:
         if (len(source) if isinstance(source, bytes) else os.path.getsize(source)) == 0:
             raise ImageError(name, "empty-file", "not a readable image: empty file (0 bytes)")
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=FORMATS) as img:
             w, h = img.size
             if w * h > limit:
                 raise _too_large(name, w, h, limit)
@@ -127,10 +159,16 @@ def open_image(source: str | Path | bytes, *, max_pixels: int | None = None,
         raise ImageError(name, "too-large", f"over the limit of {limit:,} pixels (a possible "
                                             f"decompression bomb: {e})") from None
     except UnidentifiedImageError:
-        raise ImageError(name, "not-image", "not a readable image: no image format recognised in its "
-                                            "bytes (a text or HTML file named like an image?)") from None
+        raise _unidentified(name, source) from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
         raise ImageError(name, "damaged", f"not a readable image: damaged or truncated header ({e})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        # Crafted files make decoders raise almost anything (NotImplementedError, AttributeError,
+        # IndexError...); each is one damaged file, to report or skip, never a crash.
+        raise ImageError(name, "damaged", f"not a readable image: the decoder failed "
+                                          f"({type(e).__name__}: {e})") from None
 
 
 def center_box(width: int, height: int, fraction: float) -> tuple[float, float, float, float] | None:

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from cnnlab.core.errors import CnnlabError
-from cnnlab.data.images import IMAGE_SUFFIXES, is_image_name
+from cnnlab.data.images import FORMATS, IMAGE_SUFFIXES, is_image_name
 from cnnlab.data.registry import DATASETS
 
 SPLITS = ("train", "val", "test")
@@ -403,7 +403,7 @@ def _headers(paths: Sequence[str | Path]) -> list[tuple[tuple[int, int], str] | 
     out: list[tuple[tuple[int, int], str] | str] = []
     for p in paths:
         try:
-            with Image.open(p) as img:
+            with Image.open(p, formats=FORMATS) as img:
                 out.append((img.size, img.mode))
         except Exception as e:  # noqa: BLE001  (any failure means: not an image we can use)
             out.append(f"{type(e).__name__}: {e}")

@@ -40,7 +40,7 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.data.augment import Augmentation
 from cnnlab.data.batches import BatchStream, derive_seed, model_input
 from cnnlab.data.dataset import Dataset, Split, prepare_splits
-from cnnlab.data.images import GREY_MODES, ImageError, center_box, open_image
+from cnnlab.data.images import FORMATS, GREY_MODES, ImageError, center_box, open_image
 
 if TYPE_CHECKING:
     from cnnlab.data.check import FolderScan
@@ -285,7 +285,7 @@ def sample_headers(paths: list[str]) -> list[Header]:
     out = []
     for p in paths[::step][:HEADER_SAMPLE]:
         try:
-            with Image.open(p) as img:
+            with Image.open(p, formats=FORMATS) as img:
                 out.append((img.size, img.mode))
         except Exception:  # noqa: BLE001  (sizing only: the decoder reports bad files later)
             continue

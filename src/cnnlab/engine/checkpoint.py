@@ -1,8 +1,9 @@
 """Resume state in one safetensors file: tensors as tensors, everything else as JSON metadata.
 
 No pickle anywhere, so loading a checkpoint can never run code. The file is written
-atomically, so an interrupted write leaves the previous checkpoint whole, and its weights are
-never NaN or infinite (the loop checks before writing), so it is always a state to go back to.
+atomically, so an interrupted write leaves the previous checkpoint whole, and its tensors are
+never NaN or infinite (the loop checks before writing, and reading refuses one that is), so it
+is always a state to go back to.
 
 Resuming keeps the config the run started with. The one change allowed is ``epochs``, and
 only when nothing already trained depends on the run's length: a constant learning rate (a
@@ -28,6 +29,7 @@ from safetensors.torch import save
 from cnnlab.core.config import FIELDS, Config, merge
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.files import write_bytes
+from cnnlab.core.tensors import require_finite
 from cnnlab.engine.optim import Optimizer
 from cnnlab.engine.runs import empty_history
 
@@ -90,14 +92,6 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors holding a NaN or an infinity (one device sync)."""
-    floats = {k: t for k, t in tensors.items() if t.is_floating_point()}
-    if not floats or torch.stack([torch.isfinite(t).all() for t in floats.values()]).all():
-        return []
-    return [k for k, t in floats.items() if not torch.isfinite(t).all()]
-
-
 def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     payload = save(flat, metadata={"format": FORMAT, "state": json.dumps(meta)})
@@ -119,9 +113,12 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     try:
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}")
-        return tensors, json.loads(meta["state"])
+        state = json.loads(meta["state"])
     except (KeyError, ValueError) as e:
         raise CnnlabError(f"{path} is a safetensors file but not a {FORMAT} checkpoint ({e})") from None
+    require_finite(tensors, str(path), "cnnlab never writes such a checkpoint, so it is damaged and cannot be "
+                                       "resumed; start the run again, or resume an earlier copy of its folder")
+    return tensors, state
 
 
 def _show(value: Any) -> str:

@@ -44,13 +44,20 @@ def fit_to_model(run, images: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def logits_for(run, images: np.ndarray, device="cpu", batch_size: int = 256) -> torch.Tensor:
-    """float32 (N, classes) logits for uint8 images already at the run's input shape."""
+    """float32 (N, classes) logits for uint8 images already at the run's input shape;
+    ``CnnlabError`` where any is nan or inf (its probabilities would be meaningless)."""
     model = run.model(device, channels_last=True)
     out = []
     for i in range(0, len(images), batch_size):
         x = model_input(torch.as_tensor(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2), channels_last=True)
         out.append(model(x).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, len(run.class_names))
+    logits = torch.cat(out) if out else torch.zeros(0, len(run.class_names))
+    bad = int((~logits.isfinite().all(1)).sum())
+    if bad:
+        raise CnnlabError(f"{run.path.name}: the model's outputs are nan or inf for {bad} of {len(logits)} "
+                          f"image(s), so it has no prediction to give; its weights or normalisation are "
+                          f"damaged: train the run again")
+    return logits
 
 
 def top_classes(class_names: list[str], logits: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:

@@ -167,9 +167,11 @@ def _resume(path: Path, main: bool, *, progress: bool, changes: dict[str, Any],
     cfg = ckpt.resumed_config(meta, changes, path)
     done = _complete_message(folder, meta, cfg)
     if done is not None:
+        run = load_run(path)
+        run.model()   # a damaged model.safetensors is refused, not reported complete
         if progress and main:
             print(done, flush=True)
-        return load_run(path)
+        return run
     if main:
         discard_temps(folder.checkpoints_dir, folder.last_checkpoint.name)   # from a process killed mid-write
     splits = RunFolder(path).splits_file

@@ -34,22 +34,24 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from cnnlab.core.config import Config, merge
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.files import read_json, write_bytes, write_json, write_text
 from cnnlab.core.hardware import Precision
 from cnnlab.core.hardware import describe as describe_hardware
-from cnnlab.core.run_folder import RunFolder
+from cnnlab.core.run_folder import RunFolder, finite
+from cnnlab.core.tensors import require_finite
 from cnnlab.core.version import __version__
 from cnnlab.data.dataset import Dataset, ImageSplit
 from cnnlab.data.download import sha256sum
-from cnnlab.data.images import open_image, to_array
+from cnnlab.data.images import RESAMPLING, open_image, to_array
 from cnnlab.engine.evaluation import Evaluation
 from cnnlab.models.classifier import Classifier, build_classifier
 from cnnlab.models.inspect import gradcam_heatmaps
+from cnnlab.models.pretrained import head_name
 from cnnlab.models.weights import (
     Download,
     WeightsInfo,
@@ -64,6 +66,11 @@ from cnnlab.models.weights import (
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
 RUNS_ROOT = Path("runs")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# model.json's bounds. ImageNet-21k has 21,841 classes and cnnlab trains at a few hundred
+# pixels a side: a card past these is damaged, and building its network could ask for terabytes.
+MAX_CLASSES = 100_000
+MAX_INPUT_SIDE = 4096
+CARD_KEYS = ("arch", "num_classes", "in_channels", "input_size", "class_names", "mean", "std")
 
 
 def run_path(*, out: str | Path | None, name: str | None, default_name: str) -> Path:
@@ -182,9 +189,14 @@ def model_card(cfg: Config, class_names: list[str], image_shape: tuple[int, int,
 
 
 def save_model(run: Path, model: Classifier, card: dict[str, Any]) -> None:
+    """``model.safetensors``, whose header names the architecture and the head (``load_model``
+    checks model.json against them), and ``model.json``."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     folder = RunFolder(run)
-    write_bytes(folder.weights_file, save(state, metadata={"arch": card["arch"]}))
+    require_finite(state, f"the model for {folder.weights_file}", "it was not written, so the file keeps "
+                                                                  "what it held")
+    header = {"arch": card["arch"], "head": f"net.{head_name(model.net)}"}
+    write_bytes(folder.weights_file, save(state, metadata=header))
     write_json(folder.card_file, card)
 
 
@@ -249,17 +261,74 @@ class Run(RunFolder):
         return predict(self, inputs, top_k=top_k, device=device, batch_size=batch_size)
 
 
-def load_model(run: str | Path | RunFolder, card: dict[str, Any]) -> Classifier:
-    model = build_classifier(card["arch"], card["num_classes"],
-                             card["input_size"], card["mean"], card["std"])
-    weights = (run if isinstance(run, RunFolder) else RunFolder(run)).weights_file
+def check_card(card: Any, path: Path) -> None:
+    """Refuse a model.json cnnlab could not have written, before anything is built from it."""
+    if not isinstance(card, dict) or any(k not in card for k in CARD_KEYS):
+        missing = [k for k in CARD_KEYS if k not in card] if isinstance(card, dict) else ["an object"]
+        raise CnnlabError(f"{path} is damaged: it lacks {', '.join(missing)} (cnnlab writes "
+                          f"{', '.join(CARD_KEYS)}); train the run again, or restore the file from a copy")
+    n = card["num_classes"]
+    rules = {   # in order: each may rely on the keys before it
+        "arch": (lambda v: isinstance(v, str), "a model name, as `cnnlab models` lists"),
+        "num_classes": (lambda v: _whole(v, 1, MAX_CLASSES), f"a whole number from 1 to {MAX_CLASSES:,}"),
+        "class_names": (lambda v: isinstance(v, list) and len(v) == n and all(isinstance(c, str) for c in v),
+                        f"a list of num_classes ({n}) names"),
+        "in_channels": (lambda v: _whole(v, 1, 3) and v != 2, "1 (grey) or 3 (RGB)"),
+        "input_size": (lambda v: isinstance(v, list) and len(v) == 2
+                       and all(_whole(side, 1, MAX_INPUT_SIDE) for side in v),
+                       f"[height, width], each from 1 to {MAX_INPUT_SIDE} pixels"),
+        "mean": (lambda v: _numbers(v) and len(v) in (1, 3) and len(v) >= card["in_channels"],
+                 "a number per channel the network sees (1 or 3, at least in_channels)"),
+        "std": (lambda v: _numbers(v) and len(v) == len(card["mean"]) and min(v) > 0,
+                "as many numbers as mean, each above 0"),
+        "center_crop": (lambda v: v is None or (finite(v) and 0 < v <= 1), "a fraction from 0 to 1"),
+        "resample": (lambda v: isinstance(v, str) and v in RESAMPLING, f"one of {', '.join(RESAMPLING)}"),
+    }
+    for key, (ok, expected) in rules.items():
+        if key in card and not ok(card[key]):
+            shown = repr(card[key])
+            raise CnnlabError(f"{path}: {key} must be {expected}, got {shown[:60]}{'...' * (len(shown) > 60)}; "
+                              f"the file is damaged: train the run again, or restore it from a copy")
+
+
+def _whole(v: Any, low: int, high: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _numbers(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(finite(x) for x in v)
+
+
+def _read_weights(folder: RunFolder, card: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """model.safetensors' tensors, once its header agrees with model.json: the header is read
+    first, so a card that disagrees with the weights fails before anything is allocated."""
+    weights = folder.weights_file
     try:
-        state = load_file(weights)
+        with safe_open(str(weights), framework="pt") as f:
+            header = f.metadata() or {}
+            arch, head = header.get("arch", card["arch"]), header.get("head")   # older files name no head
+            classes = (f.get_slice(f"{head}.weight").get_shape() or [None])[0] if head else card["num_classes"]
+            if (arch, classes) != (card["arch"], card["num_classes"]):
+                raise CnnlabError(f"{folder.card_file} does not match {weights}: it says {card['arch']} with "
+                                  f"{card['num_classes']} classes, the weights are {arch} with {classes}; "
+                                  f"restore the run's own model.json")
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except FileNotFoundError:
         raise CnnlabError(f"{weights} is missing: the run did not finish saving its model") from None
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CnnlabError(f"{weights} is not a valid safetensors file ({e}); cnnlab only loads "
                           f"safetensors weights, never pickles") from None
+    require_finite(state, str(weights), "cnnlab never writes such a model, so the file is damaged; train "
+                                        "the run again, or restore the file from a copy")
+    return state
+
+
+def load_model(run: str | Path | RunFolder, card: dict[str, Any]) -> Classifier:
+    """The network ``card`` (a model.json checked by ``check_card``) describes, with its weights."""
+    folder = run if isinstance(run, RunFolder) else RunFolder(run)
+    weights = folder.weights_file
+    state = _read_weights(folder, card)
+    model = build_classifier(card["arch"], card["num_classes"], card["input_size"], card["mean"], card["std"])
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -285,6 +354,7 @@ def load_run(path: str | Path) -> Run:
                           f"written by `cnnlab train`")
     if not folder.config_file.is_file():
         raise CnnlabError(f"cannot read run folder {folder.path}: {folder.config_file} is missing")
+    check_card(folder.card, folder.card_file)
     cfg = merge(Config(), folder.saved_config, source=str(folder.config_file))
     run = Run(folder.path, cfg)
     run.card, run.history, run.metrics   # noqa: B018  (damaged files fail here, not at first use)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from cnnlab.core.errors import CnnlabError, TrainingInterrupted
 from cnnlab.core.hardware import autocast
 from cnnlab.core.run_folder import RunFolder
+from cnnlab.core.tensors import few, non_finite
 from cnnlab.data.batches import derive_seed
 from cnnlab.engine import checkpoint as ckpt
 from cnnlab.engine import distributed
@@ -90,11 +91,6 @@ class Trainer:
     def checkpoint(self) -> None:
         """Write the resumable state; mid-epoch, with the epoch-so-far sums (every process
         calls this at the same step: the sums are gathered from all of them)."""
-        self._check_finite()   # a checkpoint is always a state worth going back to
-        if self.state.step_in_epoch and self.sums is not None:
-            self.keep_partial_epoch()
-        if not distributed.is_main():
-            return   # every process holds the same state; rank 0 writes it
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         opt_t, opt_meta = ckpt.optimizer_to_flat(self.optimizer)
         tensors.update(opt_t)
@@ -102,6 +98,11 @@ class Trainer:
             tensors.update({f"ema.{k}": v for k, v in self.ema.state_tensors().items()})
         if self.best_state is not None:
             tensors.update({f"best.{k}": v for k, v in self.best_state.items()})
+        self._check_finite(tensors)   # in every process: a checkpoint is always a state worth going back to
+        if self.state.step_in_epoch and self.sums is not None:
+            self.keep_partial_epoch()
+        if not distributed.is_main():
+            return   # every process holds the same state; rank 0 writes it
         rng_t, rng_meta = ckpt.rng_states()
         tensors.update(rng_t)
         s = self.state
@@ -130,14 +131,15 @@ class Trainer:
         if not distributed.is_main():   # the saved sums are every process's: rank 0 carries them on
             self.state.epoch_loss, self.state.epoch_correct, self.state.epoch_seen = 0.0, 0, 0
 
-    def _check_finite(self) -> None:
-        bad = ckpt.non_finite(self.model.state_dict())
+    def _check_finite(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Stop where the weights or the optimizer's state left the numbers (checkpoints refuse them)."""
+        bad = non_finite(tensors)
         if bad:
             s = self.state
             where = f"the end of epoch {s.epoch}" if s.step_in_epoch == 0 else f"epoch {s.epoch + 1}, step {s.step_in_epoch}"
-            raise NonFiniteLoss(f"the weights became non-finite (nan or inf) by {where} ({', '.join(bad[:3])}"
-                                f"{', ...' if len(bad) > 3 else ''}): the learning rate ({self.cfg.lr}) is "
-                                f"probably too high for {self.cfg.model}; try one ten times smaller")
+            raise NonFiniteLoss(f"the weights became non-finite (nan or inf) by {where} ({few(bad)}): the "
+                                f"learning rate ({self.cfg.lr}) is probably too high for {self.cfg.model}; "
+                                f"try one ten times smaller")
 
     def keep_partial_epoch(self) -> None:   # a collective when data-parallel: every process calls it
         """Put the epoch-so-far sums in the state, for a mid-epoch checkpoint."""

@@ -21,6 +21,7 @@ from torch import nn
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.files import read_json
 from cnnlab.core.run_folder import RunFolder
+from cnnlab.core.tensors import few, require_finite
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50")
@@ -47,9 +48,9 @@ class InitReport:
         for name, theirs, ours in self.mismatched:
             out.append(f"    left at initialisation {name}: {_shape(theirs)} in the file, {_shape(ours)} here")
         if self.missing:
-            out.append(f"    left at initialisation, not in the file: {_few(self.missing)}")
+            out.append(f"    left at initialisation, not in the file: {few(self.missing)}")
         if self.unused:
-            out.append(f"    in the file but not in this network (ignored): {_few(self.unused)}")
+            out.append(f"    in the file but not in this network (ignored): {few(self.unused)}")
         return out
 
 
@@ -91,7 +92,8 @@ def read_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], str | Non
         if not folder.weights_file.is_file():
             raise CnnlabError(f"--init-from {path}: not a finished cnnlab run folder (no "
                               f"{folder.weights_file.name}); give a run folder or a .safetensors file")
-        arch = read_json(folder.card_file).get("arch") if folder.card_file.is_file() else None
+        card = read_json(folder.card_file) if folder.card_file.is_file() else {}
+        arch = card.get("arch") if isinstance(card, dict) else None
         path = folder.weights_file
     elif path.suffix.lower() in PICKLE_SUFFIXES:
         raise CnnlabError(f"--init-from {path}: a {path.suffix} file is a pickle, and loading a pickle "
@@ -104,6 +106,8 @@ def read_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], str | Non
     except (SafetensorError, OSError, ValueError) as e:
         raise CnnlabError(f"--init-from {path} is not a safetensors file ({e}): give a cnnlab run "
                           f"folder or a .safetensors file") from None
+    require_finite(tensors, f"--init-from {path}", "weights that diverged cannot start a run; give ones "
+                                                   "that trained without nan or inf")
     return tensors, arch, path
 
 
@@ -186,7 +190,3 @@ def _refuse_mismatch(path: Path, why: str, net: nn.Module, tensors: dict[str, to
 
 def _shape(shape) -> str:
     return "x".join(map(str, shape)) or "scalar"
-
-
-def _few(names: list[str], shown: int = 4) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")

@@ -39,7 +39,6 @@ Errors are JSON ``{"detail": "message"}``.
 """
 from __future__ import annotations
 
-import io
 import ipaddress
 import json
 import sys
@@ -54,12 +53,12 @@ import anyio
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.hardware import available_cores
-from cnnlab.data.images import MAX_PIXELS, open_image
+from cnnlab.data.images import MAX_PIXELS, ImageError, open_image
 from cnnlab.engine.inference import logits_for, top_classes
 from cnnlab.engine.runs import Run, load_run
 
@@ -82,7 +81,7 @@ SECURITY_HEADERS = {
 # ImageError.kind (cnnlab.data.images) -> HTTP status
 STATUS_FOR_KIND = {"not-image": 415, "too-large": 413, "damaged": 422, "empty-file": 422}
 MESSAGES = {
-    415: "{name} is not an image file ({reason}). Upload a JPEG, PNG, GIF, BMP, TIFF or WebP image.",
+    415: "{name} is not an image cnnlab reads ({reason}).",
     413: "{name} is refused as a possible decompression bomb: {reason}.",
     422: "{name} could not be decoded ({reason}); it may be truncated or corrupt.",
 }
@@ -227,25 +226,6 @@ async def _send_json(send, status: int, detail: str, then=None) -> None:
 
 
 # ----------------------------------------------------------------------------- inference
-def _error_kind(error: CnnlabError, data: bytes, max_pixels: int) -> str:
-    """What was wrong with an upload open_image refused (when the error does not say)."""
-    kind = getattr(error, "kind", None)
-    if kind:
-        return kind
-    if not data:
-        return "empty-file"
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-    except UnidentifiedImageError:
-        return "not-image"
-    except Image.DecompressionBombError:
-        return "too-large"
-    except Exception:  # noqa: BLE001  any other failure to read the header: damaged
-        return "damaged"
-    return "too-large" if w * h > max_pixels else "damaged"
-
-
 class Predictor:
     """The run's model on the CPU, and what the page and /health show about it."""
 
@@ -268,7 +248,11 @@ class Predictor:
     def classify(self, data: bytes, k: int, filename: str | None) -> dict[str, Any]:
         t0 = time.perf_counter()
         img, x = self._decode(data, filename)
-        top = top_classes(self.run.class_names, logits_for(self.run, x[None]), k)[0]
+        try:
+            logits = logits_for(self.run, x[None])
+        except CnnlabError as e:   # nan or inf out of the model: the model's fault, not the upload's
+            raise HTTPException(500, str(e)) from None
+        top = top_classes(self.run.class_names, logits, k)[0]
         return {"file": filename, "width": img.width, "height": img.height, "top": top,
                 "seconds": round(time.perf_counter() - t0, 4)}
 
@@ -289,11 +273,9 @@ class Predictor:
         name = filename or "uploaded image"
         try:
             img = open_image(data, max_pixels=self.max_pixels)
-        except CnnlabError as e:
-            kind = _error_kind(e, data, self.max_pixels)
-            status = STATUS_FOR_KIND.get(kind, 422)
-            reason = getattr(e, "reason", None) or str(e).removeprefix("uploaded image: ")
-            raise HTTPException(status, MESSAGES.get(status, MESSAGES[422]).format(name=name, reason=reason)) from None
+        except ImageError as e:
+            status = STATUS_FOR_KIND.get(e.kind, 422)
+            raise HTTPException(status, MESSAGES.get(status, MESSAGES[422]).format(name=name, reason=e.reason)) from None
         x = self.run.image_array(img)
         return img, x if x.flags.writeable else x.copy()     # torch warns on read-only arrays
 
