@@ -116,8 +116,9 @@ def main() -> None:
     p.add_argument("--methods", default="pretrained,probe,scratch,defaults")
     p.add_argument("--keras-python", default=None, help="a Python with tensorflow-cpu: time the Keras lesson")
     args = p.parse_args()
-    from cnnlab.core.hardware import cpu_isa, cpu_name
     import torch
+
+    from cnnlab.core.hardware import cpu_isa, cpu_name
 
     print(f"machine: {cpu_name()}, torch {torch.__version__}, ISA {cpu_isa()}, {torch.get_num_threads()} threads")
     lesson = None
