@@ -71,6 +71,29 @@ def test_a_file_value_completed_by_a_flag_is_one_config(file_values, flags, expe
     assert {k: getattr(cfg, k) for k in expected} == expected
 
 
+def test_published_weights_bring_the_fine_tuning_defaults_under_every_other_layer(tmp_path):
+    tuned = resolve(overrides={"pretrained": True, "model": "efficientnet_lite0", "lr": 0.01})
+    assert (tuned.optimizer, tuned.lr, tuned.epochs, tuned.freeze_epochs, tuned.frozen_bn, tuned.body_lr_scale,
+            tuned.unfreeze) == ("adamw", 0.01, 14, 4.0, True, 0.3, "last-60%")   # the flag's lr, the layer's rest
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"freeze_epochs": 0, "body_lr_scale": 1.0}))
+    filed = resolve(config_file=path, overrides={"pretrained": True, "model": "efficientnet_lite0"})
+    assert (filed.freeze_epochs, filed.body_lr_scale, filed.optimizer) == (0.0, 1.0, "adamw")
+    lesson = resolve(recipe="lesson", overrides={"pretrained": True, "model": "efficientnet_lite0"})
+    assert (lesson.optimizer, lesson.epochs, lesson.augment) == ("adam", 10, "none")   # the recipe's own
+    scratch = resolve(overrides={"model": "efficientnet_lite0"})
+    assert (scratch.optimizer, scratch.freeze_epochs, scratch.frozen_bn, scratch.unfreeze) == (
+        Config().optimizer, 0.0, False, "all")
+
+
+@pytest.mark.parametrize("value,blocks,depth", [
+    ("all", 20, 20), ("last-3-blocks", 20, 3), ("last-1-block", 4, 1), ("last-60%", 20, 12), ("last-60%", 10, 6),
+    ("last-50%", 5, 3), ("last-100%", 7, 7), ("last-0%", 20, None), ("last-3", 20, None), ("some", 20, None)])
+def test_unfreeze_counts_the_blocks_nearest_the_head(value, blocks, depth):
+    from cnnlab.core.config import unfreeze_depth
+    assert unfreeze_depth(value, blocks) == depth
+
+
 def test_a_bad_value_names_the_layer_it_came_from(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"lr": -1}))

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cnnlab.core.config import Config, unfreeze_blocks
+from cnnlab.core.config import Config
 from cnnlab.core.events import Callback, Setup
 from cnnlab.core.hardware import Precision, choose_precision, grad_scaler
 from cnnlab.data.batches import derive_seed, model_input
@@ -88,7 +88,7 @@ def build_training(cfg: Config, data: Dataset, device: torch.device, *, start: s
     # parameters; then what the network asks (its switches are check_config's).
     offered = getattr(model.net, "training_callbacks", None)
     # The blocks frozen for the whole run first: a frozen body's thaw leaves them frozen.
-    policies: list[Callback] = [PartialUnfreeze(last)] if (last := unfreeze_blocks(cfg.unfreeze)) else []
+    policies: list[Callback] = [PartialUnfreeze(cfg.unfreeze)] if cfg.unfreeze != "all" else []
     policies += [FreezeBody(int(cfg.freeze_epochs), cfg.cache_features)] if cfg.freeze_epochs else []
     policies += [FrozenBatchNorm()] if cfg.frozen_bn else []
     policies += offered(cfg, steps_per_epoch) if offered else []

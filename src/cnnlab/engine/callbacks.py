@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm as auto_tqdm
 from tqdm.std import tqdm as terminal_tqdm
 
-from cnnlab.core.config import Config
+from cnnlab.core.config import Config, unfreeze_depth
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.events import Callback, Setup
 from cnnlab.core.hardware import autocast
@@ -206,17 +206,21 @@ class FreezeBody(Callback):
 
 
 class PartialUnfreeze(Callback):
-    """``--unfreeze last-N-blocks``: only the N body blocks nearest the head (and the head)
-    ever train; the blocks before them stay frozen for the whole run, in evaluation mode, so
-    the backward pass stops at the first block that trains."""
+    """``--unfreeze last-N-blocks`` (or ``last-P%``): only the body blocks nearest the head (and
+    the head) ever train; the blocks before them stay frozen for the whole run, in evaluation
+    mode, so the backward pass stops at the first block that trains."""
 
-    def __init__(self, last: int):
-        self.last = last
+    def __init__(self, unfreeze: str):
+        self.unfreeze = unfreeze
 
     def on_setup(self, setup: Setup) -> None:
         net = setup.model.net
         self.blocks = body_blocks(net, setup.head)
-        self.frozen = [net.get_submodule(name) for name in self.blocks[:len(self.blocks) - self.last]]
+        depth = unfreeze_depth(self.unfreeze, len(self.blocks))
+        if depth is None or depth > len(self.blocks):   # plan_run's check: not met by a caller that skipped it
+            raise CnnlabError(f"--unfreeze {self.unfreeze}: the body has {len(self.blocks)} blocks")
+        self.last = depth
+        self.frozen = [net.get_submodule(name) for name in self.blocks[:len(self.blocks) - depth]]
         for module in self.frozen:
             module.requires_grad_(False)
 

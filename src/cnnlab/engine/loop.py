@@ -204,9 +204,10 @@ def _print_header(cfg: Config, data: Dataset, trainer: Trainer, path: Path, devi
           f"{cfg.optimizer} lr {cfg.lr:g} -> {path}", flush=True)
     print(f"  {hardware_line(device, trainer.precision)}", flush=True)
     print(f"  augment {cfg.augment}: {PRESETS[cfg.augment].description} ({augment_reason})", flush=True)
-    if cfg.pretrained or cfg.weights:
-        print(f"  {FINE_TUNING_SOURCE} fill what no flag, file or recipe set: "
-              + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in FINE_TUNING.items()),
+    in_effect = {k: v for k, v in FINE_TUNING.items() if getattr(cfg, k) == v}
+    if (cfg.pretrained or cfg.weights) and in_effect:
+        print(f"  {FINE_TUNING_SOURCE} in effect (no flag, file or recipe set them): "
+              + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in in_effect.items()),
               flush=True)
     for line in (distributed.describe(cfg), describe_streaming(data), *_fine_tuning_lines(trainer)):
         if line:

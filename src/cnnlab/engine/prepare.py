@@ -20,7 +20,7 @@ from typing import Collection
 import numpy as np
 import torch
 
-from cnnlab.core.config import Config, ImageSize, unfreeze_blocks, validate
+from cnnlab.core.config import Config, ImageSize, unfreeze_depth, validate
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.hardware import Precision, choose_precision, pick_device
 from cnnlab.data.check import FolderScan
@@ -153,14 +153,14 @@ def _check_augment(cfg: Config, scan: FolderScan | None) -> None:
 
 def _check_unfreeze(cfg: Config) -> None:
     """``--unfreeze last-N-blocks`` against the network's blocks (built without memory)."""
-    last = unfreeze_blocks(cfg.unfreeze)
-    if not last:
+    if cfg.unfreeze == "all":
         return
     side = min_input_size(cfg.model)
     with torch.device("meta"):
         net = create_model(cfg.model, num_classes=2, in_channels=3, input_size=(side, side))
     blocks = body_blocks(net, head_name(net))
-    if last > len(blocks):
+    depth = unfreeze_depth(cfg.unfreeze, len(blocks))
+    if depth is not None and depth > len(blocks):
         raise CnnlabError(f"--unfreeze {cfg.unfreeze} is deeper than {cfg.model}, whose body has {len(blocks)} "
                           f"blocks ({blocks[0]} ... {blocks[-1]}): give at most last-{len(blocks)}-blocks, or all")
 
