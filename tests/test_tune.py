@@ -21,7 +21,7 @@ optuna = pytest.importorskip("optuna")
 from cnnlab.apps.tune import parse_space, tune  # noqa: E402
 from cnnlab.apps.tune.study import database_url  # noqa: E402
 from cnnlab.cli import main  # noqa: E402
-from cnnlab.core.config import resolve  # noqa: E402
+from cnnlab.core.config import Config, resolve  # noqa: E402
 from cnnlab.core.errors import CnnlabError  # noqa: E402
 
 # 200 images: 160 to train, 40 to score on; one thread each so workers can run side by side.
@@ -51,11 +51,21 @@ def _rows(path: Path) -> list[dict]:
     ({"val_split": [0.1, 0.2]}, "cannot be searched"),
     ({"muon_lr_scale": {"low": 0.0, "high": 0.5}}, "muon_lr_scale must be a positive fraction"),
     ({"tta_gate": [0.5, 1.5]}, "tta_gate must be in"),
+    ({"unfreeze": ["all", "half"]}, "unfreeze must be all, last-N-blocks"),
+    ({"augment": ["light", "heavy"]}, "augment must be one of"),
     ([1, 2], "must be a mapping"),
 ])
 def test_space_file_errors_name_the_problem(doc, message):
     with pytest.raises(CnnlabError, match=message):
         parse_space(doc, source="space file s.yaml")
+
+
+def test_the_documented_fine_tuning_space_parses():
+    text = (Path(__file__).parents[1] / "docs" / "pretrained.md").read_text()
+    doc = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    space = parse_space(doc, base=Config(model="efficientnet_lite0", pretrained=True), source="docs/pretrained.md")
+    assert space.searched == ["body_lr_scale", "unfreeze", "freeze_epochs", "augment"]
+    assert space.params["unfreeze"].choices == ("last-30%", "last-60%", "all")
 
 
 def test_space_file_forms_and_flags_fixing_keys(tmp_path):
