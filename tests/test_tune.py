@@ -19,7 +19,7 @@ import yaml
 optuna = pytest.importorskip("optuna")
 
 from cnnlab.apps.tune import parse_space, tune  # noqa: E402
-from cnnlab.apps.tune.study import database_url  # noqa: E402
+from cnnlab.apps.tune.study import database_url, mask_url  # noqa: E402
 from cnnlab.cli import main  # noqa: E402
 from cnnlab.core.config import Config, resolve  # noqa: E402
 from cnnlab.core.errors import CnnlabError  # noqa: E402
@@ -93,6 +93,54 @@ def test_tune_refuses_to_score_without_a_validation_split(tiny_cifar, tmp_path):
     with pytest.raises(CnnlabError, match="--val-split 0.1"):
         tune(cfg, trials=1, out=tmp_path / "t", progress=False)
     assert not (tmp_path / "t" / "study.db").exists()
+
+
+# ----------------------------------------------------------------------------- storage URLs
+# A password with an unescaped @ and : in it: SQLAlchemy reads "3x9@db.example" as the port.
+SECRET = "Tr0ub@d0r:3x9"
+SECRET_PARTS = ("Tr0ub", "d0r", "3x9")
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://alice:s3cr3t@db.example:5432/study", "postgresql://alice:***@db.example:5432/study"),
+    ("postgresql://alice@db.example/study?sslpassword=s3cr3t&password=s3cr3t&sslmode=require",
+     "postgresql://alice@db.example/study?sslpassword=***&password=***&sslmode=require"),
+    (f"postgresql://alice:{SECRET}@db.example/study", "postgresql://***"),
+    ("postgresql://alice:p@ss@db.example/study", "postgresql://***"),   # would show "ss@db.example"
+    ("alice:s3cr3t@db.example", "***"),
+    ("sqlite:////runs/tune/study.db", "sqlite:////runs/tune/study.db"),
+])
+def test_mask_url_hides_passwords_and_secret_query_values(url, shown):
+    assert mask_url(url) == shown
+
+
+def test_an_unparsable_storage_url_is_one_line_that_does_not_echo_it(tiny_cifar, tmp_path, capsys):
+    out = tmp_path / "tune"
+    code = main(["tune", "--data", str(tiny_cifar), *TINY, "--trials", "1", "--out", str(out),
+                 "--storage", f"postgresql://alice:{SECRET}@db.example/study"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "--storage postgresql://*** is not a database URL" in err and "PGPASSWORD" in err
+    assert not [part for part in SECRET_PARTS if part in err]
+    assert not out.exists()   # refused before any data loads
+
+
+@pytest.mark.slow
+def test_a_storage_password_is_masked_in_everything_printed_and_saved(tiny_cifar, tmp_path, capsys, monkeypatch):
+    from cnnlab.apps.tune import study as study_mod
+    from cnnlab.core.files import read_json
+    # The URL names a PostgreSQL server, its password given twice; a SQLite file stands in for it.
+    open_storage = study_mod.open_storage
+    monkeypatch.setattr(study_mod, "open_storage", lambda url: open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    out = tmp_path / "tune"
+    url = "postgresql://alice:s3cr3t@db.example/study?password=s3cr3t"
+    assert main(["tune", "--data", str(tiny_cifar), *TINY, "--epochs", "1", "--trials", "1", "--no-test",
+                 "--out", str(out), "--storage", url]) == 0
+    printed = capsys.readouterr()
+    assert "in postgresql://alice:***@db.example/study?password=*** (0 trial(s) so far)" in printed.out
+    assert "s3cr3t" not in printed.out + printed.err
+    assert read_json(out / "tune.json")["storage"] == "postgresql://alice:***@db.example/study?password=***"
+    assert [p for p in out.rglob("*") if p.is_file() and b"s3cr3t" in p.read_bytes()] == []
 
 
 # ----------------------------------------------------------------------------- SQLite studies

@@ -488,8 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--space", default=None, metavar="FILE", help="YAML search space (default: lr, batch_size, epochs, "
                     "weight_decay, optimizer, label_smoothing); format in `python -m pydoc cnnlab.apps.tune.space`")
     tu.add_argument("--study", default=None, metavar="NAME", help="study name (default: MODEL-DATA)")
-    tu.add_argument("--storage", default=None, metavar="URL", help="e.g. postgresql://user:pw@host/db to share "
-                    "the study between machines (default: sqlite file OUT/study.db)")
+    tu.add_argument("--storage", default=None, metavar="URL", help="a database shared by every worker, e.g. "
+                    "postgresql://user@host/db, with the password in PGPASSWORD or ~/.pgpass, not the URL: a "
+                    "command line is visible to every user (default: sqlite file OUT/study.db)")
     tu.add_argument("--sampler", default="tpe", choices=("tpe", "random", "grid"))
     tu.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"))
     tu.add_argument("--out", default=None, metavar="DIR", help="the tune folder (default: runs/tune-STUDY)")
