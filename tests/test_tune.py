@@ -180,24 +180,29 @@ def test_sqlite_study_best_yaml_and_rerun_continues(tiny_cifar, tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_absurd_learning_rate_fails_its_trial_and_the_study_goes_on(tiny_cifar, tmp_path):
+@pytest.mark.parametrize("key, bad, good, note", [
+    ("lr", 1e6, 1e-3, "NonFiniteLoss"),   # a rate no network survives
+    # The 32-px images' whole side: known only once the trial has its images.
+    ("translate", 32, 2, "CnnlabError: --translate 32 shifts the 32x32 images by their whole side"),
+])
+def test_a_trial_that_cannot_train_fails_alone_and_the_study_goes_on(tiny_cifar, tmp_path, key, bad, good, note):
     out = tmp_path / "tune"
     cfg = resolve(overrides={"data": str(tiny_cifar), "model": "tutorial", "train_size": 200,
                              "val_split": 0.2, "threads": 1, "epochs": 1})
     out.mkdir()
-    study = optuna.create_study(study_name="absurd", storage=f"sqlite:///{out / 'study.db'}",
+    study = optuna.create_study(study_name="bad", storage=f"sqlite:///{out / 'study.db'}",
                                 direction="maximize")
-    study.enqueue_trial({"lr": 1e6})     # first: a rate no network survives
-    study.enqueue_trial({"lr": 1e-3})
-    space = parse_space({"lr": [1e6, 1e-3], "batch_size": 64})
-    result = tune(cfg, trials=2, space=space, study_name="absurd", out=out, progress=False)
+    study.enqueue_trial({key: bad})     # first
+    study.enqueue_trial({key: good})
+    space = parse_space({key: [bad, good], "batch_size": 64})
+    result = tune(cfg, trials=2, space=space, study_name="bad", out=out, progress=False)
 
-    first, second = _study(out, "absurd").trials
-    assert first.state == optuna.trial.TrialState.FAIL and "NonFiniteLoss" in first.user_attrs["note"]
+    first, second = _study(out, "bad").trials
+    assert first.state == optuna.trial.TrialState.FAIL and first.user_attrs["note"].startswith(note)
     assert second.state == optuna.trial.TrialState.COMPLETE
     assert result.best["number"] == 1 and result.states == {"FAIL": 1, "COMPLETE": 1}
-    assert resolve(config_file=out / "best.yaml").lr == 1e-3
-    assert _rows(out / "trials.csv")[0]["note"].startswith("NonFiniteLoss")
+    assert getattr(resolve(config_file=out / "best.yaml"), key) == good
+    assert _rows(out / "trials.csv")[0]["note"].startswith(note)
 
 
 # ----------------------------------------------------------------------------- Optuna's own tools

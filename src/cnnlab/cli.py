@@ -66,6 +66,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     if cfg.nproc > 1 and not distributed.launched():
+        from cnnlab.engine.prepare import check_config
+        check_config(cfg)   # a bad model name or --nproc is one line, not one per process
         return distributed.launch_local(args.argv, cfg.nproc)
     run = fit(cfg, out=args.out, name=args.name)
     _write_report(run.path)
