@@ -39,7 +39,7 @@ def _fingerprint(listing: FolderListing, image_size: ImageSize | None, chosen: M
     if chosen:   # a subset: which files, so a changed --train-size or seed never reads a stale cache
         key += "\n" + "\n".join(f"{split}:{hashlib.sha256(ix.astype(np.int64).tobytes()).hexdigest()}"
                                 for split, ix in sorted(chosen.items()))
-    return hashlib.sha256(key.encode()).hexdigest()[:24]
+    return hashlib.sha256(os.fsencode(key)).hexdigest()[:24]   # fsencode: names need not be UTF-8
 
 
 def chosen_subsets(listing: FolderListing, train_size: int | None, test_size: int | None,
