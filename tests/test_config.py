@@ -35,8 +35,9 @@ def test_image_size_is_one_side_or_height_and_width():
     for bad in ("96,", "a,b", "1,2,3", [1.5, 2], True):
         with pytest.raises(CnnlabError, match="image_size must be N or H,W"):
             merge(Config(), {"image_size": bad}, source="t")
-    with pytest.raises(CnnlabError, match="image_size must be at least 8 pixels a side"):
-        resolve(overrides={"image_size": "64,4"})
+    for size in ("64,4", "100000", "224,5000"):
+        with pytest.raises(CnnlabError, match="image_size must be 8 to 4096 pixels a side"):
+            resolve(overrides={"image_size": size})
 
 
 def test_whitening_bias_epochs_need_whitening():
@@ -47,12 +48,47 @@ def test_whitening_bias_epochs_need_whitening():
 
 
 @pytest.mark.usefixtures("restore_threads")
-@pytest.mark.parametrize("lr", ["nan", "inf", "-1"])
-def test_non_finite_learning_rate_is_refused_before_anything_is_written(tiny_cifar, tmp_path, capsys, lr):
+@pytest.mark.parametrize("lr, rule", [("nan", "a finite number (not nan or inf)"),
+                                      ("inf", "a finite number (not nan or inf)"),
+                                      ("-1", "a positive number, e.g. --lr 1e-3")])
+def test_non_finite_learning_rate_is_refused_before_anything_is_written(tiny_cifar, tmp_path, capsys, lr, rule):
     code = main(["train", "--data", str(tiny_cifar), "--out", str(tmp_path / "r"), "--lr", lr])
     assert code == 2
-    assert f"lr must be a positive number, e.g. --lr 1e-3; got {float(lr)}" in capsys.readouterr().err
+    assert f"lr must be {rule}; got {float(lr)}" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_every_float_field_refuses_nan_and_inf():
+    from cnnlab.core.config import FIELDS, field_type
+    floats = [key for key in FIELDS if field_type(key).kind == "float"]
+    assert {"weight_decay", "warmup", "bias_lr_scale", "ema", "time_limit"} <= set(floats)
+    for key in floats:
+        for value in (float("nan"), float("-inf")):
+            with pytest.raises(CnnlabError, match=rf"^{key} must be a finite number \(not nan or inf\); got"):
+                merge(Config(), {key: value}, source="test")
+
+
+# Three levels of nine: 729 strings from 150 bytes, each level more nine times as many (453
+# bytes of this asked for 2.1 GB while the error message was built).
+ALIAS_BOMB = ("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+              "b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+              "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+              "lr: *c\n")
+
+
+def test_yaml_aliases_are_refused_in_config_and_space_files(tmp_path):
+    pytest.importorskip("optuna")
+    from cnnlab.apps.tune import load_space
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)
+    with pytest.raises(CnnlabError, match=rf"^config file {path}, line 2 uses the alias \*a: cnnlab files take no "
+                                          rf"aliases") as e:
+        resolve(config_file=path)
+    assert len(str(e.value)) < 200
+    with pytest.raises(CnnlabError, match=rf"^space file {path}, line 2 uses the alias \*a"):
+        load_space(path)
+    path.write_text("lr: &lr 0.01\n")   # an anchor no alias uses expands nothing: allowed
+    assert resolve(config_file=path).lr == 0.01
 
 
 # ----------------------------------------------------------------------------- a file completed by flags

@@ -24,7 +24,7 @@ from cnnlab.data.check import check_folder, scan_folder
 from cnnlab.data.folder import load_image_folder
 from cnnlab.data.images import ImageError, open_image
 from cnnlab.data.sources import check_dataset
-from conftest import POSTSCRIPT
+from conftest import POSTSCRIPT, flat_folder
 
 ORIENTATION = 0x0112
 GREY16 = np.array([[0, 1000, 30000, 65535]], dtype=np.uint16)   # 16-bit values, one row
@@ -400,3 +400,37 @@ def test_train_stops_with_the_list_or_skips_and_counts(messy, tmp_path):
 def test_scan_folder_passes_the_split_options(flat):
     lst, report = scan_folder(flat, test_split=0.5, seed=7)
     assert (lst.test_split, lst.seed, report.layout, report.seed) == (0.5, 7, "flat", 7)
+
+
+# ----------------------------------------------------------------------------- names that are not UTF-8
+@pytest.mark.usefixtures("restore_threads")
+def test_a_file_name_that_is_not_utf8_is_checked_and_trained_on(make_subset, tmp_path, capsys):
+    """Linux lets a name hold any bytes; Python reads those that are not UTF-8 as surrogates."""
+    from cnnlab.cli import main
+    root = make_subset({"train": 6, "test": 2}, classes=["cat", "dog"])
+    cat = os.fsencode(root / "train" / "cat")
+    os.rename(cat + b"/0000.jpg", cat + b"/odd\xff.jpg")
+    (Path(os.fsdecode(cat + b"/notes\xfe.txt"))).write_text("not an image")
+    assert main(["data", "check", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "train/cat/notes\\udcfe.txt: .txt is not an image type" in out and "ready to train" in out
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--epochs", "1", "--threads", "1", "--out", str(run)]) == 0
+    files = json.loads((run / "splits.json").read_text())["files"]["train"]
+    assert os.fsdecode(b"train/cat/odd\xff.jpg") in [f[0] for f in files]
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_refused_readably(tmp_path, capsys):
+    from cnnlab.cli import main
+    root = flat_folder(tmp_path / "pets", {"cat": 3, "dog": 3, "owl": 3})
+    os.rename(os.fsencode(root / "owl"), os.fsencode(root) + b"/o\xffl")
+    refusal = f"{root}/o\\xffl: a class folder's name must be UTF-8 text"
+    assert main(["data", "check", str(root)]) == 1
+    assert refusal in capsys.readouterr().out
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and refusal in err[0], err
+    assert not run.exists()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import socket
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,42 @@ def test_fetch_all_mirrors_fail_says_how_to_fix(dead_url, server, tmp_path):
         fetch([dead_url, base + "absent.gz"], dest, "0" * 32, timeout=5)
     assert "HTTP 404" in str(err.value) and f"put it at {dest}" in str(err.value)
     assert list(tmp_path.iterdir()) == [tmp_path / "served"]
+
+
+@pytest.fixture
+def half_served():
+    """start(announce) -> the URL of a server that sends 5,000 of a 10,000-byte file and hangs
+    up, with a Content-Length of 10,000 or (announce False) none, as HTTP/1.0 allows."""
+    listeners = []
+
+    def start(announce: bool) -> str:
+        sock = socket.create_server(("127.0.0.1", 0))
+        listeners.append(sock)
+
+        def answer():
+            with sock.accept()[0] as conn:
+                conn.recv(65536)
+                length = b"Content-Length: 10000\r\n" if announce else b""
+                conn.sendall(b"HTTP/1.0 200 OK\r\n" + length + b"\r\n" + b"x" * 5000)
+        threading.Thread(target=answer, daemon=True).start()
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/a.tar.gz"
+    yield start
+    for sock in listeners:
+        sock.close()
+
+
+@pytest.mark.parametrize("announce, message", [
+    (True, "download of a.tar.gz failed ({url}: cut short: expected 10,000 bytes, got 5,000)"),
+    (False, "{url} gave MD5 " + md5_of(b"x" * 5000) + " after 5,000 bytes with no Content-Length to check: "
+            "perhaps cut short"),
+])
+def test_a_download_cut_short_says_so(half_served, tmp_path, announce, message):
+    url = half_served(announce)
+    dest = tmp_path / "out" / "a.tar.gz"
+    with pytest.raises(CnnlabError) as err:
+        fetch(url, dest, md5_of(b"x" * 10000), timeout=5)
+    assert message.format(url=url) in str(err.value)
+    assert not dest.parent.exists()   # nothing half-written left, not even the folder
 
 
 def test_fetch_refuses_to_overwrite_wrong_existing_file(dead_url, tmp_path):

@@ -112,3 +112,39 @@ def test_flat_folder_subset_and_split(tmp_path, monkeypatch):
     assert len(opened) == 14 and len(ds.train) == 10 and len(ds.test) == 4
     chosen = {os.path.relpath(p, root) for p in opened}
     assert chosen <= set(lst.split_files()["train"]) | set(lst.split_files()["test"])
+
+
+@pytest.mark.usefixtures("restore_threads")
+@pytest.mark.parametrize("failure", ["read-only", "disk full"])
+def test_a_cache_that_cannot_be_written_warns_once_and_training_goes_on(failure, tiny_cifar, tmp_path, monkeypatch,
+                                                                        capsys):
+    import errno
+
+    from cnnlab.cli import main
+    from cnnlab.data import folder
+    cache = tmp_path / "data" / "cache"
+    cache.mkdir(parents=True)
+    save = np.save
+    if failure == "read-only":
+        cache.chmod(0o500)
+        if os.access(cache, os.W_OK):   # root writes anyway: fail as a read-only mount would
+            def refuse(path, array):
+                raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            monkeypatch.setattr(folder.np, "save", refuse)
+    else:
+        def fill_disk(path, array):   # part of the first file, then the disk is full
+            save(path, array[:1])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(folder.np, "save", fill_disk)
+    try:
+        for run in ("a", "b"):   # a second load in the same process says nothing more
+            args = ["train", "--data", str(tiny_cifar), "--data-dir", str(cache.parent), "--train-size", "100",
+                    "--epochs", "1", "--threads", "1", "--out", str(tmp_path / run)]
+            assert main(args) == 0
+            assert (tmp_path / run / "model.safetensors").is_file()
+        warnings = [line for line in capsys.readouterr().err.splitlines() if "decoded-image cache" in line]
+        assert len(warnings) == 1 and f"cannot write the decoded-image cache in {cache}" in warnings[0]
+        assert "training goes on from memory" in warnings[0]
+        assert list(cache.iterdir()) == []   # no partial copy left behind
+    finally:
+        cache.chmod(0o700)

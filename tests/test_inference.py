@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -79,6 +80,19 @@ def test_predict_csv_and_all_bad_inputs(trained_run, photo_folder, tmp_path, cap
     (tmp_path / "empty").mkdir()
     assert main(["predict", str(trained_run.path), str(tmp_path / "empty")]) == 2
     assert "no image files found" in capsys.readouterr().err
+
+
+def test_predict_names_that_are_not_utf8(trained_run, photo_folder, tmp_path, capsys):
+    """Linux file names may hold any bytes: the CSV keeps the name's own bytes, the screen escapes them."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    shutil.copy(photo_folder / "airplane.jpg", os.fsencode(folder) + b"/plane\xff.jpg")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(trained_run.path), str(folder), "--csv", str(out)]) == 0
+    text = out.read_bytes()
+    assert b"plane\xff.jpg" in text and text.count(b"\n") == 2   # the header and one row
+    assert main(["predict", str(trained_run.path), str(folder)]) == 0
+    assert "plane\\udcff.jpg: " in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- published weights

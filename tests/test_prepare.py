@@ -3,6 +3,9 @@ which need the registries) fires before any data loads; the image size chosen fr
 the model; and loading only the splits asked for."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -35,7 +38,13 @@ RULES = [
     (["--workers", "-1"], "workers must be zero"),
     (["--nproc", "0"], "nproc must be a positive number of processes"),
     (["--center-crop", "0"], "center_crop must be in (0, 1]"),
-    (["--image-size", "4"], "image_size must be at least 8 pixels a side"),
+    (["--image-size", "4"], "image_size must be 8 to 4096 pixels a side"),
+    (["--image-size", "100000"], "image_size must be 8 to 4096 pixels a side"),
+    (["--weight-decay", "nan"], "weight_decay must be a finite number (not nan or inf); got nan"),
+    (["--warmup", "inf"], "warmup must be a finite number (not nan or inf); got inf"),
+    (["--freeze-epochs", "nan"], "freeze_epochs must be a finite number"),
+    (["--seed", "-1"], "seed must be a whole number from 0 to 4294967295"),
+    (["--bias-lr-scale", "-5"], "bias_lr_scale must be a positive multiple of the learning rate"),
     (["--freeze-epochs", "-1"], "freeze_epochs must be a whole number of epochs"),
     (["--freeze-epochs", "0.5", "--pretrained", "--model", "resnet18"], "freeze_epochs must be a whole number"),
     (["--freeze-epochs", "1"], "--freeze-epochs 1 freezes a body started from trained weights"),
@@ -72,9 +81,31 @@ def test_every_rule_fires_before_data_loads(flags, message, tmp_path, capsys):
     assert MISSING not in err[0] and not out.exists()
 
 
+def test_a_translate_of_the_whole_side_is_refused_before_a_folder_is_decoded(tiny_cifar, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_cifar), "--translate", "32", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--translate 32 shifts the 32x32 images" in err[0] and "--translate 4" in err[0], err
+    assert not out.exists() and not (Path(os.environ["CNNLAB_DATA"]) / "cache").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--model", "nosuchnet", "--nproc", "2"], "unknown model 'nosuchnet'"),
+    (["--nproc", "100000"], "--nproc 100000 asks for more processes than this machine has"),
+])
+def test_nproc_and_the_model_are_checked_before_any_process_starts(flags, message, tmp_path, capsys, monkeypatch):
+    from cnnlab.engine import distributed
+    started: list[int] = []
+    monkeypatch.setattr(distributed, "launch_local", lambda argv, nproc: started.append(nproc) or 0)
+    assert main(["train", "--data", MISSING, *flags, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert started == [] and len(err) == 1 and message in err[0], err
+
+
 def test_rules_that_need_a_dataset_fire_before_it_is_read(tmp_path, capsys):
     for flags, message in ((["--image-size", "64"], "--image-size applies to image folders; cifar10 is always"),
-                           (["--loader", "stream"], "--loader stream reads image folders; cifar10 is read from")):
+                           (["--loader", "stream"], "--loader stream reads image folders; cifar10 is read from"),
+                           (["--translate", "32"], "--translate 32 shifts the 32x32 images by their whole side")):
         assert main(["train", "--data", "cifar10", "--data-dir", str(tmp_path / "empty"), *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err

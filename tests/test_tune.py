@@ -19,7 +19,7 @@ import yaml
 optuna = pytest.importorskip("optuna")
 
 from cnnlab.apps.tune import parse_space, tune  # noqa: E402
-from cnnlab.apps.tune.study import database_url  # noqa: E402
+from cnnlab.apps.tune.study import database_url, mask_url  # noqa: E402
 from cnnlab.cli import main  # noqa: E402
 from cnnlab.core.config import Config, resolve  # noqa: E402
 from cnnlab.core.errors import CnnlabError  # noqa: E402
@@ -95,6 +95,54 @@ def test_tune_refuses_to_score_without_a_validation_split(tiny_cifar, tmp_path):
     assert not (tmp_path / "t" / "study.db").exists()
 
 
+# ----------------------------------------------------------------------------- storage URLs
+# A password with an unescaped @ and : in it: SQLAlchemy reads "3x9@db.example" as the port.
+SECRET = "Tr0ub@d0r:3x9"
+SECRET_PARTS = ("Tr0ub", "d0r", "3x9")
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://alice:s3cr3t@db.example:5432/study", "postgresql://alice:***@db.example:5432/study"),
+    ("postgresql://alice@db.example/study?sslpassword=s3cr3t&password=s3cr3t&sslmode=require",
+     "postgresql://alice@db.example/study?sslpassword=***&password=***&sslmode=require"),
+    (f"postgresql://alice:{SECRET}@db.example/study", "postgresql://***"),
+    ("postgresql://alice:p@ss@db.example/study", "postgresql://***"),   # would show "ss@db.example"
+    ("alice:s3cr3t@db.example", "***"),
+    ("sqlite:////runs/tune/study.db", "sqlite:////runs/tune/study.db"),
+])
+def test_mask_url_hides_passwords_and_secret_query_values(url, shown):
+    assert mask_url(url) == shown
+
+
+def test_an_unparsable_storage_url_is_one_line_that_does_not_echo_it(tiny_cifar, tmp_path, capsys):
+    out = tmp_path / "tune"
+    code = main(["tune", "--data", str(tiny_cifar), *TINY, "--trials", "1", "--out", str(out),
+                 "--storage", f"postgresql://alice:{SECRET}@db.example/study"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "--storage postgresql://*** is not a database URL" in err and "PGPASSWORD" in err
+    assert not [part for part in SECRET_PARTS if part in err]
+    assert not out.exists()   # refused before any data loads
+
+
+@pytest.mark.slow
+def test_a_storage_password_is_masked_in_everything_printed_and_saved(tiny_cifar, tmp_path, capsys, monkeypatch):
+    from cnnlab.apps.tune import study as study_mod
+    from cnnlab.core.files import read_json
+    # The URL names a PostgreSQL server, its password given twice; a SQLite file stands in for it.
+    open_storage = study_mod.open_storage
+    monkeypatch.setattr(study_mod, "open_storage", lambda url: open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    out = tmp_path / "tune"
+    url = "postgresql://alice:s3cr3t@db.example/study?password=s3cr3t"
+    assert main(["tune", "--data", str(tiny_cifar), *TINY, "--epochs", "1", "--trials", "1", "--no-test",
+                 "--out", str(out), "--storage", url]) == 0
+    printed = capsys.readouterr()
+    assert "in postgresql://alice:***@db.example/study?password=*** (0 trial(s) so far)" in printed.out
+    assert "s3cr3t" not in printed.out + printed.err
+    assert read_json(out / "tune.json")["storage"] == "postgresql://alice:***@db.example/study?password=***"
+    assert [p for p in out.rglob("*") if p.is_file() and b"s3cr3t" in p.read_bytes()] == []
+
+
 # ----------------------------------------------------------------------------- SQLite studies
 @pytest.mark.slow
 def test_sqlite_study_best_yaml_and_rerun_continues(tiny_cifar, tmp_path, capsys):
@@ -132,24 +180,29 @@ def test_sqlite_study_best_yaml_and_rerun_continues(tiny_cifar, tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_absurd_learning_rate_fails_its_trial_and_the_study_goes_on(tiny_cifar, tmp_path):
+@pytest.mark.parametrize("key, bad, good, note", [
+    ("lr", 1e6, 1e-3, "NonFiniteLoss"),   # a rate no network survives
+    # The 32-px images' whole side: known only once the trial has its images.
+    ("translate", 32, 2, "CnnlabError: --translate 32 shifts the 32x32 images by their whole side"),
+])
+def test_a_trial_that_cannot_train_fails_alone_and_the_study_goes_on(tiny_cifar, tmp_path, key, bad, good, note):
     out = tmp_path / "tune"
     cfg = resolve(overrides={"data": str(tiny_cifar), "model": "tutorial", "train_size": 200,
                              "val_split": 0.2, "threads": 1, "epochs": 1})
     out.mkdir()
-    study = optuna.create_study(study_name="absurd", storage=f"sqlite:///{out / 'study.db'}",
+    study = optuna.create_study(study_name="bad", storage=f"sqlite:///{out / 'study.db'}",
                                 direction="maximize")
-    study.enqueue_trial({"lr": 1e6})     # first: a rate no network survives
-    study.enqueue_trial({"lr": 1e-3})
-    space = parse_space({"lr": [1e6, 1e-3], "batch_size": 64})
-    result = tune(cfg, trials=2, space=space, study_name="absurd", out=out, progress=False)
+    study.enqueue_trial({key: bad})     # first
+    study.enqueue_trial({key: good})
+    space = parse_space({key: [bad, good], "batch_size": 64})
+    result = tune(cfg, trials=2, space=space, study_name="bad", out=out, progress=False)
 
-    first, second = _study(out, "absurd").trials
-    assert first.state == optuna.trial.TrialState.FAIL and "NonFiniteLoss" in first.user_attrs["note"]
+    first, second = _study(out, "bad").trials
+    assert first.state == optuna.trial.TrialState.FAIL and first.user_attrs["note"].startswith(note)
     assert second.state == optuna.trial.TrialState.COMPLETE
     assert result.best["number"] == 1 and result.states == {"FAIL": 1, "COMPLETE": 1}
-    assert resolve(config_file=out / "best.yaml").lr == 1e-3
-    assert _rows(out / "trials.csv")[0]["note"].startswith("NonFiniteLoss")
+    assert getattr(resolve(config_file=out / "best.yaml"), key) == good
+    assert _rows(out / "trials.csv")[0]["note"].startswith(note)
 
 
 # ----------------------------------------------------------------------------- Optuna's own tools

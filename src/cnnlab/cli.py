@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -66,6 +67,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     if cfg.nproc > 1 and not distributed.launched():
+        from cnnlab.engine.prepare import check_config
+        check_config(cfg)   # a bad model name or --nproc is one line, not one per process
         return distributed.launch_local(args.argv, cfg.nproc)
     run = fit(cfg, out=args.out, name=args.name)
     _write_report(run.path)
@@ -488,8 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--space", default=None, metavar="FILE", help="YAML search space (default: lr, batch_size, epochs, "
                     "weight_decay, optimizer, label_smoothing); format in `python -m pydoc cnnlab.apps.tune.space`")
     tu.add_argument("--study", default=None, metavar="NAME", help="study name (default: MODEL-DATA)")
-    tu.add_argument("--storage", default=None, metavar="URL", help="e.g. postgresql://user:pw@host/db to share "
-                    "the study between machines (default: sqlite file OUT/study.db)")
+    tu.add_argument("--storage", default=None, metavar="URL", help="a database shared by every worker, e.g. "
+                    "postgresql://user@host/db, with the password in PGPASSWORD or ~/.pgpass, not the URL: a "
+                    "command line is visible to every user (default: sqlite file OUT/study.db)")
     tu.add_argument("--sampler", default="tpe", choices=("tpe", "random", "grid"))
     tu.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"))
     tu.add_argument("--out", default=None, metavar="DIR", help="the tune folder (default: runs/tune-STUDY)")
@@ -526,6 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A file name that is not UTF-8 prints with its odd bytes escaped, as on stderr, instead
+    # of ending the command (stdout is strict by default).
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)   # for relaunching (train --nproc)
     try:

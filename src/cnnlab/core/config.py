@@ -24,6 +24,10 @@ import yaml
 from cnnlab.core.errors import CnnlabError
 
 ImageSize = int | tuple[int, int]   # one side for a square, or (height, width)
+# Image sides a run may ask for. Classifiers take 32-600 px; at 4096 px an RGB image is 48 MiB
+# decoded, and a folder's decoded copy would ask for more memory than a machine has.
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 8, 4096
+MAX_SEED = 2**32 - 1   # seeds are mixed as 32-bit keys (data.batches.derive_seed): larger ones repeat smaller ones
 
 
 def option(default: Any, help: str, *, group: str) -> Any:
@@ -304,11 +308,15 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
     def bad(key, rule):
         where = f" (from the {origins[key]})" if origins and key in origins else ""
         raise CnnlabError(f"{key} must be {rule}; got {getattr(cfg, key)!r}{where}")
-    if not (cfg.epochs > 0 and math.isfinite(cfg.epochs)):
+    # First: nan passes every `x < 0` rule below, and int(inf) raises.
+    for key in FIELDS:
+        if field_type(key).kind == "float" and getattr(cfg, key) is not None and not math.isfinite(getattr(cfg, key)):
+            bad(key, "a finite number (not nan or inf)")
+    if not cfg.epochs > 0:
         bad("epochs", "a positive number, e.g. --epochs 10")
     if cfg.batch_size < 1:
         bad("batch_size", "a positive integer, e.g. --batch-size 32")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+    if not cfg.lr > 0:
         bad("lr", "a positive number, e.g. --lr 1e-3")
     for key in ("momentum", "label_smoothing", "final_lr_fraction", "ema_start"):
         if not 0 <= getattr(cfg, key) <= 1:
@@ -341,10 +349,12 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
         bad("workers", "zero (decode in the training process) or more")
     if cfg.nproc < 1:
         bad("nproc", "a positive number of processes, e.g. --nproc 2")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        bad("seed", f"a whole number from 0 to {MAX_SEED}")
     if not 0 < cfg.center_crop <= 1:
         bad("center_crop", "in (0, 1]: 0.875 is the ImageNet convention (256 -> 224), 1 keeps the whole shorter side")
-    if cfg.image_size is not None and min(_sides(cfg.image_size)) < 8:
-        bad("image_size", "at least 8 pixels a side")
+    if cfg.image_size is not None and not all(MIN_IMAGE_SIDE <= n <= MAX_IMAGE_SIDE for n in _sides(cfg.image_size)):
+        bad("image_size", f"{MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE} pixels a side, e.g. --image-size 224")
     if cfg.freeze_epochs < 0 or cfg.freeze_epochs != int(cfg.freeze_epochs):
         bad("freeze_epochs", "a whole number of epochs, zero or more")
     if cfg.freeze_epochs > 0 and not (cfg.init_from or cfg.pretrained or cfg.weights):
@@ -363,11 +373,13 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
     if cfg.init_from and (cfg.pretrained or cfg.weights):
         raise CnnlabError(f"--init-from {cfg.init_from} and --{'weights' if cfg.weights else 'pretrained'} both "
                           f"name the starting weights: give one")
-    if not (cfg.body_lr_scale > 0 and math.isfinite(cfg.body_lr_scale)):
+    if not cfg.body_lr_scale > 0:
         bad("body_lr_scale", "a positive fraction of the learning rate, e.g. 0.1")
+    if not cfg.bias_lr_scale > 0:
+        bad("bias_lr_scale", "a positive multiple of the learning rate, e.g. 64 (the speed recipes') or 1")
     if not 0 < cfg.tta_gate <= 1:
         bad("tta_gate", "in (0, 1]: the fraction of each evaluation batch that gets the extra views, e.g. 0.3")
-    if not (cfg.muon_lr_scale > 0 and math.isfinite(cfg.muon_lr_scale)):
+    if not cfg.muon_lr_scale > 0:
         bad("muon_lr_scale", "a positive fraction of the learning rate, e.g. 0.05")
     if cfg.muon_momentum is not None and not 0 <= cfg.muon_momentum < 1:
         bad("muon_momentum", "in [0, 1), e.g. 0.6; leave it out to use --momentum")
@@ -419,8 +431,25 @@ def merge(cfg: Config, changes: dict[str, Any], *, source: str, check: bool = Tr
     return validate(Config(**values)) if check else Config(**values)
 
 
+class _AliasRefused(yaml.YAMLError):
+    pass
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases (``*name``): no config or space file needs one, and a few hundred
+    bytes of nested aliases stand for gigabytes once anything walks the result (a "billion
+    laughs" file), so the first one is refused before it is resolved."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(f"line {event.start_mark.line + 1} uses the alias *{event.anchor}: cnnlab files "
+                                f"take no aliases (nested ones can stand for gigabytes); write the value out")
+        return super().compose_node(parent, index)
+
+
 def load_yaml_file(path: str | Path, what: str = "config file") -> Any:
-    """A YAML document, with one-line errors naming ``what`` and the file."""
+    """A YAML document, with one-line errors naming ``what`` and the file; aliases refused."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -429,7 +458,9 @@ def load_yaml_file(path: str | Path, what: str = "config file") -> Any:
     except OSError as e:
         raise CnnlabError(f"cannot read {what} {path}: {e.strerror}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_NoAliasLoader)
+    except _AliasRefused as e:
+        raise CnnlabError(f"{what} {path}, {e}") from None
     except yaml.YAMLError as e:
         raise CnnlabError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
 

@@ -80,7 +80,9 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+    # surrogateescape: a file name that is not UTF-8 (Python reads its bytes as surrogates) is
+    # written back as those bytes, the name it has on disk.
+    write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -117,6 +117,15 @@ def check_preset(name: str, image_hw: tuple[int, int], num_classes: int) -> None
                           f"{num_classes}: use --augment standard")
 
 
+def check_translate(pad: int, image_hw: tuple[int, int]) -> None:
+    """Refuse a ``--translate`` the reflection padding cannot make: a shift of the image's side
+    or more (before any data loads where the size is known, else before training)."""
+    from cnnlab.core.errors import CnnlabError
+    if pad >= min(image_hw):
+        raise CnnlabError(f"--translate {pad} shifts the {image_hw[1]}x{image_hw[0]} images by their whole side or "
+                          f"more: give less than {min(image_hw)} pixels, e.g. --translate {max(1, min(image_hw) // 8)}")
+
+
 def _torch_seed(gen: torch.Generator) -> int:
     return int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=gen.device))
 

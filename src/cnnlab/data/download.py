@@ -110,8 +110,20 @@ def _progress(total: int | None, name: str):
                 file=sys.stderr, disable=None, leave=False)
 
 
-def _download_once(url: str, dest: Path, checksum: Checksum, timeout: float) -> tuple[Path, str]:
-    """Stream ``url`` into a new temporary file beside ``dest``; return it and its digest.
+class _CutShort(ConnectionError):
+    """A body that ended before the length its Content-Length header announced."""
+
+
+@dataclass(frozen=True)
+class _Download:
+    tmp: Path              # the temporary file beside the destination
+    digest: str            # its hex digest
+    size: int              # bytes received
+    announced: bool        # whether the server said how many to expect (Content-Length)
+
+
+def _download_once(url: str, dest: Path, checksum: Checksum, timeout: float) -> _Download:
+    """Stream ``url`` into a new temporary file beside ``dest``.
 
     The temporary file is removed if anything goes wrong.
     """
@@ -139,10 +151,11 @@ def _download_once(url: str, dest: Path, checksum: Checksum, timeout: float) -> 
                     if bar is not None:
                         bar.close()
                 # http.client ends a body cut short like a whole one: count it.
-                if length and length.isdigit() and received != int(length):
-                    raise ConnectionError(f"cut short: {received:,} of {int(length):,} bytes arrived")
+                announced = bool(length and length.isdigit())
+                if announced and received != int(length):
+                    raise _CutShort(f"cut short: expected {int(length):,} bytes, got {received:,}")
         ok = True
-        return tmp, h.hexdigest()
+        return _Download(tmp, h.hexdigest(), received, announced)
     finally:
         if not ok:
             tmp.unlink(missing_ok=True)
@@ -153,6 +166,8 @@ def _reason(err: BaseException) -> str:
         return f"HTTP {err.code} {err.reason}"
     if isinstance(err, urllib.error.URLError):
         return str(err.reason)
+    if isinstance(err, _CutShort):
+        return str(err)
     return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
@@ -199,17 +214,19 @@ def fetch(url_or_urls: str | Sequence[str], dest: str | Path, checksum: str | Ch
     try:
         for url in urls:
             try:
-                tmp, actual = _download_once(url, dest, checksum, timeout)
+                got = _download_once(url, dest, checksum, timeout)
             except (OSError, ValueError, http.client.HTTPException) as e:
-                # OSError covers socket errors, timeouts and URLError; ValueError an unusable
-                # URL; HTTPException a connection cut mid-body (IncompleteRead).
+                # OSError covers socket errors, timeouts, URLError and _CutShort; ValueError an
+                # unusable URL; HTTPException a connection cut mid-chunk (IncompleteRead).
                 failures.append(f"{url}: {_reason(e)}")
                 continue
-            if not checksum.matches(actual):
-                tmp.unlink(missing_ok=True)
-                mismatches.append(f"{url} gave {checksum.label} {actual}")
+            if not checksum.matches(got.digest):
+                got.tmp.unlink(missing_ok=True)
+                # Without a Content-Length a body cut short ends like a whole one: its size tells.
+                unchecked = "" if got.announced else " with no Content-Length to check: perhaps cut short"
+                mismatches.append(f"{url} gave {checksum.label} {got.digest} after {got.size:,} bytes{unchecked}")
                 continue
-            os.replace(tmp, dest)
+            os.replace(got.tmp, dest)
             created = []
             return dest
     finally:

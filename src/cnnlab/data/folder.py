@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -38,7 +39,7 @@ def _fingerprint(listing: FolderListing, image_size: ImageSize | None, chosen: M
     if chosen:   # a subset: which files, so a changed --train-size or seed never reads a stale cache
         key += "\n" + "\n".join(f"{split}:{hashlib.sha256(ix.astype(np.int64).tobytes()).hexdigest()}"
                                 for split, ix in sorted(chosen.items()))
-    return hashlib.sha256(key.encode()).hexdigest()[:24]
+    return hashlib.sha256(os.fsencode(key)).hexdigest()[:24]   # fsencode: names need not be UTF-8
 
 
 def chosen_subsets(listing: FolderListing, train_size: int | None, test_size: int | None,
@@ -125,21 +126,32 @@ def load_image_folder(root: str | Path, *, image_size: ImageSize | None = None,
     return ds
 
 
+_unwritable: set[Path] = set()   # cache folders this process has warned about
+
+
 def _write_cache(path: Path, ds: Dataset, problems: list[dict] | None = None) -> None:
-    """One .npy per array in a folder, renamed into place whole: loads in a fraction of a second."""
+    """One .npy per array in a folder, renamed into place whole: loads in a fraction of a second.
+    Best effort: a folder that cannot take it (read-only, disk full) costs the next load its
+    decoding, not this run; the partial copy is removed and one warning says so."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        part = getattr(ds, split)
-        if part is not None:
-            np.save(tmp / f"{split}_images.npy", part.images)
-            np.save(tmp / f"{split}_labels.npy", part.labels)
-    (tmp / "meta.json").write_text(json.dumps({"class_names": ds.class_names, "skipped": ds.skipped,
-                                               "problems": problems or []}))   # the check's, per file
     try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
+            part = getattr(ds, split)
+            if part is not None:
+                np.save(tmp / f"{split}_images.npy", part.images)
+                np.save(tmp / f"{split}_labels.npy", part.labels)
+        (tmp / "meta.json").write_text(json.dumps({"class_names": ds.class_names, "skipped": ds.skipped,
+                                                   "problems": problems or []}))   # the check's, per file
         os.replace(tmp, path)
-    except OSError:  # another process cached the same folder first
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if path.exists() or path.parent in _unwritable:   # another process cached the same folder first
+            return
+        _unwritable.add(path.parent)
+        print(f"warning: cannot write the decoded-image cache in {path.parent} ({e.strerror or e}): training "
+              f"goes on from memory, and the next run decodes the images again; free some space or give a "
+              f"writable --data-dir", file=sys.stderr, flush=True)
 
 
 def _read_cache(path: Path, listing: FolderListing) -> Dataset:

@@ -86,6 +86,20 @@ def _stamp(layout: str, records: dict[str, list[FileStamp]]) -> str:
                      for split, recs in records.items() for rel, size, mtime in recs)
 
 
+def _text_class_name(path: Path, found: "Report") -> bool:
+    """Whether a class folder's name is UTF-8 text, as a class name must be: it is a label in
+    model.json, the report and every prediction. Linux names may hold any bytes (Python reads
+    the others as surrogates); such a folder is refused, its name shown with them escaped."""
+    try:
+        path.name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        found("layout", "error", ".", f"{shown}: a class folder's name must be UTF-8 text (class names are saved "
+                                      f"and shown as text): rename the folder")
+        return False
+
+
 def _visible_dirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -246,7 +260,8 @@ def _list_splits(root: Path, root_real: str, top: list[os.DirEntry], split_dirs:
         names, loose = [], 0
         for e in _visible(d, split, root_real, found):
             if e.is_dir():
-                names.append(e.name)
+                if _text_class_name(d / e.name, found):
+                    names.append(e.name)
             else:
                 loose += is_image_name(e.name)
                 found("ignored", "warning", _rel(split, e), "not in a class folder: ignored")
@@ -287,7 +302,7 @@ def _list_flat(root: Path, root_real: str, top: list[os.DirEntry], test_split: f
     for e in top:
         if not e.is_dir() and is_image_name(e.name):
             found("ignored", "warning", e.name, "image outside the class folders: ignored")
-    class_names = [e.name for e in top if e.is_dir()]
+    class_names = [e.name for e in top if e.is_dir() and _text_class_name(root / e.name, found)]
     files: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
     records: dict[str, list[FileStamp]] = {"train": [], "test": []}
     for label, name in enumerate(class_names):

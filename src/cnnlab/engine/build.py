@@ -19,6 +19,7 @@ import torch
 from cnnlab.core.config import Config
 from cnnlab.core.events import Callback, Setup
 from cnnlab.core.hardware import Precision, choose_precision, grad_scaler
+from cnnlab.data.augment import check_translate
 from cnnlab.data.batches import derive_seed, model_input
 from cnnlab.data.dataset import Dataset, channel_stats
 from cnnlab.engine import distributed
@@ -71,6 +72,7 @@ def build_training(cfg: Config, data: Dataset, device: torch.device, *, start: s
     resumed run, whose come from its checkpoint."""
     precision = choose_precision(cfg.precision, device)
     h, w, _ = data.image_shape
+    check_translate(cfg.translate, (h, w))   # a caller's own images (the tuner's) meet --translate here
     torch.manual_seed(derive_seed(cfg.seed, 0x1717))   # weight initialisation
     weights = requested_weights(cfg)
     if weights is not None:   # the normalisation the weights were trained with (3 channels)

@@ -42,7 +42,8 @@ def check_config(cfg: Config) -> Config:
     (``config.validate``), then the rules that need a registry: the model exists and takes the
     image size asked for, a switch only some models act on (``--whiten``) is on for one of them,
     the weights ``--pretrained``/``--weights`` name exist for it, and ``--loader stream`` names
-    an image folder, not a dataset read from its archives."""
+    an image folder, not a dataset read from its archives, and ``--nproc`` fits the machine
+    (the command line checks all this before it starts the processes)."""
     from cnnlab.data.registry import official
     from cnnlab.models.registry import check_input_size, list_models, model_info
     cfg = validate(cfg)
@@ -67,7 +68,21 @@ def check_config(cfg: Config) -> Config:
         check_input_size(cfg.model, source.image_shape[:2], hint="choose another --model")
     elif cfg.image_size is not None:
         check_input_size(cfg.model, cfg.image_size)
+    _check_nproc(cfg)
     return cfg
+
+
+def _check_nproc(cfg: Config) -> None:
+    """One process per GPU, or at least a core each on a CPU: more could only fail or thrash,
+    and would do so after every one of them had started."""
+    from cnnlab.core.hardware import available_cores
+    if cfg.nproc == 1:
+        return
+    cuda = pick_device(cfg.device).type == "cuda"
+    limit, what = (torch.cuda.device_count(), "GPUs") if cuda else (available_cores(), "CPU cores")
+    if cfg.nproc > limit:
+        raise CnnlabError(f"--nproc {cfg.nproc} asks for more processes than this machine has {what} ({limit}): "
+                          f"give at most --nproc {limit}")
 
 
 def data_key(cfg: Config) -> tuple:
@@ -140,15 +155,18 @@ def augment_for(cfg: Config, weights: WeightsInfo | None, side: int | None = Non
 
 
 def _check_augment(cfg: Config, scan: FolderScan | None) -> None:
-    """The preset against the planned image size and the folder's classes."""
-    from cnnlab.data.augment import check_preset
+    """The preset and ``--translate`` against the planned image size, the preset against the
+    folder's classes."""
+    from cnnlab.data.augment import check_preset, check_translate
     from cnnlab.data.registry import official
     source = official(cfg.data)
     if source is not None:
         check_preset(cfg.augment, source.image_shape[:2], 10)   # every official dataset has 10 or more classes
+        check_translate(cfg.translate, source.image_shape[:2])
     elif isinstance(cfg.image_size, int | tuple) and scan is not None:
         hw = (cfg.image_size, cfg.image_size) if isinstance(cfg.image_size, int) else cfg.image_size
         check_preset(cfg.augment, hw, len(scan[0].class_names))
+        check_translate(cfg.translate, hw)
 
 
 def _check_unfreeze(cfg: Config) -> None:

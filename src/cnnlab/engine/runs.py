@@ -160,7 +160,7 @@ def split_identity(split: ImageSplit, files: list[str] | None = None) -> dict[st
     identity: dict[str, Any] = {"images": int(len(labels)),
                                 "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest()}
     if files is not None and len(files) == len(labels):
-        identity["files_sha256"] = hashlib.sha256("\n".join(files).encode()).hexdigest()
+        identity["files_sha256"] = hashlib.sha256(os.fsencode("\n".join(files))).hexdigest()   # any bytes a name holds
     return identity
 
 

@@ -26,10 +26,12 @@ Every validation and test accuracy is shown with its binomial standard error, fr
 split's size; the tuner warns when the validation split is too small to rank trials
 (``RANKING_SE``), and when the best trial beats the runner-up by less than one standard error.
 
-Many workers: give every worker the same ``--storage postgresql://user:pw@host/db`` and
-``--study NAME`` (each machine its own ``--out``). ``--trials N`` is the number of trials
-*this* command runs, as in Optuna, so k workers run k x N; running the command again
-continues the study. A running trial writes a heartbeat every ``HEARTBEAT_SECONDS``; one
+Many workers: give every worker the same ``--storage postgresql://user@host/db`` and
+``--study NAME`` (each machine its own ``--out``), with the password in ``PGPASSWORD`` or
+``~/.pgpass``, never in the URL: a command line is visible to every user (``ps``). A password
+in a URL is masked wherever the tuner prints or saves it (``mask_url``). ``--trials N`` is
+the number of trials *this* command runs, as in Optuna, so k workers run k x N; running the
+command again continues the study. A running trial writes a heartbeat every ``HEARTBEAT_SECONDS``; one
 silent for ``GRACE_SECONDS`` (its worker was killed) is marked FAIL by the next worker to
 start a trial, and re-queued once with the same parameters. Each trial's run folder lives
 on the machine that ran it (``host`` and ``run`` in trials.csv).
@@ -76,6 +78,8 @@ GRACE_SECONDS = 120          # ... and is declared dead after this long without 
 STALE_RETRIES = 1            # a dead worker's trial is re-run once with the same parameters
 MEDIAN_STARTUP_TRIALS = 5    # the median pruner compares against at least this many trials
 STORAGE_ATTEMPTS = 4         # workers starting together may race to create the tables
+# A shared study's URL carries no password: a command line is visible to every user (ps).
+STORAGE_EXAMPLE = "postgresql://user@host:5432/dbname (the password in PGPASSWORD or ~/.pgpass) or sqlite:///study.db"
 RUN_SPECIFIC = ("device", "threads")     # best.yaml leaves the hardware to the machine that trains
 # What a trial other than the best loses once finished: 2-3 MB of weights, checkpoint, plots
 # and report (and the test logits of a best since overtaken), down to ~20 kB (config, history,
@@ -139,13 +143,42 @@ def default_study_name(cfg: Config) -> str:
     return f"{cfg.model}-{data}"
 
 
-def hide_password(url: str) -> str:
+# Query parameters whose values are secrets (password, sslpassword, passwd, a token...).
+SECRET_QUERY = re.compile(r"pass|secret|token", re.IGNORECASE)
+
+
+def _parse_url(url: str) -> Any:
+    """SQLAlchemy's URL object, or None for a string it cannot parse. A host with an ``@`` is
+    the rest of a password that held one unescaped (``user:p@ss@host``): not parsed either."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:  # not a URL sqlalchemy can parse: open_storage says so
-        return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):   # ValueError: a port that is not a number
+        return None
+    return None if "@" in (parsed.host or "") else parsed
+
+
+def mask_url(url: str) -> str:
+    """``url`` as it may be printed or saved: the password and every secret query value as
+    ``***``; a URL SQLAlchemy cannot parse shows only its scheme (what failed to parse may be
+    the password)."""
+    from urllib.parse import urlencode
+    parsed = _parse_url(url)
+    if parsed is None:
+        scheme = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url)
+        return f"{scheme.group(0) if scheme else ''}***"
+    base = parsed.set(query={}).render_as_string(hide_password=True)
+    query = urlencode({k: "***" if SECRET_QUERY.search(k) else v for k, v in parsed.query.items()},
+                      doseq=True, safe="*")
+    return f"{base}?{query}" if query else base
+
+
+def check_storage_url(url: str) -> None:
+    """Refuse a ``--storage`` URL SQLAlchemy cannot parse before any work, without echoing it."""
+    if _parse_url(url) is None:
+        raise CnnlabError(f"--storage {mask_url(url)} is not a database URL SQLAlchemy can parse: expected "
+                          f"e.g. {STORAGE_EXAMPLE}")
 
 
 def database_url(url: str) -> str:
@@ -191,15 +224,15 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 raise
             time.sleep(0.5 + random.random())
         except ImportError:  # Optuna's word for a missing database driver
-            raise CnnlabError(f"--storage {hide_password(url)} needs a database driver that is not "
+            raise CnnlabError(f"--storage {mask_url(url)} needs a database driver that is not "
                               f"installed (PostgreSQL: pip install psycopg2-binary; MySQL: pip install "
                               f"pymysql and write mysql+pymysql://...)") from None
-        except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as e:
-            raise CnnlabError(f"--storage {hide_password(url)!r} is not a database URL ({e}); expected e.g. "
-                              f"postgresql://user:password@host:5432/dbname or sqlite:///study.db") from None
+        except sqlalchemy.exc.NoSuchModuleError as e:   # names the scheme, never the password
+            raise CnnlabError(f"--storage {mask_url(url)} is not a database URL ({e}); expected e.g. "
+                              f"{STORAGE_EXAMPLE}") from None
         except sqlalchemy.exc.OperationalError as e:
             reason = str(e.orig).strip().splitlines()[0] if e.orig else str(e).splitlines()[0]
-            raise CnnlabError(f"cannot open study storage {hide_password(url)}: {reason}") from None
+            raise CnnlabError(f"cannot open study storage {mask_url(url)}: {reason}") from None
     raise AssertionError("unreachable")
 
 
@@ -271,6 +304,8 @@ def tune(base: Config, *, trials: int | None = None, timeout: float | None = Non
         raise CnnlabError(f"--sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
     if pruner not in PRUNERS:
         raise CnnlabError(f"--pruner must be one of {', '.join(PRUNERS)}; got {pruner!r}")
+    if storage is not None:
+        check_storage_url(storage)
     if isinstance(space, dict):
         space = parse_space(space, base=base, source="space")
     elif not isinstance(space, SearchSpace):
@@ -286,7 +321,7 @@ def tune(base: Config, *, trials: int | None = None, timeout: float | None = Non
     n_val = _check_validation(objective)   # loads the images the first trials train on
     out.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    label = hide_password(storage) if storage else "study.db"
+    label = mask_url(storage) if storage else "study.db"
     if (out / "tune.json").exists():
         _claim_folder(out, study_name, label)   # refuse another study's folder before touching storage
 
