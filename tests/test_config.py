@@ -84,7 +84,7 @@ def test_yaml_aliases_are_refused_in_config_and_space_files(tmp_path):
     with pytest.raises(CnnlabError, match=rf"^config file {path}, line 2 uses the alias \*a: cnnlab files take no "
                                           rf"aliases") as e:
         resolve(config_file=path)
-    assert len(str(e.value)) < 200
+    assert len(str(e.value).replace(str(path), "")) < 150   # one line: nothing of the expansion in it
     with pytest.raises(CnnlabError, match=rf"^space file {path}, line 2 uses the alias \*a"):
         load_space(path)
     path.write_text("lr: &lr 0.01\n")   # an anchor no alias uses expands nothing: allowed
